@@ -1,0 +1,40 @@
+// The one logger of eep: spdlog to stderr (stdout is reserved for command output that
+// other tools parse, such as `listening ENDPOINT` or --json results).
+#pragma once
+
+#include <spdlog/spdlog.h>
+
+#include <string>
+
+namespace eep {
+
+// Sets the level from a name (trace, debug, info, warn, error, off). Thread-safe.
+void SetLogLevel(const std::string& level);
+
+// Installs the stderr logger as spdlog's default; called once by the CLI and by tests.
+void InitLogging(const std::string& level = "info");
+
+// A terminal progress line ("loading 12/48 tensors"), redrawn in place when stderr is a TTY,
+// logged every ~10% otherwise. Not thread-safe; one owner.
+class Progress {
+ public:
+  Progress(std::string what, size_t total);
+  ~Progress();
+  void Update(size_t done);
+  void Finish();
+
+ private:
+  std::string what_;
+  size_t total_;
+  size_t last_decile_ = 0;
+  bool tty_;
+  bool finished_ = false;
+};
+
+}  // namespace eep
+
+#define EEP_LOG_TRACE(...) SPDLOG_TRACE(__VA_ARGS__)
+#define EEP_LOG_DEBUG(...) SPDLOG_DEBUG(__VA_ARGS__)
+#define EEP_LOG_INFO(...) SPDLOG_INFO(__VA_ARGS__)
+#define EEP_LOG_WARN(...) SPDLOG_WARN(__VA_ARGS__)
+#define EEP_LOG_ERROR(...) SPDLOG_ERROR(__VA_ARGS__)

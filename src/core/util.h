@@ -1,0 +1,27 @@
+// Small shared helpers: file reading, id-list parsing, monotonic time.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/status.h"
+
+namespace eep {
+
+Result<std::string> ReadFile(const std::string& path);
+Status WriteFile(const std::string& path, const std::string& data);
+// Parses a JSON file; errors name the file and the parse position.
+Result<nlohmann::json> ReadJsonFile(const std::string& path);
+
+// "1,2,3" -> {1,2,3}; `what` names the flag in the error message.
+Result<std::vector<int64_t>> ParseIdList(const std::string& text, const std::string& what);
+
+inline double NowSeconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace eep
