@@ -63,6 +63,73 @@ std::array<std::vector<int64_t>, 3> ModelConfig::ExpertTensorShapes() const {
           std::vector<int64_t>{hidden_size, i}};
 }
 
+std::vector<TensorShape> ExpectedTensors(const ModelConfig& c) {
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  std::vector<TensorShape> t;
+  auto add = [&t](std::string name, std::vector<int64_t> shape) { t.push_back({std::move(name), std::move(shape)}); };
+  add("model.embed_tokens.weight", {V, H});
+  add("model.norm.weight", {H});
+  if (!c.tie_word_embeddings) add("lm_head.weight", {V, H});
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l), a = p + "self_attn.";
+    add(p + "input_layernorm.weight", {H});
+    add(p + "post_attention_layernorm.weight", {H});
+    if (c.arch != Arch::kDeepseekV3) {
+      const int64_t d = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+      add(a + "q_proj.weight", {nh * d, H});
+      add(a + "k_proj.weight", {nkv * d, H});
+      add(a + "v_proj.weight", {nkv * d, H});
+      add(a + "o_proj.weight", {H, nh * d});
+      if (c.attention_bias) {
+        add(a + "q_proj.bias", {nh * d});
+        add(a + "k_proj.bias", {nkv * d});
+        add(a + "v_proj.bias", {nkv * d});
+      }
+      if (c.arch == Arch::kQwen3Moe) {
+        add(a + "q_norm.weight", {d});
+        add(a + "k_norm.weight", {d});
+      }
+    } else {
+      const int64_t nh = c.num_heads, qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+      if (c.q_lora_rank > 0) {
+        add(a + "q_a_proj.weight", {c.q_lora_rank, H});
+        add(a + "q_a_layernorm.weight", {c.q_lora_rank});
+        add(a + "q_b_proj.weight", {nh * qk, c.q_lora_rank});
+      } else {
+        add(a + "q_proj.weight", {nh * qk, H});
+      }
+      add(a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, H});
+      add(a + "kv_a_layernorm.weight", {c.kv_lora_rank});
+      add(a + "kv_b_proj.weight", {nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
+      add(a + "o_proj.weight", {H, nh * c.v_head_dim});
+    }
+    if (!c.IsMoeLayer(l)) {
+      const int64_t F = c.intermediate_size;
+      add(p + "mlp.gate_proj.weight", {F, H});
+      add(p + "mlp.up_proj.weight", {F, H});
+      add(p + "mlp.down_proj.weight", {H, F});
+      continue;
+    }
+    const std::string mp = c.MoePrefix(l) + ".";
+    add(mp + "gate.weight", {c.num_experts, H});
+    if (c.arch == Arch::kDeepseekV3) {
+      add(mp + "gate.e_score_correction_bias", {c.num_experts});
+      if (c.n_shared_experts > 0) {
+        const int64_t S = c.moe_intermediate_size * c.n_shared_experts;
+        add(mp + "shared_experts.gate_proj.weight", {S, H});
+        add(mp + "shared_experts.up_proj.weight", {S, H});
+        add(mp + "shared_experts.down_proj.weight", {H, S});
+      }
+    }
+    const auto shapes = c.ExpertTensorShapes();
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      const auto names = c.ExpertTensorNames(l, e);
+      for (int i = 0; i < 3; ++i) add(names[i], shapes[i]);
+    }
+  }
+  return t;
+}
+
 namespace {
 
 // Typed field access with errors naming the source file and the key.

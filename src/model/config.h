@@ -78,6 +78,13 @@ struct ModelConfig {
   std::array<std::vector<int64_t>, 3> ExpertTensorShapes() const;
 };
 
+struct TensorShape {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+// Every tensor a checkpoint of this config must hold, in checkpoint naming (MODELS.md §2).
+std::vector<TensorShape> ExpectedTensors(const ModelConfig& config);
+
 // Parses a config object; `source` (a path) prefixes every error.
 Result<ModelConfig> ParseModelConfig(const nlohmann::json& j, const std::string& source);
 // Reads DIR/config.json.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -90,6 +91,12 @@ struct TensorToWrite {
 };
 Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                         const std::map<std::string, std::string>& metadata = {});
+
+// Streaming form for files larger than memory: the header is written from `specs` (data
+// pointers ignored), then fill(i, buffer) produces tensor i's bytes into a buffer of its size.
+Status WriteSafetensorsWith(const std::string& path, const std::vector<TensorToWrite>& specs,
+                            const std::function<Status(size_t, uint8_t*)>& fill,
+                            const std::map<std::string, std::string>& metadata = {});
 
 std::string ShapeToString(const std::vector<int64_t>& shape);
 

@@ -42,10 +42,12 @@ inline int Fail(const Status& status) {
 
 }  // namespace eep::cli
 
-#define EEP_REGISTER_COMMAND(ident, name, help, setup) \
-  static ::eep::cli::CommandRegistrar eep_command_##ident(::eep::cli::Registry(), name, help, setup)
+// The setup lambda is variadic so commas inside it need no extra parentheses.
+#define EEP_REGISTER_COMMAND(ident, name, help, ...)                                          \
+  static ::eep::cli::CommandRegistrar eep_command_##ident(::eep::cli::Registry(), name, help, \
+                                                          __VA_ARGS__)
 
 // A benchmark: `eep bench NAME`. Each prints a ratio against a reference measured in the same run.
-#define EEP_REGISTER_BENCH(ident, name, help, setup)                                              \
+#define EEP_REGISTER_BENCH(ident, name, help, ...)                                                \
   static ::eep::cli::CommandRegistrar eep_bench_##ident(::eep::cli::BenchRegistry(), name, help, \
-                                                        setup)
+                                                        __VA_ARGS__)
