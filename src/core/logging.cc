@@ -5,6 +5,8 @@
 
 #include <cstdio>
 
+#include "core/util.h"
+
 namespace eep {
 
 void SetLogLevel(const std::string& level) {
@@ -23,7 +25,7 @@ void InitLogging(const std::string& level) {
 }
 
 Progress::Progress(std::string what, size_t total)
-    : what_(std::move(what)), total_(total), tty_(isatty(STDERR_FILENO) != 0) {}
+    : what_(std::move(what)), total_(total), last_log_s_(NowSeconds()), tty_(isatty(STDERR_FILENO) != 0) {}
 
 Progress::~Progress() { Finish(); }
 
@@ -34,9 +36,10 @@ void Progress::Update(size_t done) {
     std::fprintf(stderr, "\r%s %zu/%zu (%zu%%)", what_.c_str(), done, total_, done * 100 / total_);
     std::fflush(stderr);
   } else {
-    size_t decile = done * 10 / total_;
-    if (decile > last_decile_) {
-      last_decile_ = decile;
+    constexpr double kLogEverySeconds = 5.0;
+    double now = NowSeconds();
+    if (now - last_log_s_ >= kLogEverySeconds) {
+      last_log_s_ = now;
       EEP_LOG_INFO("{} {}/{} ({}%)", what_, done, total_, done * 100 / total_);
     }
   }

@@ -14,8 +14,9 @@ void SetLogLevel(const std::string& level);
 // Installs the stderr logger as spdlog's default; called once by the CLI and by tests.
 void InitLogging(const std::string& level = "info");
 
-// A terminal progress line ("loading 12/48 tensors"), redrawn in place when stderr is a TTY,
-// logged every ~10% otherwise. Not thread-safe; one owner.
+// A terminal progress line ("loading 12/48 tensors"), redrawn in place when stderr is a TTY;
+// otherwise logged at most every few seconds, so short work stays quiet in logs and scripts.
+// Not thread-safe; one owner.
 class Progress {
  public:
   Progress(std::string what, size_t total);
@@ -26,7 +27,7 @@ class Progress {
  private:
   std::string what_;
   size_t total_;
-  size_t last_decile_ = 0;
+  double last_log_s_ = 0;
   bool tty_;
   bool finished_ = false;
 };

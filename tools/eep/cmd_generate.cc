@@ -46,12 +46,15 @@ int RunGenerate(const GenerateCliOptions& o) {
     if (!enc.ok()) return eep::cli::Fail(enc.status().WithContext("--prompt"));
     ids = *enc;
   }
-  auto model = eep::Model::Load(o.model_dir, {.load_experts = true, .show_progress = !o.json});
-  if (!model.ok()) return eep::cli::Fail(model.status());
+  // Check the prompt against the config before the (long) weight load.
+  auto config = eep::LoadModelConfig(o.model_dir);
+  if (!config.ok()) return eep::cli::Fail(config.status());
   for (int64_t id : ids)
-    if (id < 0 || id >= (*model)->config().vocab_size)
+    if (id < 0 || id >= config->vocab_size)
       return eep::cli::Fail(eep::Status::InvalidArgument(
-          fmt::format("--prompt-ids: token id {} is out of the vocabulary [0, {})", id, (*model)->config().vocab_size)));
+          fmt::format("--prompt-ids: token id {} is out of the vocabulary [0, {})", id, config->vocab_size)));
+  auto model = eep::Model::Load(o.model_dir, {.load_experts = true, .show_progress = true});
+  if (!model.ok()) return eep::cli::Fail(model.status());
   eep::GenerateOptions g;
   g.max_new_tokens = o.max_new_tokens;
   g.sampling = {o.temperature, o.top_p, o.top_k, o.seed};
@@ -64,7 +67,7 @@ int RunGenerate(const GenerateCliOptions& o) {
   }
   std::string text = DecodeKnown(**tok, out);
   if (o.json) {
-    nlohmann::json j{{"prompt_ids", ids}, {"output_ids", out}, {"text", text}};
+    nlohmann::ordered_json j{{"prompt_ids", ids}, {"output_ids", out}, {"text", text}};
     fmt::print("{}\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   } else {
     fmt::print("{}{}\n", DecodeKnown(**tok, ids), text);

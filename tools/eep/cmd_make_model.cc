@@ -42,6 +42,7 @@ EEP_REGISTER_COMMAND(make_model, "make-model", "write a random-weight HF checkpo
                        app->add_option("--first-dense", o.first_k_dense_replace, "deepseek_v3: first dense layers");
                        app->add_option("--n-group", o.n_group, "deepseek_v3: expert groups");
                        app->add_option("--topk-group", o.topk_group, "deepseek_v3: groups kept");
+                       app->add_option("--q-lora-rank", o.q_lora_rank, "deepseek_v3: 0 = plain q_proj");
                        app->add_option("--shard-gib", c->shard_gib, "max shard size in GiB")->check(CLI::PositiveNumber);
                        return [c] { return RunMakeModel(*c); };
                      });
