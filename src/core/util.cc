@@ -1,5 +1,10 @@
 #include "core/util.h"
 
+#include <poll.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <sstream>
 
@@ -54,6 +59,17 @@ Result<std::vector<int64_t>> ParseIdList(const std::string& text, const std::str
     pos = comma + 1;
   }
   return ids;
+}
+
+bool WaitChild(int pid, int64_t timeout_ms, int* wait_status) {
+  if (waitpid(pid, wait_status, WNOHANG) == pid) return true;
+  int fd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  if (fd >= 0) {
+    struct pollfd p {fd, POLLIN, 0};
+    poll(&p, 1, static_cast<int>(timeout_ms));
+    close(fd);
+  }
+  return waitpid(pid, wait_status, WNOHANG) == pid;
 }
 
 }  // namespace eep

@@ -41,6 +41,16 @@ ExpertWeights& LocalExperts::Slot(int64_t moe_layer, int64_t slot) {
   return slots_[static_cast<size_t>(moe_layer)][static_cast<size_t>(slot - slot_begin_)];
 }
 
+Status LocalExperts::RunSlot(int64_t moe_layer, int64_t slot, const float* x, int64_t num_tokens, float* y) {
+  if (!Holds(slot) || moe_layer < 0 || moe_layer >= map_.num_moe_layers())
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
+  const ExpertWeights& w = Slot(moe_layer, slot);
+  if (w.data.empty())
+    return Status::Internal(fmt::format("MoE layer {}: slot {} has no weights", moe_layer, slot));
+  RunExpertMlp(w, x, num_tokens, y, &scratch_);
+  return Status::Ok();
+}
+
 Status LocalExperts::SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const void* gate,
                              const void* up, const void* down) {
   if (!Holds(slot) || moe_layer < 0 || moe_layer >= map_.num_moe_layers())
@@ -104,16 +114,13 @@ Status LocalExperts::Run(int64_t moe_layer, const float* x, int64_t num_tokens, 
   for (int64_t b = 0; b < num_held; ++b) {
     const auto& rows = buckets[static_cast<size_t>(b)];
     if (rows.empty()) continue;
-    const ExpertWeights& w = slots_[static_cast<size_t>(moe_layer)][static_cast<size_t>(b)];
-    if (w.data.empty())
-      return Status::Internal(fmt::format("MoE layer {}: slot {} has no weights", moe_layer, b + slot_begin_));
     const int64_t n = static_cast<int64_t>(rows.size());
     gathered_.resize(static_cast<size_t>(2 * n * hidden));
     float* in = gathered_.data();
     float* y = in + n * hidden;
     for (int64_t r = 0; r < n; ++r)
       std::copy_n(x + (rows[static_cast<size_t>(r)] / top_k) * hidden, hidden, in + r * hidden);
-    RunExpertMlp(w, in, n, y, &scratch_);
+    EEP_RETURN_IF_ERROR(RunSlot(moe_layer, b + slot_begin_, in, n, y));
     for (int64_t r = 0; r < n; ++r)
       std::copy_n(y + r * hidden, hidden, results_.data() + rows[static_cast<size_t>(r)] * hidden);
   }
@@ -513,7 +520,13 @@ Status Model::Forward(std::span<SeqStep> batch, ForwardTrace* trace) {
         return Status::InvalidArgument(fmt::format("token id {} is out of the vocabulary [0, {})", id, V));
     N += static_cast<int64_t>(s.ids.size());
   }
-  if (N == 0) return Status::Ok();
+  if (N == 0) {
+    // A rank with no tokens still takes part in every MoE layer's exchange.
+    if (moe_ != nullptr)
+      for (int64_t ml = 0; ml < num_moe_layers(); ++ml)
+        EEP_RETURN_IF_ERROR(moe_->Run(ml, nullptr, 0, config_.num_experts_per_tok, nullptr, nullptr, nullptr));
+    return Status::Ok();
+  }
   // Grow caches (doubling) to hold the new tokens.
   for (SeqStep& s : batch) {
     KvCache& kc = *s.cache;

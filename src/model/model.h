@@ -59,6 +59,8 @@ class LocalExperts : public MoeExecutor {
   const ExpertMap& map() const { return map_; }
   bool Holds(int64_t slot) const { return slot >= slot_begin_ && slot < slot_end_; }
   ExpertWeights& Slot(int64_t moe_layer, int64_t slot);
+  // y[n,H] = expert in `slot` applied to x[n,H]. The slot must be held and filled.
+  Status RunSlot(int64_t moe_layer, int64_t slot, const float* x, int64_t num_tokens, float* y);
 
   Status Run(int64_t moe_layer, const float* x, int64_t num_tokens, int64_t top_k,
              const int32_t* ids, const float* weights, float* out) override;

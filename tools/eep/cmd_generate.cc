@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "command.h"
+#include "ep_flags.h"
 #include "core/util.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
@@ -17,7 +18,28 @@ struct GenerateCliOptions {
   int64_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
+  eep::cli::EpFlags ep;
 };
+
+// The same loop as eep::Generate, over the expert-parallel engine.
+eep::Result<std::vector<int64_t>> GenerateEp(const std::string& model_dir, const eep::cli::EpFlags& flags,
+                                             const std::vector<int64_t>& prompt, const eep::GenerateOptions& g) {
+  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(model_dir, eep::cli::EpOptionsFor(flags)));
+  std::vector<int64_t> out;
+  eep::ep::SeqInput in;
+  in.seq_id = 0;
+  in.new_ids = prompt;
+  in.sampling = g.sampling;
+  while (static_cast<int64_t>(out.size()) < g.max_new_tokens) {
+    EEP_ASSIGN_OR_RETURN(auto res, engine->Step({in}));
+    const int64_t tok = res.at(0).token;
+    out.push_back(tok);
+    if (std::find(g.stop_token_ids.begin(), g.stop_token_ids.end(), tok) != g.stop_token_ids.end()) break;
+    in.new_ids.assign(1, tok);
+  }
+  engine->Shutdown();
+  return out;
+}
 
 // Text of ids the tokenizer knows; ids past its vocabulary (model rows with no token) are
 // skipped, as transformers' decode does.
@@ -53,14 +75,19 @@ int RunGenerate(const GenerateCliOptions& o) {
     if (id < 0 || id >= config->vocab_size)
       return eep::cli::Fail(eep::Status::InvalidArgument(
           fmt::format("--prompt-ids: token id {} is out of the vocabulary [0, {})", id, config->vocab_size)));
-  auto model = eep::Model::Load(o.model_dir, {.load_experts = true, .show_progress = true});
-  if (!model.ok()) return eep::cli::Fail(model.status());
   eep::GenerateOptions g;
   g.max_new_tokens = o.max_new_tokens;
   g.sampling = {o.temperature, o.top_p, o.top_k, o.seed};
-  if (!o.ignore_eos) g.stop_token_ids = (*model)->config().eos_token_ids;
+  if (auto st = eep::ValidateSamplingParams(g.sampling); !st.ok()) return eep::cli::Fail(st);
+  if (!o.ignore_eos) g.stop_token_ids = config->eos_token_ids;
   std::vector<int64_t> out;
-  if (o.max_new_tokens > 0) {
+  if (o.max_new_tokens > 0 && o.ep.ep > 0) {
+    auto r = GenerateEp(o.model_dir, o.ep, ids, g);
+    if (!r.ok()) return eep::cli::Fail(r.status());
+    out = *r;
+  } else if (o.max_new_tokens > 0) {
+    auto model = eep::Model::Load(o.model_dir, {.load_experts = true, .show_progress = true});
+    if (!model.ok()) return eep::cli::Fail(model.status());
     auto r = eep::Generate(**model, ids, g);
     if (!r.ok()) return eep::cli::Fail(r.status());
     out = *r;
@@ -88,6 +115,7 @@ EEP_REGISTER_COMMAND(generate, "generate", "generate tokens from a prompt (greed
                        app->add_option("--seed", o->seed, "sampling seed");
                        app->add_flag("--json", o->json, "print {prompt_ids, output_ids, text}");
                        app->add_flag("--ignore-eos", o->ignore_eos, "do not stop at the EOS token");
+                       eep::cli::AddEpFlags(app, &o->ep);
                        return [o] { return RunGenerate(*o); };
                      });
 

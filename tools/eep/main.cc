@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   eep::InitLogging("info");
   CLI::App app{"eep: elastic expert-parallel inference for MoE models"};
   app.require_subcommand(1);
+  app.fallthrough();  // global flags (--log-level) may follow the subcommand
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")->envname("EEP_LOG_LEVEL");
   std::map<CLI::App*, std::function<int()>> runners;

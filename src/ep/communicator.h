@@ -1,0 +1,74 @@
+// Communicators: how ranks exchange tokens (dispatch/combine) and expert weights. One
+// abstract interface, backends registered by name (`--ep-communicator shm|ucx`); adding one
+// is a folder plus one EEP_REGISTER_COMMUNICATOR line.
+//
+// The one data-plane primitive is AllToAllV, a collective: every rank calls it the same
+// number of times in the same order, with one (possibly empty) buffer per peer, and gets one
+// buffer from each peer. Dispatch, combine and EPLB weight exchange are all AllToAllV rounds,
+// so no tags or matching are needed. Every wait is bounded by a deadline; a timeout names the
+// peers that did not answer.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace eep::ep {
+
+// Out-of-band exchange used while a communicator is set up (the coordinator's control plane).
+class Bootstrap {
+ public:
+  virtual ~Bootstrap() = default;
+  // Every rank contributes `mine`; returns all contributions indexed by rank. Collective.
+  virtual Result<std::vector<std::string>> AllGather(const std::string& mine) = 0;
+};
+
+struct CommunicatorOptions {
+  int rank = 0;
+  int world_size = 1;
+  // Unique per engine instance (names shared-memory segments and the like).
+  std::string session;
+  int64_t peer_timeout_ms = 1000;
+  // shm: bytes of one mailbox (per ordered pair of ranks); larger messages go in chunks.
+  int64_t mailbox_bytes = 8 << 20;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual const char* name() const = 0;
+  virtual bool SupportsRemote() const = 0;  // can peers live on other hosts?
+  virtual bool SupportsDevice() const = 0;  // can buffers be device memory?
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+
+  // send[p] goes to rank p (send[rank()] to self); on return (*recv)[p] holds what rank p sent
+  // to us. Fails with kTimeout naming the silent peers if the exchange does not complete within
+  // the peer timeout, or kCancelled if Abort() was called. Not thread-safe: one caller.
+  virtual Status AllToAllV(const std::vector<std::span<const uint8_t>>& send,
+                           std::vector<std::vector<uint8_t>>* recv) = 0;
+
+  // Makes a blocked or future AllToAllV return kCancelled. Any thread.
+  virtual void Abort() = 0;
+};
+
+using CommunicatorFactory =
+    std::function<Result<std::unique_ptr<Communicator>>(const CommunicatorOptions&, Bootstrap*)>;
+
+// Registers a backend under `name`; returns true (for static registration).
+bool RegisterCommunicator(const std::string& name, CommunicatorFactory factory);
+std::vector<std::string> CommunicatorNames();
+// Creates the named communicator; InvalidArgument listing the known names if unknown.
+Result<std::unique_ptr<Communicator>> CreateCommunicator(const std::string& name,
+                                                         const CommunicatorOptions& options,
+                                                         Bootstrap* bootstrap);
+
+}  // namespace eep::ep
+
+#define EEP_REGISTER_COMMUNICATOR(ident, name, factory) \
+  static const bool eep_communicator_##ident = ::eep::ep::RegisterCommunicator(name, factory)

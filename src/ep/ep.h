@@ -1,0 +1,144 @@
+// Expert-parallel runtime: one coordinator (the process the user started) and one process
+// per rank (`eep` re-executes itself as `eep rank-worker`).
+//
+// A rank holds every non-expert weight (data-parallel attention) and its share of physical
+// expert slots: slots [r·S, (r+1)·S) of every MoE layer, S = num_physical / ep_size. Each
+// step every rank runs the dense part for its own sequences; in each MoE layer the tokens'
+// top-k choices are dispatched to the ranks holding a replica (local replica first, then a
+// fixed spread), computed there, and combined back in top-k order, so the output does not
+// depend on placement. Ranks with no tokens still take part in every exchange.
+//
+// Control plane: ZeroMQ between coordinator and ranks (JSON headers + binary frames).
+// Data plane: a Communicator chosen by name (ep/communicator.h).
+// EPLB: ranks report per-layer expert load every step; every `eplb_interval` steps the
+// coordinator re-plans (min-move by default), sends the transfer plan, and all ranks execute
+// it in one AllToAllV and switch to the new map at the same step boundary.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "model/expert_map.h"
+#include "model/model.h"
+#include "model/sampling.h"
+#include "ep/communicator.h"
+
+namespace eep::ep {
+
+struct EpOptions {
+  int ep_size = 1;
+  int num_redundant_experts = 0;
+  std::string communicator = "shm";
+  int64_t eplb_interval = 0;              // steps between rebalances; 0 = off
+  std::string eplb_policy = "min-move";   // min-move | deepseek
+  int64_t eplb_window = 32;               // steps of load history the planner sees
+  int64_t peer_timeout_ms = 1000;         // data-plane deadline between ranks
+  int64_t step_timeout_ms = 120000;       // coordinator's bound on one step (long CPU prefills)
+  std::string control_host = "127.0.0.1"; // where the coordinator's control socket binds
+  std::string log_level = "info";
+};
+
+// How physical slots map to ranks. num_physical is num_logical + redundant, rounded up to
+// a multiple of ep_size: the extra slots become further redundant replicas, so every rank
+// has the same slot count (EPLB and the NCCL path need equal shares).
+struct SlotLayout {
+  int64_t num_logical = 0;
+  int64_t num_physical = 0;
+  int ep_size = 1;
+  int64_t slots_per_rank = 0;
+  int RankOfSlot(int64_t slot) const { return static_cast<int>(slot / slots_per_rank); }
+  int64_t FirstSlot(int rank) const { return rank * slots_per_rank; }
+};
+Result<SlotLayout> MakeSlotLayout(int64_t num_logical, int64_t num_redundant, int ep_size);
+
+// Initial placement: slot s holds expert s for s < E, redundant slots hold s mod E.
+ExpertMap InitialPlacement(const SlotLayout& layout, int64_t num_moe_layers);
+
+// The MoE executor of a rank: dispatch over the communicator, local compute, combine.
+class EpMoeExecutor : public MoeExecutor {
+ public:
+  EpMoeExecutor(const ModelConfig& config, LocalExperts* experts, Communicator* comm,
+                const SlotLayout& layout);
+  Status Run(int64_t moe_layer, const float* x, int64_t num_tokens, int64_t top_k,
+             const int32_t* ids, const float* weights, float* out) override;
+
+ private:
+  const ModelConfig& config_;
+  LocalExperts* experts_;
+  Communicator* comm_;
+  SlotLayout layout_;
+  std::vector<float> rows_, results_;
+};
+
+// One sequence's part of a step.
+struct SeqInput {
+  int64_t seq_id = 0;
+  std::vector<int64_t> new_ids;  // tokens appended this step (prompt on the first step)
+  bool return_logits = false;    // send logits back
+  bool all_logits = false;       // logits of every new token, not just the last
+  SamplingParams sampling;       // seed used on the sequence's first step
+};
+
+struct SeqOutput {
+  int64_t seq_id = 0;
+  int64_t token = -1;          // sampled next token
+  std::vector<float> logits;   // when requested: [T or 1][vocab]
+};
+
+struct RebalanceStats {
+  int64_t moved_experts = 0;
+  int64_t bytes = 0;
+  std::vector<int> source_ranks;
+  double seconds = 0;
+};
+
+struct RankInfo {
+  int rank = 0;
+  int pid = 0;
+  std::string state;  // alive | joining | draining | dead
+  int64_t num_seqs = 0;
+};
+
+struct ClusterInfo {
+  int64_t epoch = 0;            // membership epoch
+  int64_t steps = 0;
+  int64_t map_version = 0;      // bumps with every applied rebalance
+  std::vector<RankInfo> ranks;
+};
+
+class EpEngine {
+ public:
+  // Spawns ep_size rank processes, loads the model in each, wires the communicator.
+  static Result<std::unique_ptr<EpEngine>> Start(const std::string& model_dir, const EpOptions& options);
+  ~EpEngine();
+
+  // Runs one step over all ranks. New sequences are placed on the least-loaded rank; a
+  // sequence stays on its rank until Release. Errors name the rank at fault.
+  Result<std::vector<SeqOutput>> Step(const std::vector<SeqInput>& inputs);
+  // Frees a sequence's KV cache on its rank (sent with the next step).
+  void Release(int64_t seq_id);
+  // Stops every rank. Idempotent.
+  void Shutdown();
+
+  const ModelConfig& config() const;
+  const ExpertMap& expert_map() const;
+  const SlotLayout& layout() const;
+  const std::vector<RebalanceStats>& rebalances() const;
+  ClusterInfo Cluster() const;
+  // Per-MoE-layer, per-logical-expert token counts over the EPLB window, [L][E] row-major.
+  std::vector<int64_t> ExpertLoad() const;
+
+  class Impl;
+
+ private:
+  explicit EpEngine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Entry point of `eep rank-worker`: connects to the coordinator and serves until told to stop.
+int RunRankWorker(const std::string& control_endpoint, int rank, const std::string& session);
+
+}  // namespace eep::ep

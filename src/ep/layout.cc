@@ -1,0 +1,27 @@
+#include <fmt/format.h>
+
+#include "ep/ep.h"
+
+namespace eep::ep {
+
+Result<SlotLayout> MakeSlotLayout(int64_t num_logical, int64_t num_redundant, int ep_size) {
+  if (ep_size < 1) return Status::InvalidArgument(fmt::format("--ep must be >= 1, got {}", ep_size));
+  if (num_redundant < 0)
+    return Status::InvalidArgument(fmt::format("--num-redundant-experts must be >= 0, got {}", num_redundant));
+  SlotLayout l;
+  l.num_logical = num_logical;
+  l.ep_size = ep_size;
+  const int64_t wanted = num_logical + num_redundant;
+  l.slots_per_rank = (wanted + ep_size - 1) / ep_size;
+  l.num_physical = l.slots_per_rank * ep_size;
+  return l;
+}
+
+ExpertMap InitialPlacement(const SlotLayout& layout, int64_t num_moe_layers) {
+  std::vector<std::vector<int32_t>> p2l(static_cast<size_t>(num_moe_layers));
+  for (auto& row : p2l)
+    for (int64_t s = 0; s < layout.num_physical; ++s) row.push_back(static_cast<int32_t>(s % layout.num_logical));
+  return *ExpertMap::FromPhy2Log(p2l, layout.num_logical);
+}
+
+}  // namespace eep::ep

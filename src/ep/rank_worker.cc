@@ -1,0 +1,234 @@
+// The rank side of the EP runtime (`eep rank-worker`): loads the model without routed
+// experts, holds its expert slots, and serves the coordinator's commands.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fmt/format.h>
+#include <map>
+#include <random>
+
+#include "core/logging.h"
+#include "ep/control.h"
+#include "ep/ep.h"
+
+namespace eep::ep {
+namespace {
+
+class ControlBootstrap : public Bootstrap {
+ public:
+  explicit ControlBootstrap(zmq::socket_t& socket) : socket_(socket) {}
+  Result<std::vector<std::string>> AllGather(const std::string& mine) override {
+    EEP_RETURN_IF_ERROR(SendControl(socket_, "", {{{"type", "allgather"}, {"data", mine}}, ""}));
+    constexpr int64_t kBootstrapMs = 300000;
+    EEP_ASSIGN_OR_RETURN(auto m, RecvControl(socket_, nullptr, kBootstrapMs));
+    if (m.header.value("type", "") != "allgather_result") return Status::Corruption("expected allgather_result");
+    return m.header["data"].get<std::vector<std::string>>();
+  }
+
+ private:
+  zmq::socket_t& socket_;
+};
+
+struct SeqState {
+  std::unique_ptr<KvCache> cache;
+  std::mt19937_64 rng;
+};
+
+class RankWorker {
+ public:
+  RankWorker(int rank, std::string session) : rank_(rank), session_(std::move(session)) {}
+
+  Status Init(const ControlMessage& init) {
+    const auto& h = init.header;
+    model_dir_ = h["model"].get<std::string>();
+    ep_size_ = h["ep_size"].get<int>();
+    EEP_ASSIGN_OR_RETURN(model_, Model::Load(model_dir_, {.load_experts = false, .show_progress = false}));
+    const ModelConfig& c = model_->config();
+    EEP_ASSIGN_OR_RETURN(layout_, MakeSlotLayout(c.num_experts, h["num_redundant"].get<int64_t>(), ep_size_));
+    EEP_ASSIGN_OR_RETURN(ExpertMap map, ExpertMap::FromPhy2Log(h["phy2log"].get<std::vector<std::vector<int32_t>>>(), c.num_experts));
+    const int64_t first = layout_.FirstSlot(rank_);
+    experts_ = std::make_unique<LocalExperts>(model_->config(), std::move(map), first, first + layout_.slots_per_rank);
+    EEP_RETURN_IF_ERROR(experts_->LoadFromCheckpoint(model_->checkpoint()));
+    CommunicatorOptions co;
+    co.rank = rank_;
+    co.world_size = ep_size_;
+    co.session = session_;
+    co.peer_timeout_ms = h["peer_timeout_ms"].get<int64_t>();
+    ControlBootstrap boot(socket_);
+    EEP_ASSIGN_OR_RETURN(comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
+    executor_ = std::make_unique<EpMoeExecutor>(model_->config(), experts_.get(), comm_.get(), layout_);
+    model_->SetMoeExecutor(executor_.get());
+    load_.assign(static_cast<size_t>(model_->num_moe_layers() * c.num_experts), 0);
+    model_->SetRouteObserver([this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
+    });
+    return Status::Ok();
+  }
+
+  Result<ControlMessage> Step(const ControlMessage& m) {
+    for (const auto& id : m.header["release"]) seqs_.erase(id.get<int64_t>());
+    std::fill(load_.begin(), load_.end(), 0);
+    std::vector<SeqStep> batch;
+    std::vector<std::vector<int64_t>> ids;
+    std::vector<std::vector<float>> logits;
+    const auto& in = m.header["seqs"];
+    ids.reserve(in.size());
+    logits.resize(in.size());
+    for (const auto& s : in) {
+      const int64_t id = s["seq"].get<int64_t>();
+      auto it = seqs_.find(id);
+      if (it == seqs_.end()) {
+        it = seqs_.emplace(id, SeqState{model_->NewCache(), std::mt19937_64(s["seed"].get<uint64_t>())}).first;
+      }
+      ids.push_back(s["ids"].get<std::vector<int64_t>>());
+      batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[batch.size()]});
+    }
+    EEP_RETURN_IF_ERROR(model_->Forward(batch));
+    ControlMessage out;
+    out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};
+    const int64_t V = model_->config().vocab_size;
+    for (size_t i = 0; i < in.size(); ++i) {
+      const auto& s = in[i];
+      const int64_t id = s["seq"].get<int64_t>();
+      SamplingParams sp{s["temperature"].get<double>(), s["top_p"].get<double>(), s["top_k"].get<int64_t>(),
+                        s["seed"].get<uint64_t>()};
+      const float* last = logits[i].data() + logits[i].size() - static_cast<size_t>(V);
+      const int64_t token = SampleToken(last, V, sp, &seqs_[id].rng);
+      nlohmann::json o{{"seq", id}, {"token", token}};
+      if (s["logits"].get<bool>()) {
+        o["num_logits"] = logits[i].size();
+        out.payload.append(reinterpret_cast<const char*>(logits[i].data()), logits[i].size() * sizeof(float));
+      }
+      out.header["outputs"].push_back(o);
+    }
+    return out;
+  }
+
+  // Executes a transfer plan: every rank builds what it must send, one AllToAllV moves it,
+  // then received and locally copied experts are written and the map switches.
+  Result<ControlMessage> Rebalance(const ControlMessage& m) {
+    const auto items = m.header["items"];
+    const ModelConfig& c = model_->config();
+    const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
+    const size_t expert_bytes = expert_floats * sizeof(float);
+    const ExpertMap& old = experts_->map();
+    auto find_local = [&](int64_t l, int32_t e) -> const ExpertWeights* {
+      for (int32_t s : old.Replicas(l, e))
+        if (experts_->Holds(s)) return &experts_->Slot(l, s);
+      return nullptr;
+    };
+    std::vector<std::vector<uint8_t>> send(static_cast<size_t>(ep_size_));
+    struct Pending {
+      int64_t layer, slot;
+      std::vector<float> data;
+    };
+    std::vector<Pending> local;
+    for (const auto& it : items) {
+      const int64_t l = it[0].get<int64_t>(), s = it[1].get<int64_t>();
+      const int32_t e = it[2].get<int32_t>();
+      const int src = it[3].get<int>(), dst = layout_.RankOfSlot(s);
+      if (src != rank_) continue;
+      const ExpertWeights* w = find_local(l, e);
+      if (w == nullptr) return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", rank_, e, l));
+      if (dst == rank_) {
+        local.push_back({l, s, w->data});
+        continue;
+      }
+      auto& buf = send[static_cast<size_t>(dst)];
+      const int32_t head[3] = {static_cast<int32_t>(l), static_cast<int32_t>(s), e};
+      buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(head), reinterpret_cast<const uint8_t*>(head) + sizeof head);
+      buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data.data()),
+                 reinterpret_cast<const uint8_t*>(w->data.data()) + expert_bytes);
+    }
+    std::vector<std::span<const uint8_t>> spans;
+    for (const auto& b : send) spans.emplace_back(b.data(), b.size());
+    std::vector<std::vector<uint8_t>> recv;
+    EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(spans, &recv), "EPLB weight exchange");
+    int64_t bytes_received = 0;
+    const size_t record = 12 + expert_bytes;
+    for (int src = 0; src < ep_size_; ++src) {
+      const auto& buf = recv[static_cast<size_t>(src)];
+      if (buf.size() % record != 0) return Status::Corruption(fmt::format("EPLB exchange from rank {}: bad size {}", src, buf.size()));
+      for (size_t off = 0; off < buf.size(); off += record) {
+        int32_t head[3];
+        std::memcpy(head, buf.data() + off, 12);
+        ExpertWeights& w = experts_->Slot(head[0], head[1]);
+        w.data.resize(expert_floats);
+        std::memcpy(w.data.data(), buf.data() + off + 12, expert_bytes);
+      }
+      bytes_received += static_cast<int64_t>(buf.size());
+    }
+    for (auto& p : local) experts_->Slot(p.layer, p.slot).data = std::move(p.data);
+    EEP_ASSIGN_OR_RETURN(ExpertMap next,
+                         ExpertMap::FromPhy2Log(m.header["phy2log"].get<std::vector<std::vector<int32_t>>>(), c.num_experts));
+    experts_->SetMap(std::move(next));
+    return ControlMessage{{{"type", "eplb_done"}, {"bytes_received", bytes_received}}, ""};
+  }
+
+  int Run(const std::string& endpoint) {
+    // Ranks must not outlive the coordinator.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    try {
+      socket_.set(zmq::sockopt::linger, 0);
+      socket_.connect(endpoint);
+    } catch (const zmq::error_t& e) {
+      EEP_LOG_ERROR("rank {}: cannot connect to {}: {}", rank_, endpoint, e.what());
+      return 1;
+    }
+    if (!SendControl(socket_, "", {{{"type", "hello"}, {"rank", rank_}, {"pid", getpid()}}, ""}).ok()) return 1;
+    constexpr int64_t kIdlePollMs = 1000;
+    while (true) {
+      auto m = RecvControl(socket_, nullptr, kIdlePollMs);
+      if (!m.ok()) {
+        if (m.status().code() == StatusCode::kTimeout) continue;
+        EEP_LOG_ERROR("rank {}: {}", rank_, m.status().ToString());
+        return 1;
+      }
+      const std::string type = m->header.value("type", "");
+      Result<ControlMessage> reply = Status::Internal("no reply");
+      if (type == "shutdown") return 0;
+      if (type == "init") {
+        Status st = Init(*m);
+        reply = st.ok() ? Result<ControlMessage>(ControlMessage{{{"type", "ready"}}, ""}) : Result<ControlMessage>(st);
+      } else if (type == "step") {
+        reply = Step(*m);
+      } else if (type == "eplb") {
+        reply = Rebalance(*m);
+      } else {
+        reply = Status::InvalidArgument("unknown command '" + type + "'");
+      }
+      if (!reply.ok()) {
+        EEP_LOG_ERROR("rank {}: {}", rank_, reply.status().ToString());
+        (void)SendControl(socket_, "", {{{"type", "error"}, {"message", reply.status().ToString()}}, ""});
+        continue;
+      }
+      if (!SendControl(socket_, "", *reply).ok()) return 1;
+    }
+  }
+
+ private:
+  int rank_;
+  std::string session_;
+  int ep_size_ = 1;
+  std::string model_dir_;
+  zmq::context_t ctx_{1};
+  zmq::socket_t socket_{ctx_, zmq::socket_type::dealer};
+  std::unique_ptr<Model> model_;
+  SlotLayout layout_;
+  std::unique_ptr<LocalExperts> experts_;
+  std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<EpMoeExecutor> executor_;
+  std::map<int64_t, SeqState> seqs_;
+  std::vector<int64_t> load_;
+};
+
+}  // namespace
+
+int RunRankWorker(const std::string& control_endpoint, int rank, const std::string& session) {
+  RankWorker w(rank, session);
+  return w.Run(control_endpoint);
+}
+
+}  // namespace eep::ep

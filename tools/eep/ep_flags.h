@@ -1,0 +1,39 @@
+// The expert-parallel flags shared by generate, logits and serve.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <spdlog/spdlog.h>
+
+#include "ep/ep.h"
+
+namespace eep::cli {
+
+struct EpFlags {
+  int ep = 0;  // 0: in-process runtime; N >= 1: N rank processes
+  ep::EpOptions options;
+};
+
+inline void AddEpFlags(CLI::App* app, EpFlags* f) {
+  app->add_option("--ep", f->ep, "expert-parallel ranks (processes); 0 = in-process")->check(CLI::NonNegativeNumber);
+  app->add_option("--num-redundant-experts", f->options.num_redundant_experts, "extra physical expert slots per MoE layer")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--ep-communicator", f->options.communicator, "data-plane communicator: shm | ucx");
+  app->add_option("--eplb-interval", f->options.eplb_interval, "steps between EPLB rebalances (0 = off)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--eplb-policy", f->options.eplb_policy, "min-move | deepseek")
+      ->check(CLI::IsMember({"min-move", "deepseek"}));
+  app->add_option("--peer-timeout-ms", f->options.peer_timeout_ms, "deadline of data-plane exchanges between ranks")
+      ->check(CLI::PositiveNumber);
+}
+
+// Options for EpEngine::Start, with the process's log level passed on to the ranks.
+inline ep::EpOptions EpOptionsFor(const EpFlags& f) {
+  ep::EpOptions o = f.options;
+  o.ep_size = f.ep;
+  auto level = spdlog::level::to_string_view(spdlog::get_level());
+  o.log_level = std::string(level.data(), level.size());
+  return o;
+}
+
+}  // namespace eep::cli
