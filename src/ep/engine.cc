@@ -82,7 +82,8 @@ class EpEngine::Impl {
       }
       if (rank < 0) continue;  // not one of ours (a fenced or stale peer): ignored
       if (m->header.value("type", "") == "error")
-        return Status(StatusCode::kInternal, fmt::format("rank {}: {}", rank, m->header.value("message", "")));
+        return Status(static_cast<StatusCode>(m->header.value("code", static_cast<int>(StatusCode::kInternal))),
+                      fmt::format("rank {}: {}", rank, m->header.value("message", "")));
       return std::make_pair(rank, std::move(*m));
     }
   }
@@ -121,6 +122,11 @@ class EpEngine::Impl {
   }
 
   Status Start() {
+    if (!opts.inject_fault.empty()) {
+      EEP_ASSIGN_OR_RETURN(FaultSpec f, ParseFaultSpec(opts.inject_fault));
+      if (f.rank >= opts.ep_size)
+        return Status::InvalidArgument(fmt::format("--inject-fault: rank {} does not exist (--ep {})", f.rank, opts.ep_size));
+    }
     EEP_ASSIGN_OR_RETURN(config, LoadModelConfig(model_dir));
     num_moe_layers = static_cast<int64_t>(config.MoeLayers().size());
     EEP_ASSIGN_OR_RETURN(layout, MakeSlotLayout(config.num_experts, opts.num_redundant_experts, opts.ep_size));
@@ -160,7 +166,8 @@ class EpEngine::Impl {
                         {"communicator", opts.communicator},
                         {"peer_timeout_ms", opts.peer_timeout_ms},
                         {"num_redundant", opts.num_redundant_experts},
-                        {"phy2log", map.phy2log()}};
+                        {"phy2log", map.phy2log()},
+                        {"inject_fault", opts.inject_fault}};
     EEP_RETURN_IF_ERROR(Broadcast(init));
     // Serve the communicator's bootstrap all-gathers until every rank is ready.
     while (true) {

@@ -39,7 +39,17 @@ struct EpOptions {
   int64_t step_timeout_ms = 120000;       // coordinator's bound on one step (long CPU prefills)
   std::string control_host = "127.0.0.1"; // where the coordinator's control socket binds
   std::string log_level = "info";
+  // Fault injection for tests and demos: "rank=R,after-steps=N,mode=kill|hang|slow".
+  std::string inject_fault;
 };
+
+struct FaultSpec {
+  int rank = -1;
+  int64_t after_steps = 0;
+  std::string mode;  // kill | hang | slow
+};
+// Parses --inject-fault; errors name the flag and the bad part.
+Result<FaultSpec> ParseFaultSpec(const std::string& text);
 
 // How physical slots map to ranks. num_physical is num_logical + redundant, rounded up to
 // a multiple of ep_size: the extra slots become further redundant replicas, so every rank

@@ -24,4 +24,29 @@ ExpertMap InitialPlacement(const SlotLayout& layout, int64_t num_moe_layers) {
   return *ExpertMap::FromPhy2Log(p2l, layout.num_logical);
 }
 
+Result<FaultSpec> ParseFaultSpec(const std::string& text) {
+  FaultSpec f;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t comma = text.find(',', pos);
+    std::string kv = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    pos = comma == std::string::npos ? text.size() : comma + 1;
+    size_t eq = kv.find('=');
+    if (eq == std::string::npos) return Status::InvalidArgument("--inject-fault: expected key=value, got '" + kv + "'");
+    std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
+    try {
+      if (k == "rank") f.rank = std::stoi(v);
+      else if (k == "after-steps") f.after_steps = std::stoll(v);
+      else if (k == "mode") f.mode = v;
+      else return Status::InvalidArgument("--inject-fault: unknown key '" + k + "' (rank, after-steps, mode)");
+    } catch (const std::exception&) {
+      return Status::InvalidArgument("--inject-fault: '" + v + "' is not a number for " + k);
+    }
+  }
+  if (f.rank < 0) return Status::InvalidArgument("--inject-fault: rank=R is required");
+  if (f.mode != "kill" && f.mode != "hang" && f.mode != "slow")
+    return Status::InvalidArgument("--inject-fault: mode must be kill, hang or slow, got '" + f.mode + "'");
+  return f;
+}
+
 }  // namespace eep::ep

@@ -62,7 +62,7 @@ Status EpMoeExecutor::Run(int64_t moe_layer, const float* x, int64_t num_tokens,
     for (const auto& b : bufs) s.emplace_back(b.data(), b.size());
     return s;
   };
-  EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(spans(send), &recv), fmt::format("dispatch of MoE layer {}", moe_layer));
+  EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(spans(send), &recv), "dispatch");
 
   // 3. Compute what we received, one slot at a time (rows grouped per slot).
   std::vector<std::vector<uint8_t>> answer(static_cast<size_t>(world));
@@ -97,7 +97,7 @@ Status EpMoeExecutor::Run(int64_t moe_layer, const float* x, int64_t num_tokens,
     }
   }
   // 4. Combine: results come back in the order we sent them.
-  EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(spans(answer), &recv), fmt::format("combine of MoE layer {}", moe_layer));
+  EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(spans(answer), &recv), "combine");
   std::vector<const float*> result_of(static_cast<size_t>(num_tokens * top_k), nullptr);
   for (int d = 0; d < world; ++d) {
     const auto& items = items_to[static_cast<size_t>(d)];

@@ -7,7 +7,9 @@
 #include <cstring>
 #include <fmt/format.h>
 #include <map>
+#include <optional>
 #include <random>
+#include <thread>
 
 #include "core/logging.h"
 #include "ep/control.h"
@@ -60,6 +62,12 @@ class RankWorker {
     EEP_ASSIGN_OR_RETURN(comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
     executor_ = std::make_unique<EpMoeExecutor>(model_->config(), experts_.get(), comm_.get(), layout_);
     model_->SetMoeExecutor(executor_.get());
+    const std::string fault = h.value("inject_fault", "");
+    if (!fault.empty()) {
+      EEP_ASSIGN_OR_RETURN(FaultSpec f, ParseFaultSpec(fault));
+      if (f.rank == rank_) fault_ = f;
+    }
+    peer_timeout_ms_ = co.peer_timeout_ms;
     load_.assign(static_cast<size_t>(model_->num_moe_layers() * c.num_experts), 0);
     model_->SetRouteObserver([this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
       for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
@@ -67,7 +75,18 @@ class RankWorker {
     return Status::Ok();
   }
 
+  // Injected faults fire when this rank has completed `after_steps` steps.
+  void MaybeInjectFault() {
+    if (!fault_ || steps_done_ != fault_->after_steps) return;
+    EEP_LOG_WARN("rank {}: injecting fault '{}' after {} steps", rank_, fault_->mode, steps_done_);
+    if (fault_->mode == "kill") raise(SIGKILL);
+    if (fault_->mode == "hang") raise(SIGSTOP);  // alive but silent, like a wedged GPU
+    if (fault_->mode == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(3 * peer_timeout_ms_));
+  }
+
   Result<ControlMessage> Step(const ControlMessage& m) {
+    MaybeInjectFault();
+    ++steps_done_;
     for (const auto& id : m.header["release"]) seqs_.erase(id.get<int64_t>());
     std::fill(load_.begin(), load_.end(), 0);
     std::vector<SeqStep> batch;
@@ -201,7 +220,10 @@ class RankWorker {
       }
       if (!reply.ok()) {
         EEP_LOG_ERROR("rank {}: {}", rank_, reply.status().ToString());
-        (void)SendControl(socket_, "", {{{"type", "error"}, {"message", reply.status().ToString()}}, ""});
+        (void)SendControl(socket_, "", {{{"type", "error"},
+                                         {"code", static_cast<int>(reply.status().code())},
+                                         {"message", reply.status().message()}},
+                                        ""});
         continue;
       }
       if (!SendControl(socket_, "", *reply).ok()) return 1;
@@ -222,6 +244,9 @@ class RankWorker {
   std::unique_ptr<EpMoeExecutor> executor_;
   std::map<int64_t, SeqState> seqs_;
   std::vector<int64_t> load_;
+  std::optional<FaultSpec> fault_;
+  int64_t steps_done_ = 0;
+  int64_t peer_timeout_ms_ = 1000;
 };
 
 }  // namespace
