@@ -22,6 +22,7 @@ void RegisterBuiltins() {
   static std::once_flag once;
   std::call_once(once, [] {
     RegisterShmCommunicator();
+    RegisterUcxCommunicator();
   });
 }
 }  // namespace

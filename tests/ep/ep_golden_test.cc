@@ -70,7 +70,9 @@ std::vector<Case> Cases() {
     cases.push_back({m, 1, 0, "shm"});
     cases.push_back({m, 2, 0, "shm"});
     cases.push_back({m, 4, 0, "shm"});
+    cases.push_back({m, 2, 0, "ucx"});
   }
+  cases.push_back({"deepseekv3-tiny", 4, 2, "ucx"});
   // 16 experts + 1 redundant on 3 ranks: 17 slots round up to 18 (6 per rank).
   cases.push_back({"qwen3moe-tiny", 3, 1, "shm"});
   return cases;
