@@ -41,6 +41,13 @@ class EpEngine::Impl {
   int64_t epoch = 1;
   std::vector<RebalanceStats> rebalances;
   bool shut_down = false;
+  // An async rebalance whose exchange runs on the ranks; the next step switches to it.
+  struct PendingSwitch {
+    ExpertMap next;
+    RebalanceStats stats;
+    double t0;
+  };
+  std::unique_ptr<PendingSwitch> pending;
 
   ~Impl() { Shutdown(); }
 
@@ -167,7 +174,8 @@ class EpEngine::Impl {
                         {"peer_timeout_ms", opts.peer_timeout_ms},
                         {"num_redundant", opts.num_redundant_experts},
                         {"phy2log", map.phy2log()},
-                        {"inject_fault", opts.inject_fault}};
+                        {"inject_fault", opts.inject_fault},
+                        {"eplb_async", opts.eplb_async}};
     EEP_RETURN_IF_ERROR(Broadcast(init));
     // Serve the communicator's bootstrap all-gathers until every rank is ready.
     while (true) {
@@ -215,12 +223,26 @@ class EpEngine::Impl {
     }
     to_release.clear();
     ++step;
+    const bool switching = pending != nullptr;
     for (int r = 0; r < opts.ep_size; ++r)
       EEP_RETURN_IF_ERROR(SendControl(router, identity[static_cast<size_t>(r)],
                                       {{{"type", "step"}, {"step", step}, {"seqs", per_rank[static_cast<size_t>(r)]},
-                                        {"release", release[static_cast<size_t>(r)]}},
+                                        {"release", release[static_cast<size_t>(r)]}, {"switch", switching}},
                                        ""}));
     EEP_ASSIGN_OR_RETURN(auto replies, Gather("step_done", opts.step_timeout_ms));
+    if (switching) {
+      // Ranks switched before computing this step; the stall is the slowest rank's wait.
+      RebalanceStats stats = std::move(pending->stats);
+      for (const auto& rep : replies) {
+        if (!rep.header.contains("eplb")) continue;
+        stats.bytes += rep.header["eplb"].value("bytes_received", int64_t{0});
+        stats.stall_seconds = std::max(stats.stall_seconds, rep.header["eplb"].value("stall_s", 0.0));
+      }
+      stats.seconds = NowSeconds() - pending->t0;
+      map = std::move(pending->next);
+      pending.reset();
+      Record(std::move(stats));
+    }
     std::vector<SeqOutput> outputs;
     std::vector<int64_t> load(static_cast<size_t>(num_moe_layers * config.num_experts), 0);
     for (auto& rep : replies) {
@@ -245,7 +267,8 @@ class EpEngine::Impl {
       recorder->RecordCounts(static_cast<int32_t>(ml),
                              std::span<const int64_t>(load.data() + ml * config.num_experts, static_cast<size_t>(config.num_experts)));
     recorder->AdvanceStep();
-    if (opts.eplb_interval > 0 && step % opts.eplb_interval == 0 && num_moe_layers > 0) EEP_RETURN_IF_ERROR(Rebalance());
+    if (opts.eplb_interval > 0 && step % opts.eplb_interval == 0 && num_moe_layers > 0 && !pending)
+      EEP_RETURN_IF_ERROR(Rebalance());
     // Keep the caller's order.
     std::map<int64_t, size_t> pos;
     for (size_t i = 0; i < inputs.size(); ++i) pos[inputs[i].seq_id] = i;
@@ -275,16 +298,30 @@ class EpEngine::Impl {
       EEP_ASSIGN_OR_RETURN(auto res, eplb::RebalanceMinMove(weight, topo, old_flat));
       new_flat = res.plan.phy2log;
     }
-    // Transfer plan: [moe_layer, slot, expert, source rank] for every slot that changes.
+    std::vector<std::vector<int32_t>> new_rows(static_cast<size_t>(num_moe_layers));
+    const int64_t P = layout.num_physical;
+    for (int64_t l = 0; l < num_moe_layers; ++l)
+      new_rows[static_cast<size_t>(l)].assign(new_flat.begin() + l * P, new_flat.begin() + (l + 1) * P);
+    return Apply(new_rows, opts.eplb_async, t0).status();
+  }
+
+  // Turns a new placement into a transfer plan, [moe_layer, slot, expert, source rank] for
+  // every slot that changes (source: the destination rank itself when it already holds the
+  // expert, else the holder with the fewest sends so far), and executes it.
+  Result<RebalanceStats> Apply(const std::vector<std::vector<int32_t>>& new_rows, bool async, double t0) {
+    if (pending) return Status::Unavailable("a rebalance is already in flight");
     nlohmann::json items = nlohmann::json::array();
     std::vector<int64_t> sends_by_rank(static_cast<size_t>(opts.ep_size), 0);
-    std::vector<std::vector<int32_t>> new_rows(static_cast<size_t>(num_moe_layers));
     RebalanceStats stats;
-    const int64_t P = layout.num_physical;
+    stats.async = async;
+    if (static_cast<int64_t>(new_rows.size()) != num_moe_layers)
+      return Status::InvalidArgument(fmt::format("placement has {} layers, the model {}", new_rows.size(), num_moe_layers));
     for (int64_t l = 0; l < num_moe_layers; ++l) {
-      new_rows[static_cast<size_t>(l)].assign(new_flat.begin() + l * P, new_flat.begin() + (l + 1) * P);
-      for (int64_t s = 0; s < P; ++s) {
-        const int32_t e = new_flat[static_cast<size_t>(l * P + s)];
+      const auto& row = new_rows[static_cast<size_t>(l)];
+      if (static_cast<int64_t>(row.size()) != layout.num_physical)
+        return Status::InvalidArgument(fmt::format("placement layer {} has {} slots, expected {}", l, row.size(), layout.num_physical));
+      for (int64_t s = 0; s < layout.num_physical; ++s) {
+        const int32_t e = row[static_cast<size_t>(s)];
         if (e < 0 || e == map.LogicalAt(l, s)) continue;
         const int dst = layout.RankOfSlot(s);
         int src = -1;
@@ -303,19 +340,31 @@ class EpEngine::Impl {
         ++stats.moved_experts;
       }
     }
-    if (items.empty()) return Status::Ok();
+    std::sort(stats.source_ranks.begin(), stats.source_ranks.end());
+    if (items.empty()) return stats;
     EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(new_rows, layout.num_logical));
+    if (async) {
+      EEP_RETURN_IF_ERROR(Broadcast({{"type", "eplb_prepare"}, {"phy2log", new_rows}, {"items", items}}));
+      EEP_RETURN_IF_ERROR(Gather("eplb_started", opts.step_timeout_ms).status());
+      pending = std::make_unique<PendingSwitch>(PendingSwitch{std::move(next), std::move(stats), t0});
+      return pending->stats;
+    }
     EEP_RETURN_IF_ERROR(Broadcast({{"type", "eplb"}, {"phy2log", new_rows}, {"items", items}}));
     EEP_ASSIGN_OR_RETURN(auto replies, Gather("eplb_done", opts.step_timeout_ms));
     for (const auto& r : replies) stats.bytes += r.header.value("bytes_received", int64_t{0});
     map = std::move(next);
     stats.seconds = NowSeconds() - t0;
-    std::sort(stats.source_ranks.begin(), stats.source_ranks.end());
-    EEP_LOG_INFO("eplb: step {}: moved {} expert(s), {:.2f} MiB from peer rank(s) [{}] in {:.1f} ms", step,
-                 stats.moved_experts, static_cast<double>(stats.bytes) / (1 << 20), fmt::join(stats.source_ranks, ","),
-                 stats.seconds * 1000);
+    stats.stall_seconds = stats.seconds;
+    Record(stats);
+    return stats;
+  }
+
+  void Record(RebalanceStats stats) {
+    stats.step = step;
+    EEP_LOG_INFO("eplb: step {}: moved {} expert(s), {:.2f} MiB from peer rank(s) [{}] in {:.1f} ms ({}, stall {:.2f} ms)",
+                 step, stats.moved_experts, static_cast<double>(stats.bytes) / (1 << 20), fmt::join(stats.source_ranks, ","),
+                 stats.seconds * 1000, stats.async ? "async" : "sync", stats.stall_seconds * 1000);
     rebalances.push_back(std::move(stats));
-    return Status::Ok();
   }
 
   void Shutdown() {
@@ -360,6 +409,9 @@ const ModelConfig& EpEngine::config() const { return impl_->config; }
 const ExpertMap& EpEngine::expert_map() const { return impl_->map; }
 const SlotLayout& EpEngine::layout() const { return impl_->layout; }
 const std::vector<RebalanceStats>& EpEngine::rebalances() const { return impl_->rebalances; }
+Result<RebalanceStats> EpEngine::ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log) {
+  return impl_->Apply(phy2log, false, NowSeconds());
+}
 std::vector<int64_t> EpEngine::ExpertLoad() const { return impl_->recorder->SnapshotCounts(); }
 ClusterInfo EpEngine::Cluster() const {
   ClusterInfo c;

@@ -35,6 +35,7 @@ struct EpOptions {
   int64_t eplb_interval = 0;              // steps between rebalances; 0 = off
   std::string eplb_policy = "min-move";   // min-move | deepseek
   int64_t eplb_window = 32;               // steps of load history the planner sees
+  bool eplb_async = false;                // exchange in the background, switch at a step boundary
   int64_t peer_timeout_ms = 1000;         // data-plane deadline between ranks
   int64_t step_timeout_ms = 120000;       // coordinator's bound on one step (long CPU prefills)
   std::string control_host = "127.0.0.1"; // where the coordinator's control socket binds
@@ -99,10 +100,13 @@ struct SeqOutput {
 };
 
 struct RebalanceStats {
+  int64_t step = 0;              // step after which the new map took effect
   int64_t moved_experts = 0;
-  int64_t bytes = 0;
-  std::vector<int> source_ranks;
-  double seconds = 0;
+  int64_t bytes = 0;             // moved between ranks
+  std::vector<int> source_ranks; // ranks that sent experts to peers
+  double seconds = 0;            // plan to switch
+  double stall_seconds = 0;      // time serving was blocked by it
+  bool async = false;
 };
 
 struct RankInfo {
@@ -128,6 +132,9 @@ class EpEngine {
   // Runs one step over all ranks. New sequences are placed on the least-loaded rank; a
   // sequence stays on its rank until Release. Errors name the rank at fault.
   Result<std::vector<SeqOutput>> Step(const std::vector<SeqInput>& inputs);
+  // Moves to the given placement ([moe_layer][slot] → logical expert) now (synchronously),
+  // whatever EPLB would choose; for benchmarks and tests.
+  Result<RebalanceStats> ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log);
   // Frees a sequence's KV cache on its rank (sent with the next step).
   void Release(int64_t seq_id);
   // Stops every rank. Idempotent.

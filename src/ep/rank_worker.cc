@@ -7,11 +7,13 @@
 #include <cstring>
 #include <fmt/format.h>
 #include <map>
+#include <future>
 #include <optional>
 #include <random>
 #include <thread>
 
 #include "core/logging.h"
+#include "core/util.h"
 #include "ep/control.h"
 #include "ep/ep.h"
 
@@ -60,6 +62,10 @@ class RankWorker {
     co.peer_timeout_ms = h["peer_timeout_ms"].get<int64_t>();
     ControlBootstrap boot(socket_);
     EEP_ASSIGN_OR_RETURN(comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
+    if (h.value("eplb_async", false)) {
+      co.session = session_ + "-x";
+      EEP_ASSIGN_OR_RETURN(async_comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
+    }
     executor_ = std::make_unique<EpMoeExecutor>(model_->config(), experts_.get(), comm_.get(), layout_);
     model_->SetMoeExecutor(executor_.get());
     const std::string fault = h.value("inject_fault", "");
@@ -87,6 +93,11 @@ class RankWorker {
   Result<ControlMessage> Step(const ControlMessage& m) {
     MaybeInjectFault();
     ++steps_done_;
+    nlohmann::json eplb_report;
+    if (m.header.value("switch", false)) {
+      EEP_ASSIGN_OR_RETURN(auto sw, SwitchRebalance());
+      eplb_report = {{"stall_s", sw.first}, {"bytes_received", sw.second}};
+    }
     for (const auto& id : m.header["release"]) seqs_.erase(id.get<int64_t>());
     std::fill(load_.begin(), load_.end(), 0);
     std::vector<SeqStep> batch;
@@ -107,6 +118,7 @@ class RankWorker {
     EEP_RETURN_IF_ERROR(model_->Forward(batch));
     ControlMessage out;
     out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};
+    if (!eplb_report.is_null()) out.header["eplb"] = eplb_report;
     const int64_t V = model_->config().vocab_size;
     for (size_t i = 0; i < in.size(); ++i) {
       const auto& s = in[i];
@@ -125,34 +137,38 @@ class RankWorker {
     return out;
   }
 
-  // Executes a transfer plan: every rank builds what it must send, one AllToAllV moves it,
-  // then received and locally copied experts are written and the map switches.
-  Result<ControlMessage> Rebalance(const ControlMessage& m) {
-    const auto items = m.header["items"];
+  // Expert data for slots of this rank that change in a rebalance, before it is applied.
+  struct Staged {
+    struct Slot {
+      int64_t layer, slot;
+      std::vector<float> data;
+    };
+    std::vector<Slot> slots;
+    int64_t bytes_received = 0;
+  };
+
+  // Moves the experts of a transfer plan ([layer, slot, expert, source rank] items) into
+  // staging: every rank packs what it must send, one AllToAllV on `comm` moves it. Reads the
+  // current slots only, so it may run beside forward passes (async EPLB).
+  Result<Staged> StageTransfers(const nlohmann::json& items, Communicator* comm) {
     const ModelConfig& c = model_->config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     const size_t expert_bytes = expert_floats * sizeof(float);
     const ExpertMap& old = experts_->map();
-    auto find_local = [&](int64_t l, int32_t e) -> const ExpertWeights* {
-      for (int32_t s : old.Replicas(l, e))
-        if (experts_->Holds(s)) return &experts_->Slot(l, s);
-      return nullptr;
-    };
+    Staged staged;
     std::vector<std::vector<uint8_t>> send(static_cast<size_t>(ep_size_));
-    struct Pending {
-      int64_t layer, slot;
-      std::vector<float> data;
-    };
-    std::vector<Pending> local;
     for (const auto& it : items) {
       const int64_t l = it[0].get<int64_t>(), s = it[1].get<int64_t>();
       const int32_t e = it[2].get<int32_t>();
       const int src = it[3].get<int>(), dst = layout_.RankOfSlot(s);
       if (src != rank_) continue;
-      const ExpertWeights* w = find_local(l, e);
-      if (w == nullptr) return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", rank_, e, l));
+      const ExpertWeights* w = nullptr;
+      for (int32_t os : old.Replicas(l, e))
+        if (experts_->Holds(os)) w = &experts_->Slot(l, os);
+      if (w == nullptr)
+        return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", rank_, e, l));
       if (dst == rank_) {
-        local.push_back({l, s, w->data});
+        staged.slots.push_back({l, s, w->data});
         continue;
       }
       auto& buf = send[static_cast<size_t>(dst)];
@@ -164,26 +180,58 @@ class RankWorker {
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
     std::vector<std::vector<uint8_t>> recv;
-    EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(spans, &recv), "EPLB weight exchange");
-    int64_t bytes_received = 0;
+    EEP_RETURN_IF_ERROR_CTX(comm->AllToAllV(spans, &recv), "EPLB weight exchange");
     const size_t record = 12 + expert_bytes;
     for (int src = 0; src < ep_size_; ++src) {
       const auto& buf = recv[static_cast<size_t>(src)];
-      if (buf.size() % record != 0) return Status::Corruption(fmt::format("EPLB exchange from rank {}: bad size {}", src, buf.size()));
+      if (buf.size() % record != 0)
+        return Status::Corruption(fmt::format("EPLB exchange from rank {}: bad size {}", src, buf.size()));
       for (size_t off = 0; off < buf.size(); off += record) {
         int32_t head[3];
         std::memcpy(head, buf.data() + off, 12);
-        ExpertWeights& w = experts_->Slot(head[0], head[1]);
-        w.data.resize(expert_floats);
-        std::memcpy(w.data.data(), buf.data() + off + 12, expert_bytes);
+        std::vector<float> data(expert_floats);
+        std::memcpy(data.data(), buf.data() + off + 12, expert_bytes);
+        staged.slots.push_back({head[0], head[1], std::move(data)});
       }
-      bytes_received += static_cast<int64_t>(buf.size());
+      staged.bytes_received += static_cast<int64_t>(buf.size());
     }
-    for (auto& p : local) experts_->Slot(p.layer, p.slot).data = std::move(p.data);
-    EEP_ASSIGN_OR_RETURN(ExpertMap next,
-                         ExpertMap::FromPhy2Log(m.header["phy2log"].get<std::vector<std::vector<int32_t>>>(), c.num_experts));
+    return staged;
+  }
+
+  // The switch: staged experts go into their slots and the new map takes effect.
+  Status ApplyStaged(Staged* staged, const nlohmann::json& phy2log) {
+    EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(phy2log.get<std::vector<std::vector<int32_t>>>(),
+                                                                model_->config().num_experts));
+    for (auto& s : staged->slots) experts_->Slot(s.layer, s.slot).data = std::move(s.data);
     experts_->SetMap(std::move(next));
-    return ControlMessage{{{"type", "eplb_done"}, {"bytes_received", bytes_received}}, ""};
+    return Status::Ok();
+  }
+
+  // Synchronous rebalance: stage and switch now (the whole exchange is stall).
+  Result<ControlMessage> Rebalance(const ControlMessage& m) {
+    EEP_ASSIGN_OR_RETURN(Staged staged, StageTransfers(m.header["items"], comm_.get()));
+    EEP_RETURN_IF_ERROR(ApplyStaged(&staged, m.header["phy2log"]));
+    return ControlMessage{{{"type", "eplb_done"}, {"bytes_received", staged.bytes_received}}, ""};
+  }
+
+  // Asynchronous rebalance: the exchange runs on a second communicator in the background
+  // while steps go on; the next step carrying "switch" applies it.
+  Result<ControlMessage> PrepareRebalance(const ControlMessage& m) {
+    if (!async_comm_) return Status::InvalidArgument("async EPLB needs the engine started with eplb_async");
+    if (async_.valid()) return Status::Internal("a rebalance is already in flight");
+    pending_phy2log_ = m.header["phy2log"];
+    async_ = std::async(std::launch::async, [this, items = m.header["items"]] { return StageTransfers(items, async_comm_.get()); });
+    return ControlMessage{{{"type", "eplb_started"}}, ""};
+  }
+
+  // Joins the background exchange and applies it; returns the stall in seconds.
+  Result<std::pair<double, int64_t>> SwitchRebalance() {
+    if (!async_.valid()) return Status::Internal("switch without a rebalance in flight");
+    const double t0 = NowSeconds();
+    Result<Staged> staged = async_.get();
+    if (!staged.ok()) return staged.status();
+    EEP_RETURN_IF_ERROR(ApplyStaged(&*staged, pending_phy2log_));
+    return std::make_pair(NowSeconds() - t0, staged->bytes_received);
   }
 
   int Run(const std::string& endpoint) {
@@ -215,6 +263,8 @@ class RankWorker {
         reply = Step(*m);
       } else if (type == "eplb") {
         reply = Rebalance(*m);
+      } else if (type == "eplb_prepare") {
+        reply = PrepareRebalance(*m);
       } else {
         reply = Status::InvalidArgument("unknown command '" + type + "'");
       }
@@ -241,6 +291,9 @@ class RankWorker {
   SlotLayout layout_;
   std::unique_ptr<LocalExperts> experts_;
   std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<Communicator> async_comm_;  // background EPLB exchange
+  std::future<Result<Staged>> async_;
+  nlohmann::json pending_phy2log_;
   std::unique_ptr<EpMoeExecutor> executor_;
   std::map<int64_t, SeqState> seqs_;
   std::vector<int64_t> load_;

@@ -25,6 +25,7 @@ inline void AddEpFlags(CLI::App* app, EpFlags* f) {
       ->check(CLI::IsMember({"min-move", "deepseek"}));
   app->add_option("--peer-timeout-ms", f->options.peer_timeout_ms, "deadline of data-plane exchanges between ranks")
       ->check(CLI::PositiveNumber);
+  app->add_flag("--eplb-async", f->options.eplb_async, "EPLB exchange in the background; only the switch blocks");
   app->add_option("--inject-fault", f->options.inject_fault, "fault injection: rank=R,after-steps=N,mode=kill|hang|slow");
 }
 
