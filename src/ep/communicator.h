@@ -48,8 +48,9 @@ class Communicator {
   virtual int world_size() const = 0;
 
   // send[p] goes to rank p (send[rank()] to self); on return (*recv)[p] holds what rank p sent
-  // to us. Fails with kTimeout naming the silent peers if the exchange does not complete within
-  // the peer timeout, or kCancelled if Abort() was called. Not thread-safe: one caller.
+  // to us. Fails with kTimeout naming the silent peers when nothing moves for the peer timeout
+  // (large exchanges may take longer in total), kRemoteDisconnect when a peer's connection
+  // fails, kCancelled if Abort() was called. Not thread-safe: one caller.
   virtual Status AllToAllV(const std::vector<std::span<const uint8_t>>& send,
                            std::vector<std::vector<uint8_t>>* recv) = 0;
 

@@ -46,6 +46,7 @@ class EpEngine::Impl {
     ExpertMap next;
     RebalanceStats stats;
     double t0;
+    bool ready = false;  // every rank reported its exchange complete
   };
   std::unique_ptr<PendingSwitch> pending;
 
@@ -223,7 +224,7 @@ class EpEngine::Impl {
     }
     to_release.clear();
     ++step;
-    const bool switching = pending != nullptr;
+    const bool switching = pending != nullptr && pending->ready;
     for (int r = 0; r < opts.ep_size; ++r)
       EEP_RETURN_IF_ERROR(SendControl(router, identity[static_cast<size_t>(r)],
                                       {{{"type", "step"}, {"step", step}, {"seqs", per_rank[static_cast<size_t>(r)]},
@@ -242,6 +243,10 @@ class EpEngine::Impl {
       map = std::move(pending->next);
       pending.reset();
       Record(std::move(stats));
+    } else if (pending) {
+      bool ready = true;
+      for (const auto& rep : replies) ready = ready && rep.header.value("eplb_ready", false);
+      pending->ready = ready;
     }
     std::vector<SeqOutput> outputs;
     std::vector<int64_t> load(static_cast<size_t>(num_moe_layers * config.num_experts), 0);
@@ -346,7 +351,7 @@ class EpEngine::Impl {
     if (async) {
       EEP_RETURN_IF_ERROR(Broadcast({{"type", "eplb_prepare"}, {"phy2log", new_rows}, {"items", items}}));
       EEP_RETURN_IF_ERROR(Gather("eplb_started", opts.step_timeout_ms).status());
-      pending = std::make_unique<PendingSwitch>(PendingSwitch{std::move(next), std::move(stats), t0});
+      pending = std::make_unique<PendingSwitch>(PendingSwitch{std::move(next), std::move(stats), t0, false});
       return pending->stats;
     }
     EEP_RETURN_IF_ERROR(Broadcast({{"type", "eplb"}, {"phy2log", new_rows}, {"items", items}}));
@@ -409,8 +414,15 @@ const ModelConfig& EpEngine::config() const { return impl_->config; }
 const ExpertMap& EpEngine::expert_map() const { return impl_->map; }
 const SlotLayout& EpEngine::layout() const { return impl_->layout; }
 const std::vector<RebalanceStats>& EpEngine::rebalances() const { return impl_->rebalances; }
-Result<RebalanceStats> EpEngine::ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log) {
-  return impl_->Apply(phy2log, false, NowSeconds());
+Result<RebalanceStats> EpEngine::ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log, bool async) {
+  return impl_->Apply(phy2log, async, NowSeconds());
+}
+Result<double> EpEngine::BenchRing(int64_t bytes, int rounds) {
+  EEP_RETURN_IF_ERROR(impl_->Broadcast({{"type", "bench_ring"}, {"bytes", bytes}, {"rounds", rounds}}));
+  EEP_ASSIGN_OR_RETURN(auto replies, impl_->Gather("bench_done", impl_->opts.step_timeout_ms));
+  double worst = 0;
+  for (const auto& r : replies) worst = std::max(worst, r.header.value("seconds", 0.0));
+  return worst / std::max(1, rounds);
 }
 std::vector<int64_t> EpEngine::ExpertLoad() const { return impl_->recorder->SnapshotCounts(); }
 ClusterInfo EpEngine::Cluster() const {

@@ -134,7 +134,12 @@ class EpEngine {
   Result<std::vector<SeqOutput>> Step(const std::vector<SeqInput>& inputs);
   // Moves to the given placement ([moe_layer][slot] → logical expert) now (synchronously),
   // whatever EPLB would choose; for benchmarks and tests.
-  Result<RebalanceStats> ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log);
+  // With async the exchange runs in the background and the next Step switches (stats then
+  // land in rebalances()).
+  Result<RebalanceStats> ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log, bool async = false);
+  // The communicator's raw ceiling for a ring pattern: every rank sends `bytes` to the next
+  // rank in one AllToAllV, `rounds` times. Returns the slowest rank's seconds per round.
+  Result<double> BenchRing(int64_t bytes, int rounds);
   // Frees a sequence's KV cache on its rank (sent with the next step).
   void Release(int64_t seq_id);
   // Stops every rank. Idempotent.

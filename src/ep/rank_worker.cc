@@ -119,6 +119,8 @@ class RankWorker {
     ControlMessage out;
     out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};
     if (!eplb_report.is_null()) out.header["eplb"] = eplb_report;
+    // The coordinator switches only once every rank's background exchange is complete.
+    if (async_.valid()) out.header["eplb_ready"] = async_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
     const int64_t V = model_->config().vocab_size;
     for (size_t i = 0; i < in.size(); ++i) {
       const auto& s = in[i];
@@ -141,9 +143,11 @@ class RankWorker {
   struct Staged {
     struct Slot {
       int64_t layer, slot;
-      std::vector<float> data;
+      std::vector<float> data;  // local copies
+      const uint8_t* bytes = nullptr;  // or a view into `received`
     };
     std::vector<Slot> slots;
+    std::vector<std::vector<uint8_t>> received;
     int64_t bytes_received = 0;
   };
 
@@ -157,6 +161,10 @@ class RankWorker {
     const ExpertMap& old = experts_->map();
     Staged staged;
     std::vector<std::vector<uint8_t>> send(static_cast<size_t>(ep_size_));
+    std::vector<size_t> send_bytes(static_cast<size_t>(ep_size_), 0);
+    for (const auto& it : items)
+      if (it[3].get<int>() == rank_) send_bytes[static_cast<size_t>(layout_.RankOfSlot(it[1].get<int64_t>()))] += 12 + expert_bytes;
+    for (int d = 0; d < ep_size_; ++d) send[static_cast<size_t>(d)].reserve(send_bytes[static_cast<size_t>(d)]);
     for (const auto& it : items) {
       const int64_t l = it[0].get<int64_t>(), s = it[1].get<int64_t>();
       const int32_t e = it[2].get<int32_t>();
@@ -168,7 +176,7 @@ class RankWorker {
       if (w == nullptr)
         return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", rank_, e, l));
       if (dst == rank_) {
-        staged.slots.push_back({l, s, w->data});
+        staged.slots.push_back({l, s, w->data, nullptr});
         continue;
       }
       auto& buf = send[static_cast<size_t>(dst)];
@@ -179,7 +187,7 @@ class RankWorker {
     }
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
-    std::vector<std::vector<uint8_t>> recv;
+    std::vector<std::vector<uint8_t>>& recv = staged.received;
     EEP_RETURN_IF_ERROR_CTX(comm->AllToAllV(spans, &recv), "EPLB weight exchange");
     const size_t record = 12 + expert_bytes;
     for (int src = 0; src < ep_size_; ++src) {
@@ -189,9 +197,7 @@ class RankWorker {
       for (size_t off = 0; off < buf.size(); off += record) {
         int32_t head[3];
         std::memcpy(head, buf.data() + off, 12);
-        std::vector<float> data(expert_floats);
-        std::memcpy(data.data(), buf.data() + off + 12, expert_bytes);
-        staged.slots.push_back({head[0], head[1], std::move(data)});
+        staged.slots.push_back({head[0], head[1], {}, buf.data() + off + 12});
       }
       staged.bytes_received += static_cast<int64_t>(buf.size());
     }
@@ -202,7 +208,17 @@ class RankWorker {
   Status ApplyStaged(Staged* staged, const nlohmann::json& phy2log) {
     EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(phy2log.get<std::vector<std::vector<int32_t>>>(),
                                                                 model_->config().num_experts));
-    for (auto& s : staged->slots) experts_->Slot(s.layer, s.slot).data = std::move(s.data);
+    const ModelConfig& c = model_->config();
+    const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
+    for (auto& s : staged->slots) {
+      auto& data = experts_->Slot(s.layer, s.slot).data;
+      if (s.bytes == nullptr) {
+        data = std::move(s.data);
+      } else {
+        data.resize(expert_floats);
+        std::memcpy(data.data(), s.bytes, expert_floats * sizeof(float));
+      }
+    }
     experts_->SetMap(std::move(next));
     return Status::Ok();
   }
@@ -234,6 +250,19 @@ class RankWorker {
     return std::make_pair(NowSeconds() - t0, staged->bytes_received);
   }
 
+  // Raw communicator ceiling: `rounds` AllToAllV exchanges sending `bytes` to the next rank.
+  Result<ControlMessage> BenchRing(const ControlMessage& m) {
+    const int64_t bytes = m.header["bytes"].get<int64_t>();
+    const int rounds = m.header["rounds"].get<int>();
+    std::vector<uint8_t> payload(static_cast<size_t>(bytes), 0x5a);
+    std::vector<std::span<const uint8_t>> send(static_cast<size_t>(ep_size_));
+    if (ep_size_ > 1) send[static_cast<size_t>((rank_ + 1) % ep_size_)] = std::span<const uint8_t>(payload);
+    std::vector<std::vector<uint8_t>> recv;
+    const double t0 = NowSeconds();
+    for (int i = 0; i < rounds; ++i) EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(send, &recv), "ring benchmark");
+    return ControlMessage{{{"type", "bench_done"}, {"seconds", NowSeconds() - t0}}, ""};
+  }
+
   int Run(const std::string& endpoint) {
     // Ranks must not outlive the coordinator.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -263,6 +292,8 @@ class RankWorker {
         reply = Step(*m);
       } else if (type == "eplb") {
         reply = Rebalance(*m);
+      } else if (type == "bench_ring") {
+        reply = BenchRing(*m);
       } else if (type == "eplb_prepare") {
         reply = PrepareRebalance(*m);
       } else {

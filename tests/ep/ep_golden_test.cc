@@ -86,15 +86,17 @@ INSTANTIATE_TEST_SUITE_P(Ep, EpGolden, ::testing::ValuesIn(Cases()), [](const au
 
 // EPLB in the loop: with redundancy and a short interval, experts move between ranks during
 // a 64-token generation, and the tokens equal the single-rank run.
-TEST(EpEplb, RebalancingMovesExpertsAndKeepsOutput) {
+class EpEplb : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EpEplb, RebalancingMovesExpertsAndKeepsOutput) {
   const std::string dir = test::ModelDir("qwen3moe-tiny");
   const std::string prompt = "39,90,82,273,86,303,290,286,274,350,85,79";
   auto one = test::RunEep(fmt::format("generate --model {} --prompt-ids {} --max-new-tokens 64 --ignore-eos --json --ep 1", dir, prompt));
   ASSERT_EQ(one.exit_code, 0) << one.err;
   auto four = test::RunEep(fmt::format(
       "generate --model {} --prompt-ids {} --max-new-tokens 64 --ignore-eos --json --ep 4 --num-redundant-experts 4 "
-      "--eplb-interval 2",
-      dir, prompt));
+      "--eplb-interval 2 {}",
+      dir, prompt, GetParam()));
   ASSERT_EQ(four.exit_code, 0) << four.err;
   EXPECT_EQ(nlohmann::json::parse(four.out)["output_ids"], nlohmann::json::parse(one.out)["output_ids"]);
   // The coordinator logs every rebalance: "eplb: step N: moved K expert(s), X MiB from peer rank(s) [..]".
@@ -108,6 +110,11 @@ TEST(EpEplb, RebalancingMovesExpertsAndKeepsOutput) {
   }
   EXPECT_GE(moves, 2) << four.err;
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, EpEplb, ::testing::Values("", "--eplb-async", "--eplb-policy deepseek --ep-communicator ucx"),
+                         [](const auto& info) {
+                           return info.param.empty() ? std::string("sync") : info.param == "--eplb-async" ? std::string("async") : std::string("deepseek_ucx");
+                         });
 
 }  // namespace
 }  // namespace eep

@@ -157,7 +157,8 @@ class ShmCommunicator : public Communicator {
     std::vector<bool> send_done(static_cast<size_t>(world_), false), recv_done(static_cast<size_t>(world_), false),
         recv_started(static_cast<size_t>(world_), false);
     auto* me = segments_[static_cast<size_t>(rank_)].get();
-    const double deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+    // The deadline bounds silence, not size: it restarts whenever any chunk moves.
+    double deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
     int pending = 2 * world_;
     while (pending > 0) {
       if (aborted_.load()) return Status::Cancelled(fmt::format("rank {}: exchange aborted", rank_));
@@ -208,7 +209,10 @@ class ShmCommunicator : public Communicator {
           }
         }
       }
-      if (progress || pending == 0) continue;
+      if (progress || pending == 0) {
+        deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+        continue;
+      }
       const double left_s = deadline - NowSeconds();
       if (left_s <= 0) {
         std::string peers;

@@ -142,9 +142,12 @@ class UcxCommunicator : public Communicator {
       sreq[static_cast<size_t>(p)] = req;
       sdone[static_cast<size_t>(p)] = req == nullptr;
     }
-    const double deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+    // The deadline bounds silence, not size: it restarts whenever a message completes.
+    double deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+    int completed = 0;
     while (true) {
-      ucp_worker_progress(worker_);
+      if (ucp_worker_progress(worker_) > 0) deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+      int now_completed = 0;
       bool all = true;
       for (int p = 0; p < world_; ++p) {
         const size_t pi = static_cast<size_t>(p);
@@ -182,6 +185,11 @@ class UcxCommunicator : public Communicator {
           }
         }
         all = all && sdone[pi] && rdone[pi];
+        now_completed += sdone[pi] + rdone[pi];
+      }
+      if (now_completed > completed) {
+        completed = now_completed;
+        deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
       }
       if (!error.ok()) {
         CancelAll(&sreq, &rreq);
