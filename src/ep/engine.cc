@@ -136,6 +136,13 @@ class EpEngine::Impl {
         return Status::InvalidArgument(fmt::format("--inject-fault: rank {} does not exist (--ep {})", f.rank, opts.ep_size));
     }
     EEP_ASSIGN_OR_RETURN(config, LoadModelConfig(model_dir));
+    // Validate the checkpoint once here (headers only, cheap) so a bad file is one clear
+    // error instead of one per rank.
+    {
+      EEP_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(model_dir));
+      for (const auto& t : ExpectedTensors(config))
+        if (!ckpt->Find(t.name)) return Status::NotFound(fmt::format("{}: checkpoint lacks tensor '{}'", model_dir, t.name));
+    }
     num_moe_layers = static_cast<int64_t>(config.MoeLayers().size());
     EEP_ASSIGN_OR_RETURN(layout, MakeSlotLayout(config.num_experts, opts.num_redundant_experts, opts.ep_size));
     map = InitialPlacement(layout, num_moe_layers);

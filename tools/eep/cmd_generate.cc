@@ -6,6 +6,7 @@
 #include "command.h"
 #include "ep_flags.h"
 #include "core/util.h"
+#include "cuda/cuda_model.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
 
@@ -18,6 +19,7 @@ struct GenerateCliOptions {
   int64_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
+  std::string backend = "cpu";
   eep::cli::EpFlags ep;
 };
 
@@ -81,7 +83,15 @@ int RunGenerate(const GenerateCliOptions& o) {
   if (auto st = eep::ValidateSamplingParams(g.sampling); !st.ok()) return eep::cli::Fail(st);
   if (!o.ignore_eos) g.stop_token_ids = config->eos_token_ids;
   std::vector<int64_t> out;
-  if (o.max_new_tokens > 0 && o.ep.ep > 0) {
+  if (o.backend == "cuda" && o.ep.ep > 0)
+    return eep::cli::Fail(eep::Status::InvalidArgument("--backend cuda does not take --ep yet"));
+  if (o.max_new_tokens > 0 && o.backend == "cuda") {
+    auto model = eep::cuda::CudaModel::Load(o.model_dir);
+    if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
+    auto r = eep::cuda::Generate(**model, ids, g);
+    if (!r.ok()) return eep::cli::Fail(r.status());
+    out = *r;
+  } else if (o.max_new_tokens > 0 && o.ep.ep > 0) {
     auto r = GenerateEp(o.model_dir, o.ep, ids, g);
     if (!r.ok()) return eep::cli::Fail(r.status());
     out = *r;
@@ -115,6 +125,8 @@ EEP_REGISTER_COMMAND(generate, "generate", "generate tokens from a prompt (greed
                        app->add_option("--seed", o->seed, "sampling seed");
                        app->add_flag("--json", o->json, "print {prompt_ids, output_ids, text}");
                        app->add_flag("--ignore-eos", o->ignore_eos, "do not stop at the EOS token");
+                       app->add_option("--backend", o->backend, "cpu (default) | cuda")
+                           ->check(CLI::IsMember({"cpu", "cuda"}));
                        eep::cli::AddEpFlags(app, &o->ep);
                        return [o] { return RunGenerate(*o); };
                      });

@@ -4,12 +4,14 @@
 #include "command.h"
 #include "ep_flags.h"
 #include "core/util.h"
+#include "cuda/cuda_model.h"
 #include "model/model.h"
 
 namespace {
 
 struct LogitsOptions {
   std::string model_dir, prompt_ids, out;
+  std::string backend = "cpu";
   eep::cli::EpFlags ep;
 };
 
@@ -36,7 +38,16 @@ int RunLogits(const LogitsOptions& o) {
       return eep::cli::Fail(eep::Status::InvalidArgument(
           fmt::format("--prompt-ids: token id {} is out of the vocabulary [0, {})", id, V)));
   std::vector<float> logits;
-  if (o.ep.ep > 0) {
+  if (o.backend == "cuda" && o.ep.ep > 0)
+    return eep::cli::Fail(eep::Status::InvalidArgument("--backend cuda does not take --ep yet"));
+  if (o.backend == "cuda") {
+    auto model = eep::cuda::CudaModel::Load(o.model_dir);
+    if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
+    auto cache = (*model)->NewCache();
+    eep::cuda::CudaSeqStep step{cache.get(), *ids, true, &logits};
+    eep::Status st = (*model)->Forward(std::span<eep::cuda::CudaSeqStep>(&step, 1));
+    if (!st.ok()) return eep::cli::Fail(st.WithContext("--prompt-ids"));
+  } else if (o.ep.ep > 0) {
     auto r = LogitsEp(o, *ids);
     if (!r.ok()) return eep::cli::Fail(r.status());
     logits = std::move(*r);
@@ -61,6 +72,8 @@ EEP_REGISTER_COMMAND(logits, "logits", "one forward pass over --prompt-ids; logi
                        app->add_option("--model", o->model_dir, "checkpoint directory")->required();
                        app->add_option("--prompt-ids", o->prompt_ids, "comma-separated token ids")->required();
                        app->add_option("--out", o->out, "output .safetensors file")->required();
+                       app->add_option("--backend", o->backend, "cpu (default) | cuda")
+                           ->check(CLI::IsMember({"cpu", "cuda"}));
                        eep::cli::AddEpFlags(app, &o->ep);
                        return [o] { return RunLogits(*o); };
                      });

@@ -1,0 +1,731 @@
+// CudaModel: the MoE transformer on one GPU. The order of operations follows Model::Forward
+// (src/model/model.cc) step for step so that the two backends differ only by rounding.
+#include "cuda/cuda_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "core/logging.h"
+#include "cuda/cuda_util.h"
+#include "kernels/cuda/ops.h"
+#include "model/safetensors.h"
+#include "model/sampling.h"
+
+namespace eep::cuda {
+
+bool Available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::string DeviceDescription() {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) return fmt::format("none ({})", cudaGetErrorString(e));
+  if (n == 0) return "none (no CUDA device)";
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "unknown CUDA device";
+  return fmt::format("{} (sm_{}{}, {} SMs, {:.0f} GiB)", p.name, p.major, p.minor, p.multiProcessorCount,
+                     static_cast<double>(p.totalGlobalMem) / (1 << 30));
+}
+
+// ---------------------------------------------------------------------------------------
+// KV cache
+
+struct CudaKvCache::Impl {
+  int64_t length = 0, capacity = 0;
+  std::vector<DevicePtr<float>> k, v;  // [layer]
+};
+
+CudaKvCache::CudaKvCache() : impl_(std::make_unique<Impl>()) {}
+CudaKvCache::~CudaKvCache() = default;
+int64_t CudaKvCache::length() const { return impl_->length; }
+void CudaKvCache::Clear() { impl_->length = 0; }
+
+// ---------------------------------------------------------------------------------------
+// Weights
+
+namespace {
+
+struct Mat {
+  DevicePtr<bf16_t> w;  // [out, in] row-major
+  int64_t out = 0, in = 0;
+};
+
+struct Mlp {
+  Mat gate_up;  // [2F, H]: gate rows, then up rows (one GEMM for both)
+  Mat down;     // [H, F]
+  int64_t inter = 0;
+};
+
+struct Layer {
+  DevicePtr<float> input_norm, post_norm, q_norm, k_norm, q_bias, k_bias, v_bias, o_bias;
+  Mat q, k, v, o;
+  DevicePtr<float> q_a_norm, kv_a_norm;
+  Mat q_a, q_b, kv_a, kv_b;
+  bool is_moe = false;
+  Mlp dense, shared;
+  DevicePtr<float> router;      // [E, H] f32: routing decisions stay as exact as the CPU's
+  DevicePtr<float> score_bias;  // [E]
+};
+
+std::vector<uint16_t> ToBf16Host(DType dtype, const void* src, size_t n, Status* st) {
+  std::vector<uint16_t> out(n);
+  if (dtype == DType::kBF16) {
+    std::memcpy(out.data(), src, n * 2);
+    return out;
+  }
+  std::vector<float> f(n);
+  *st = ConvertToF32(dtype, src, n, f.data());
+  for (size_t i = 0; i < n; ++i) out[i] = F32ToBF16(f[i]);
+  return out;
+}
+
+float YarnMscale(double factor, double mscale) {
+  if (factor <= 1) return 1.0f;
+  return static_cast<float>(0.1 * mscale * std::log(factor) + 1.0);
+}
+
+}  // namespace
+
+struct CudaModel::Impl {
+  ModelConfig c;
+  CudaLoadOptions opt;
+  int splits = 2;
+  std::unique_ptr<Checkpoint> ckpt;
+  StreamPtr stream;
+  CublasPtr blas;
+  int64_t bytes = 0;
+
+  DevicePtr<bf16_t> embed;  // [V, H]
+  DevicePtr<float> final_norm;
+  Mat lm_head;  // aliases embed when tied (w empty, see head())
+  std::vector<Layer> layers;
+  std::vector<int64_t> moe_layer_ids, moe_index;
+  DevicePtr<float> inv_freq;
+  float rope_factor = 1.0f, attn_scale = 1.0f;
+
+  // Experts: [moe_layer] → [num_slots][gate (I×H) | up (I×H) | down (H×I)] BF16.
+  ExpertMap map;
+  std::vector<DevicePtr<bf16_t>> slots;
+  std::vector<std::vector<bool>> filled;
+
+  // Per-forward scratch.
+  DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
+      b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_pos, b_tok, b_head16, b_out;
+  std::vector<int32_t> h_ids, h_src, h_rows;
+  std::vector<int64_t> bucket_count, bucket_off;
+
+  cudaStream_t s() const { return stream.get(); }
+  int64_t I() const { return c.ExpertIntermediate(); }
+  int64_t ExpertElems() const { return 3 * I() * c.hidden_size; }
+
+  // --- loading ---
+  Result<const TensorInfo*> Tensor(const std::string& name, const std::vector<int64_t>& shape) {
+    return ckpt->GetChecked(name, shape);
+  }
+  Status UploadBf16(const std::string& name, const std::vector<int64_t>& shape, bf16_t* dst) {
+    EEP_ASSIGN_OR_RETURN(const TensorInfo* t, Tensor(name, shape));
+    Status st;
+    auto host = ToBf16Host(t->dtype, t->data, static_cast<size_t>(t->numel()), &st);
+    EEP_RETURN_IF_ERROR_CTX(st, name);
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
+    return Status::Ok();
+  }
+  // Loads tensors stacked along rows into one matrix.
+  Status LoadMat(const std::vector<std::string>& names, const std::vector<int64_t>& rows, int64_t in, Mat* m) {
+    m->in = in;
+    m->out = 0;
+    for (int64_t r : rows) m->out += r;
+    EEP_ASSIGN_OR_RETURN(m->w, DeviceAlloc<bf16_t>(static_cast<size_t>(m->out * in)));
+    bytes += m->out * in * 2;
+    int64_t off = 0;
+    for (size_t i = 0; i < names.size(); ++i) {
+      EEP_RETURN_IF_ERROR(UploadBf16(names[i], {rows[i], in}, m->w.get() + off * in));
+      off += rows[i];
+    }
+    return Status::Ok();
+  }
+  Status LoadF32(const std::string& name, const std::vector<int64_t>& shape, DevicePtr<float>* out) {
+    EEP_ASSIGN_OR_RETURN(auto host, ckpt->ReadF32(name, shape));
+    EEP_ASSIGN_OR_RETURN(*out, DeviceAlloc<float>(host.size()));
+    bytes += static_cast<int64_t>(host.size()) * 4;
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(out->get(), host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+    return Status::Ok();
+  }
+  Status LoadWeights();
+  void RopeSetup(std::vector<float>* inv);
+
+  // --- compute ---
+  // y[rows, m.out] = x16[rows, m.in] · Wᵀ (BF16 in, f32 out and accumulation).
+  Status Gemm(const bf16_t* x16, int64_t rows, const bf16_t* w, int64_t out, int64_t in, float* y,
+              int batch = 1, int64_t x_stride = 0, int64_t y_stride = 0) {
+    if (rows == 0) return Status::Ok();
+    const float one = 1.0f, zero = 0.0f;
+    if (batch == 1) {
+      EEP_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out),
+                                              static_cast<int>(rows), static_cast<int>(in), &one, w, CUDA_R_16BF,
+                                              static_cast<int>(in), x16, CUDA_R_16BF, static_cast<int>(in), &zero, y,
+                                              CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT));
+    } else {
+      // The hi and lo halves of a split expert batch share the weights (stride 0).
+      EEP_CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
+          blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows), static_cast<int>(in),
+          &one, w, CUDA_R_16BF, static_cast<int>(in), 0, x16, CUDA_R_16BF, static_cast<int>(in), x_stride, &zero, y,
+          CUDA_R_32F, static_cast<int>(out), y_stride, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    return Status::Ok();
+  }
+  // y[T, out] = x·Wᵀ (+ bias) for split input x16 [splits·T, in].
+  Status Linear(const bf16_t* x16, int64_t T, const bf16_t* w, int64_t out, int64_t in, const float* bias,
+                float* y) {
+    if (splits == 1 && bias == nullptr) return Gemm(x16, T, w, out, in, y);
+    EEP_RETURN_IF_ERROR(b_gemm.Reserve(static_cast<size_t>(splits * T * out) * 4));
+    EEP_RETURN_IF_ERROR(Gemm(x16, splits * T, w, out, in, b_gemm.as<float>()));
+    EEP_CUDA_RETURN_IF_ERROR(SumSplits(b_gemm.as<float>(), T, out, splits, bias, y, s()));
+    return Status::Ok();
+  }
+  Status Linear(const bf16_t* x16, int64_t T, const Mat& m, const float* bias, float* y) {
+    return Linear(x16, T, m.w.get(), m.out, m.in, bias, y);
+  }
+
+  Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N);
+  Status RunMlp(const Mlp& m, int64_t N, float* out);
+  Status Moe(const Layer& ly, int64_t l, int64_t N, float* out);
+  Status Forward(std::span<CudaSeqStep> batch);
+};
+
+void CudaModel::Impl::RopeSetup(std::vector<float>* inv_out) {
+  const bool mla = c.arch == Arch::kDeepseekV3;
+  const int64_t rope_dim = mla ? c.qk_rope_head_dim : c.head_dim;
+  std::vector<float>& inv = *inv_out;
+  inv.resize(static_cast<size_t>(rope_dim / 2));
+  for (int64_t i = 0; i < rope_dim / 2; ++i)
+    inv[static_cast<size_t>(i)] =
+        1.0f / std::pow(static_cast<float>(c.rope.theta), static_cast<float>(2 * i) / static_cast<float>(rope_dim));
+  if (c.rope.type == "linear") {
+    for (auto& f : inv) f /= static_cast<float>(c.rope.factor);
+  } else if (c.rope.type == "yarn") {
+    const double D = static_cast<double>(rope_dim), theta = c.rope.theta;
+    const double L0 = c.rope.original_max_position_embeddings > 0 ? c.rope.original_max_position_embeddings
+                                                                  : static_cast<double>(c.max_position_embeddings);
+    auto cd = [&](double r) { return D * std::log(L0 / (2 * M_PI * r)) / (2 * std::log(theta)); };
+    double lo = std::max(0.0, std::floor(cd(c.rope.beta_fast)));
+    double hi = std::min(D - 1, std::ceil(cd(c.rope.beta_slow)));
+    if (lo == hi) hi += 0.001;
+    for (int64_t i = 0; i < rope_dim / 2; ++i) {
+      float extra = inv[static_cast<size_t>(i)];
+      float inter = extra / static_cast<float>(c.rope.factor);
+      float ramp = static_cast<float>(std::clamp((static_cast<double>(i) - lo) / (hi - lo), 0.0, 1.0));
+      inv[static_cast<size_t>(i)] = inter * ramp + extra * (1 - ramp);
+    }
+    if (c.rope.attention_factor) {
+      rope_factor = static_cast<float>(*c.rope.attention_factor);
+    } else if (c.rope.mscale != 0 && c.rope.mscale_all_dim != 0) {
+      rope_factor = YarnMscale(c.rope.factor, c.rope.mscale) / YarnMscale(c.rope.factor, c.rope.mscale_all_dim);
+    } else {
+      rope_factor = YarnMscale(c.rope.factor, 1.0);
+    }
+  }
+  if (mla) {
+    attn_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.qk_nope_head_dim + c.qk_rope_head_dim)));
+    if (c.rope.type != "default" && c.rope.mscale_all_dim != 0) {
+      float m = YarnMscale(c.rope.factor, c.rope.mscale_all_dim);
+      attn_scale *= m * m;
+    }
+  } else {
+    attn_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+  }
+}
+
+Status CudaModel::Impl::LoadWeights() {
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
+  const bool mla = c.arch == Arch::kDeepseekV3;
+  std::vector<std::string> missing;
+  for (const auto& t : ExpectedTensors(c))
+    if (!ckpt->Find(t.name)) missing.push_back(t.name);
+  if (!missing.empty())
+    return Status::NotFound(fmt::format("{}: checkpoint lacks {} tensor(s), first '{}'", ckpt->dir(), missing.size(),
+                                        missing[0]));
+  EEP_ASSIGN_OR_RETURN(embed, DeviceAlloc<bf16_t>(static_cast<size_t>(V * H)));
+  bytes += V * H * 2;
+  EEP_RETURN_IF_ERROR(UploadBf16("model.embed_tokens.weight", {V, H}, embed.get()));
+  EEP_RETURN_IF_ERROR(LoadF32("model.norm.weight", {H}, &final_norm));
+  if (!c.tie_word_embeddings) EEP_RETURN_IF_ERROR(LoadMat({"lm_head.weight"}, {V}, H, &lm_head));
+  layers.resize(static_cast<size_t>(L));
+  moe_index.assign(static_cast<size_t>(L), -1);
+  for (int64_t l = 0; l < L; ++l) {
+    Layer& ly = layers[static_cast<size_t>(l)];
+    const std::string p = fmt::format("model.layers.{}.", l), a = p + "self_attn.";
+    EEP_RETURN_IF_ERROR(LoadF32(p + "input_layernorm.weight", {H}, &ly.input_norm));
+    EEP_RETURN_IF_ERROR(LoadF32(p + "post_attention_layernorm.weight", {H}, &ly.post_norm));
+    if (!mla) {
+      const int64_t d = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+      EEP_RETURN_IF_ERROR(LoadMat({a + "q_proj.weight"}, {nh * d}, H, &ly.q));
+      EEP_RETURN_IF_ERROR(LoadMat({a + "k_proj.weight"}, {nkv * d}, H, &ly.k));
+      EEP_RETURN_IF_ERROR(LoadMat({a + "v_proj.weight"}, {nkv * d}, H, &ly.v));
+      EEP_RETURN_IF_ERROR(LoadMat({a + "o_proj.weight"}, {H}, nh * d, &ly.o));
+      if (c.attention_bias) {
+        EEP_RETURN_IF_ERROR(LoadF32(a + "q_proj.bias", {nh * d}, &ly.q_bias));
+        EEP_RETURN_IF_ERROR(LoadF32(a + "k_proj.bias", {nkv * d}, &ly.k_bias));
+        EEP_RETURN_IF_ERROR(LoadF32(a + "v_proj.bias", {nkv * d}, &ly.v_bias));
+        if (ckpt->Find(a + "o_proj.bias")) EEP_RETURN_IF_ERROR(LoadF32(a + "o_proj.bias", {H}, &ly.o_bias));
+      }
+      if (c.arch == Arch::kQwen3Moe) {
+        EEP_RETURN_IF_ERROR(LoadF32(a + "q_norm.weight", {d}, &ly.q_norm));
+        EEP_RETURN_IF_ERROR(LoadF32(a + "k_norm.weight", {d}, &ly.k_norm));
+      }
+    } else {
+      const int64_t nh = c.num_heads, qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+      if (c.q_lora_rank > 0) {
+        EEP_RETURN_IF_ERROR(LoadMat({a + "q_a_proj.weight"}, {c.q_lora_rank}, H, &ly.q_a));
+        EEP_RETURN_IF_ERROR(LoadF32(a + "q_a_layernorm.weight", {c.q_lora_rank}, &ly.q_a_norm));
+        EEP_RETURN_IF_ERROR(LoadMat({a + "q_b_proj.weight"}, {nh * qk}, c.q_lora_rank, &ly.q_b));
+      } else {
+        EEP_RETURN_IF_ERROR(LoadMat({a + "q_proj.weight"}, {nh * qk}, H, &ly.q));
+      }
+      EEP_RETURN_IF_ERROR(
+          LoadMat({a + "kv_a_proj_with_mqa.weight"}, {c.kv_lora_rank + c.qk_rope_head_dim}, H, &ly.kv_a));
+      EEP_RETURN_IF_ERROR(LoadF32(a + "kv_a_layernorm.weight", {c.kv_lora_rank}, &ly.kv_a_norm));
+      EEP_RETURN_IF_ERROR(
+          LoadMat({a + "kv_b_proj.weight"}, {nh * (c.qk_nope_head_dim + c.v_head_dim)}, c.kv_lora_rank, &ly.kv_b));
+      EEP_RETURN_IF_ERROR(LoadMat({a + "o_proj.weight"}, {H}, nh * c.v_head_dim, &ly.o));
+    }
+    ly.is_moe = c.IsMoeLayer(l);
+    if (!ly.is_moe) {
+      const int64_t F = c.intermediate_size;
+      ly.dense.inter = F;
+      EEP_RETURN_IF_ERROR(LoadMat({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}, {F, F}, H, &ly.dense.gate_up));
+      EEP_RETURN_IF_ERROR(LoadMat({p + "mlp.down_proj.weight"}, {H}, F, &ly.dense.down));
+      continue;
+    }
+    moe_index[static_cast<size_t>(l)] = static_cast<int64_t>(moe_layer_ids.size());
+    moe_layer_ids.push_back(l);
+    const std::string mp = c.MoePrefix(l) + ".";
+    EEP_RETURN_IF_ERROR(LoadF32(mp + "gate.weight", {c.num_experts, H}, &ly.router));
+    if (mla) {
+      EEP_RETURN_IF_ERROR(LoadF32(mp + "gate.e_score_correction_bias", {c.num_experts}, &ly.score_bias));
+      if (c.n_shared_experts > 0) {
+        const int64_t S = c.moe_intermediate_size * c.n_shared_experts;
+        ly.shared.inter = S;
+        EEP_RETURN_IF_ERROR(LoadMat({mp + "shared_experts.gate_proj.weight", mp + "shared_experts.up_proj.weight"},
+                                    {S, S}, H, &ly.shared.gate_up));
+        EEP_RETURN_IF_ERROR(LoadMat({mp + "shared_experts.down_proj.weight"}, {H}, S, &ly.shared.down));
+      }
+    }
+  }
+  std::vector<float> inv;
+  RopeSetup(&inv);
+  EEP_ASSIGN_OR_RETURN(inv_freq, DeviceAlloc<float>(inv.size()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq.get(), inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+
+  // Routed experts: every slot of the identity map, straight from the checkpoint's bytes.
+  const int64_t ML = static_cast<int64_t>(moe_layer_ids.size());
+  if (ML > 0) {
+    map = ExpertMap::Identity(ML, c.num_experts);
+    slots.resize(static_cast<size_t>(ML));
+    filled.assign(static_cast<size_t>(ML), std::vector<bool>(static_cast<size_t>(c.num_experts), false));
+    const auto shapes = c.ExpertTensorShapes();
+    for (int64_t ml = 0; ml < ML; ++ml) {
+      EEP_ASSIGN_OR_RETURN(slots[static_cast<size_t>(ml)],
+                           DeviceAlloc<bf16_t>(static_cast<size_t>(map.num_physical() * ExpertElems())));
+      bytes += map.num_physical() * ExpertElems() * 2;
+      for (int64_t slot = 0; slot < map.num_physical(); ++slot) {
+        auto names = c.ExpertTensorNames(moe_layer_ids[static_cast<size_t>(ml)], map.LogicalAt(ml, slot));
+        bf16_t* dst = slots[static_cast<size_t>(ml)].get() + slot * ExpertElems();
+        const int64_t mat = I() * c.hidden_size;
+        for (int i = 0; i < 3; ++i) EEP_RETURN_IF_ERROR(UploadBf16(names[static_cast<size_t>(i)], shapes[static_cast<size_t>(i)], dst + i * mat));
+        filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)] = true;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N) {
+  const bool mla = c.arch == Arch::kDeepseekV3;
+  const int64_t nh = c.num_heads;
+  const int64_t nkv = mla ? nh : c.num_kv_heads;
+  const int64_t dk = mla ? c.qk_nope_head_dim + c.qk_rope_head_dim : c.head_dim;
+  const int64_t dv = mla ? c.v_head_dim : c.head_dim;
+  const int64_t rope_dim = mla ? c.qk_rope_head_dim : c.head_dim;
+  float* q = b_q.as<float>();
+  float* k = b_k.as<float>();
+  float* v = b_v.as<float>();
+  const bf16_t* h16 = b_h16.as<bf16_t>();
+  if (!mla) {
+    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.q, ly.q_bias.get(), q));
+    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.k, ly.k_bias.get(), k));
+    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.v, ly.v_bias.get(), v));
+    if (ly.q_norm) {
+      const float eps = static_cast<float>(c.rms_norm_eps);
+      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(q, dk, ly.q_norm.get(), N * nh, dk, eps, q, dk, nullptr, 1, s()));
+      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(k, dk, ly.k_norm.get(), N * nkv, dk, eps, k, dk, nullptr, 1, s()));
+    }
+  } else {
+    const int64_t nope = c.qk_nope_head_dim, kvr = c.kv_lora_rank, ca = kvr + rope_dim;
+    bf16_t* a16 = b_a16.as<bf16_t>();
+    if (c.q_lora_rank > 0) {
+      float* qa = b_qa.as<float>();
+      EEP_RETURN_IF_ERROR(Linear(h16, N, ly.q_a, nullptr, qa));
+      EEP_CUDA_RETURN_IF_ERROR(
+          RmsNorm(qa, c.q_lora_rank, ly.q_a_norm.get(), N, c.q_lora_rank, 1e-6f, nullptr, 0, a16, splits, s()));
+      EEP_RETURN_IF_ERROR(Linear(a16, N, ly.q_b, nullptr, q));
+    } else {
+      EEP_RETURN_IF_ERROR(Linear(h16, N, ly.q, nullptr, q));
+    }
+    float* cmp = b_cmp.as<float>();
+    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.kv_a, nullptr, cmp));
+    EEP_CUDA_RETURN_IF_ERROR(RmsNorm(cmp, ca, ly.kv_a_norm.get(), N, kvr, 1e-6f, nullptr, 0, a16, splits, s()));
+    float* kv = b_kv.as<float>();
+    EEP_RETURN_IF_ERROR(Linear(a16, N, ly.kv_b, nullptr, kv));
+    EEP_CUDA_RETURN_IF_ERROR(MlaExpandKv(kv, cmp, N, nh, nope, rope_dim, dv, ca, kvr, k, v, s()));
+  }
+  const int64_t rope_off = mla ? c.qk_nope_head_dim : 0;
+  const bool interleaved = mla && c.rope_interleave;
+  const int32_t* pos = b_pos.as<int32_t>();
+  EEP_CUDA_RETURN_IF_ERROR(
+      Rope(q, N, nh, nh * dk, dk, rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved, s()));
+  EEP_CUDA_RETURN_IF_ERROR(
+      Rope(k, N, nkv, nkv * dk, dk, rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved, s()));
+  float* attn = b_attn.as<float>();
+  int64_t tok = 0;
+  for (CudaSeqStep& st : batch) {
+    CudaKvCache::Impl& cache = *st.cache->impl_;
+    const int64_t T = static_cast<int64_t>(st.ids.size()), start = cache.length;
+    float* kc = cache.k[static_cast<size_t>(l)].get();
+    float* vc = cache.v[static_cast<size_t>(l)].get();
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(kc + start * nkv * dk, k + tok * nkv * dk,
+                                             static_cast<size_t>(T * nkv * dk) * 4, cudaMemcpyDeviceToDevice, s()));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(vc + start * nkv * dv, v + tok * nkv * dv,
+                                             static_cast<size_t>(T * nkv * dv) * 4, cudaMemcpyDeviceToDevice, s()));
+    const int64_t window = c.sliding_window ? *c.sliding_window : 0;
+    EEP_CUDA_RETURN_IF_ERROR(eep::cuda::Attention(q + tok * nh * dk, kc, vc, T, start, nh, nkv, dk, dv, window,
+                                                  attn_scale, attn + tok * nh * dv, s()));
+    tok += T;
+  }
+  bf16_t* attn16 = b_a16.as<bf16_t>();
+  EEP_CUDA_RETURN_IF_ERROR(SplitBf16(attn, N, nh * dv, splits, attn16, s()));
+  return Linear(attn16, N, ly.o, ly.o_bias.get(), b_o.as<float>());
+}
+
+Status CudaModel::Impl::RunMlp(const Mlp& m, int64_t N, float* out) {
+  float* gu = b_gu.as<float>();
+  bf16_t* act16 = b_act16.as<bf16_t>();
+  EEP_RETURN_IF_ERROR(Gemm(b_h16.as<bf16_t>(), splits * N, m.gate_up.w.get(), m.gate_up.out, m.gate_up.in, gu));
+  EEP_CUDA_RETURN_IF_ERROR(SiluMul(gu, N, m.inter, splits, nullptr, act16, s()));
+  return Linear(act16, N, m.down, nullptr, out);
+}
+
+Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
+  const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, A = N * k, S = splits;
+  const int64_t ml = moe_index[static_cast<size_t>(l)], inter = I();
+  // Router in f32 (the selection must agree with the CPU's) and the fused top-k kernel.
+  const float one = 1.0f, zero = 0.0f;
+  float* logits = b_logits.as<float>();
+  EEP_CUBLAS_RETURN_IF_ERROR(cublasSgemm(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E),
+                                         static_cast<int>(N), static_cast<int>(H), &one, ly.router.get(),
+                                         static_cast<int>(H), b_hf.as<float>(), static_cast<int>(H), &zero, logits,
+                                         static_cast<int>(E)));
+  int32_t* ids = b_ids.as<int32_t>();
+  float* w = b_w.as<float>();
+  const bool ds = c.arch == Arch::kDeepseekV3;
+  EEP_CUDA_RETURN_IF_ERROR(Route(logits, N, E, k, c.norm_topk_prob || c.arch == Arch::kMixtral,
+                                 ds ? ly.score_bias.get() : nullptr, ds ? c.n_group : 1, ds ? c.topk_group : 1,
+                                 ds ? static_cast<float>(c.routed_scaling_factor) : 1.0f, ids, w, s()));
+  // Permute on the host: the ids are few (N·k), and the expert map lives here.
+  h_ids.resize(static_cast<size_t>(A));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_ids.data(), ids, static_cast<size_t>(A) * 4, cudaMemcpyDeviceToHost, s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  const int64_t P = map.num_physical();
+  std::vector<int32_t> slot_of(static_cast<size_t>(A));
+  bucket_count.assign(static_cast<size_t>(P), 0);
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = h_ids[static_cast<size_t>(t * k + j)];
+      if (e < 0 || e >= E) return Status::Internal(fmt::format("layer {}: router produced expert {}", l, e));
+      const auto& reps = map.Replicas(ml, e);
+      if (reps.empty()) return Status::NotFound(fmt::format("MoE layer {}: no slot holds expert {}", ml, e));
+      // The same fixed spread over replicas as LocalExperts::Run.
+      const int32_t slot = reps[static_cast<size_t>(t % static_cast<int64_t>(reps.size()))];
+      if (!filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)])
+        return Status::Internal(fmt::format("MoE layer {}: slot {} has no weights", ml, slot));
+      slot_of[static_cast<size_t>(t * k + j)] = slot;
+      ++bucket_count[static_cast<size_t>(slot)];
+    }
+  }
+  bucket_off.assign(static_cast<size_t>(P), 0);
+  for (int64_t b = 1; b < P; ++b)
+    bucket_off[static_cast<size_t>(b)] = bucket_off[static_cast<size_t>(b - 1)] + bucket_count[static_cast<size_t>(b - 1)];
+  // Gathered rows: [hi rows of all assignments | lo rows], each half ordered by slot.
+  h_src.resize(static_cast<size_t>(S * A));
+  h_rows.resize(static_cast<size_t>(A * S));
+  std::vector<int64_t> fill(bucket_off);
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t a = fill[static_cast<size_t>(slot_of[static_cast<size_t>(t * k + j)])]++;
+      for (int64_t sp = 0; sp < S; ++sp) {
+        h_src[static_cast<size_t>(sp * A + a)] = static_cast<int32_t>(sp * N + t);
+        h_rows[static_cast<size_t>((t * k + j) * S + sp)] = static_cast<int32_t>(sp * A + a);
+      }
+    }
+  }
+  int32_t* src = b_src.as<int32_t>();
+  int32_t* rows = b_rows.as<int32_t>();
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(src, h_src.data(), h_src.size() * 4, cudaMemcpyHostToDevice, s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows, h_rows.data(), h_rows.size() * 4, cudaMemcpyHostToDevice, s()));
+  bf16_t* g16 = b_g16.as<bf16_t>();
+  float* gu = b_gu.as<float>();
+  bf16_t* act16 = b_act16.as<bf16_t>();
+  float* y = b_y.as<float>();
+  EEP_CUDA_RETURN_IF_ERROR(GatherRows(b_h16.as<bf16_t>(), src, S * A, H, g16, s()));
+  const bf16_t* base = slots[static_cast<size_t>(ml)].get();
+  for (int64_t b = 0; b < P; ++b) {
+    const int64_t n = bucket_count[static_cast<size_t>(b)], off = bucket_off[static_cast<size_t>(b)];
+    if (n == 0) continue;
+    EEP_RETURN_IF_ERROR(Gemm(g16 + off * H, n, base + b * ExpertElems(), 2 * inter, H, gu + off * 2 * inter,
+                             static_cast<int>(S), A * H, A * 2 * inter));
+  }
+  EEP_CUDA_RETURN_IF_ERROR(SiluMul(gu, A, inter, splits, nullptr, act16, s()));
+  for (int64_t b = 0; b < P; ++b) {
+    const int64_t n = bucket_count[static_cast<size_t>(b)], off = bucket_off[static_cast<size_t>(b)];
+    if (n == 0) continue;
+    EEP_RETURN_IF_ERROR(Gemm(act16 + off * inter, n, base + b * ExpertElems() + 2 * inter * H, H, inter,
+                             y + off * H, static_cast<int>(S), A * inter, A * H));
+  }
+  EEP_CUDA_RETURN_IF_ERROR(MoeCombine(y, rows, w, N, k, H, splits, out, s()));
+  if (ly.shared.inter > 0) {
+    float* o2 = b_o2.as<float>();
+    EEP_RETURN_IF_ERROR(RunMlp(ly.shared, N, o2));
+    EEP_CUDA_RETURN_IF_ERROR(Add(out, o2, N * H, s()));
+  }
+  return Status::Ok();
+}
+
+Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch) {
+  const int64_t H = c.hidden_size, V = c.vocab_size, S = splits;
+  const bool mla = c.arch == Arch::kDeepseekV3;
+  const int64_t nh = c.num_heads, nkv = mla ? nh : c.num_kv_heads;
+  const int64_t dk = mla ? c.qk_nope_head_dim + c.qk_rope_head_dim : c.head_dim;
+  const int64_t dv = mla ? c.v_head_dim : c.head_dim;
+  int64_t N = 0;
+  std::vector<int32_t> ids32, pos32;
+  for (const CudaSeqStep& st : batch) {
+    if (st.cache == nullptr) return Status::InvalidArgument("forward: sequence without a KV cache");
+    const int64_t start = st.cache->impl_->length;
+    for (size_t i = 0; i < st.ids.size(); ++i) {
+      const int64_t id = st.ids[i];
+      if (id < 0 || id >= V)
+        return Status::InvalidArgument(fmt::format("token id {} is out of the vocabulary [0, {})", id, V));
+      ids32.push_back(static_cast<int32_t>(id));
+      pos32.push_back(static_cast<int32_t>(start + static_cast<int64_t>(i)));
+    }
+    N += static_cast<int64_t>(st.ids.size());
+  }
+  if (N == 0) return Status::Ok();
+  // Grow caches (doubling), copying what they hold.
+  for (CudaSeqStep& st : batch) {
+    CudaKvCache::Impl& kc = *st.cache->impl_;
+    const int64_t need = kc.length + static_cast<int64_t>(st.ids.size());
+    if (c.max_position_embeddings > 0 && need > c.max_position_embeddings)
+      return Status::OutOfRange(fmt::format("sequence of {} tokens exceeds max_position_embeddings {}", need,
+                                            c.max_position_embeddings));
+    if (need > MaxAttentionKeys())
+      return Status::OutOfRange(fmt::format("sequence of {} tokens exceeds the CUDA attention limit {}", need,
+                                            MaxAttentionKeys()));
+    if (need <= kc.capacity) continue;
+    const int64_t cap = std::max<int64_t>(need, std::max<int64_t>(64, kc.capacity * 2));
+    kc.k.resize(static_cast<size_t>(c.num_layers));
+    kc.v.resize(static_cast<size_t>(c.num_layers));
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      EEP_ASSIGN_OR_RETURN(auto nk, DeviceAlloc<float>(static_cast<size_t>(cap * nkv * dk)));
+      EEP_ASSIGN_OR_RETURN(auto nv, DeviceAlloc<float>(static_cast<size_t>(cap * nkv * dv)));
+      if (kc.length > 0) {
+        EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(nk.get(), kc.k[static_cast<size_t>(l)].get(),
+                                                 static_cast<size_t>(kc.length * nkv * dk) * 4,
+                                                 cudaMemcpyDeviceToDevice, s()));
+        EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(nv.get(), kc.v[static_cast<size_t>(l)].get(),
+                                                 static_cast<size_t>(kc.length * nkv * dv) * 4,
+                                                 cudaMemcpyDeviceToDevice, s()));
+        EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+      }
+      kc.k[static_cast<size_t>(l)] = std::move(nk);
+      kc.v[static_cast<size_t>(l)] = std::move(nv);
+    }
+    kc.capacity = cap;
+  }
+  // Scratch, sized for this step before any launch (Reserve may free a buffer in use).
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  const int64_t A = N * c.num_experts_per_tok;
+  const int64_t F = std::max<int64_t>({c.intermediate_size, I(), c.moe_intermediate_size * c.n_shared_experts, 1});
+  const int64_t wide = std::max<int64_t>({H, nh * dk, nh * dv, nh * (c.qk_nope_head_dim + c.v_head_dim),
+                                          c.q_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim});
+  auto R = [](DeviceBuffer& b, int64_t bytes) { return b.Reserve(static_cast<size_t>(std::max<int64_t>(bytes, 16))); };
+  EEP_RETURN_IF_ERROR(R(b_x, N * H * 4));
+  EEP_RETURN_IF_ERROR(R(b_h16, S * N * H * 2));
+  EEP_RETURN_IF_ERROR(R(b_hf, N * H * 4));
+  EEP_RETURN_IF_ERROR(R(b_o, N * H * 4));
+  EEP_RETURN_IF_ERROR(R(b_o2, N * H * 4));
+  EEP_RETURN_IF_ERROR(R(b_q, N * nh * dk * 4));
+  EEP_RETURN_IF_ERROR(R(b_k, N * nkv * dk * 4));
+  EEP_RETURN_IF_ERROR(R(b_v, N * nkv * dv * 4));
+  EEP_RETURN_IF_ERROR(R(b_attn, N * nh * dv * 4));
+  EEP_RETURN_IF_ERROR(R(b_a16, S * N * wide * 2));
+  EEP_RETURN_IF_ERROR(R(b_gemm, S * N * std::max<int64_t>({wide, 2 * F, V}) * 4));
+  EEP_RETURN_IF_ERROR(R(b_qa, N * std::max<int64_t>(c.q_lora_rank, 1) * 4));
+  EEP_RETURN_IF_ERROR(R(b_cmp, N * (c.kv_lora_rank + c.qk_rope_head_dim) * 4));
+  EEP_RETURN_IF_ERROR(R(b_kv, N * nh * (c.qk_nope_head_dim + c.v_head_dim) * 4));
+  EEP_RETURN_IF_ERROR(R(b_gu, S * std::max(A, N) * 2 * F * 4));
+  EEP_RETURN_IF_ERROR(R(b_act16, S * std::max(A, N) * F * 2));
+  EEP_RETURN_IF_ERROR(R(b_logits, N * std::max<int64_t>(c.num_experts, 1) * 4));
+  EEP_RETURN_IF_ERROR(R(b_ids, A * 4));
+  EEP_RETURN_IF_ERROR(R(b_w, A * 4));
+  EEP_RETURN_IF_ERROR(R(b_g16, S * A * H * 2));
+  EEP_RETURN_IF_ERROR(R(b_y, S * A * H * 4));
+  EEP_RETURN_IF_ERROR(R(b_src, S * A * 4));
+  EEP_RETURN_IF_ERROR(R(b_rows, S * A * 4));
+  EEP_RETURN_IF_ERROR(R(b_pos, N * 4));
+  EEP_RETURN_IF_ERROR(R(b_tok, N * 4));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b_tok.as<int32_t>(), ids32.data(), ids32.size() * 4, cudaMemcpyHostToDevice, s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b_pos.as<int32_t>(), pos32.data(), pos32.size() * 4, cudaMemcpyHostToDevice, s()));
+
+  float* x = b_x.as<float>();
+  float* o = b_o.as<float>();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), b_tok.as<int32_t>(), N, H, x, s()));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Layer& ly = layers[static_cast<size_t>(l)];
+    EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.input_norm.get(), N, H, eps, nullptr, 0, b_h16.as<bf16_t>(), splits, s()));
+    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N), fmt::format("layer {} attention", l));
+    EEP_CUDA_RETURN_IF_ERROR(Add(x, o, N * H, s()));
+    EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.post_norm.get(), N, H, eps, b_hf.as<float>(), H, b_h16.as<bf16_t>(), splits, s()));
+    if (ly.is_moe) {
+      EEP_RETURN_IF_ERROR_CTX(Moe(ly, l, N, o), fmt::format("layer {} MoE", l));
+    } else {
+      EEP_RETURN_IF_ERROR_CTX(RunMlp(ly.dense, N, o), fmt::format("layer {} MLP", l));
+    }
+    EEP_CUDA_RETURN_IF_ERROR(Add(x, o, N * H, s()));
+  }
+  for (CudaSeqStep& st : batch) st.cache->impl_->length += static_cast<int64_t>(st.ids.size());
+  float* hf = b_hf.as<float>();
+  EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, final_norm.get(), N, H, eps, hf, H, nullptr, 1, s()));
+  const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
+  Status status;
+  int64_t t = 0;
+  for (CudaSeqStep& st : batch) {
+    const int64_t T = static_cast<int64_t>(st.ids.size());
+    if (st.logits != nullptr && status.ok()) {
+      const int64_t first = st.all_logits ? t : t + T - 1, rows = st.all_logits ? T : 1;
+      status = R(b_head16, S * rows * H * 2);
+      if (status.ok()) status = R(b_out, rows * V * 4);
+      if (status.ok() && SplitBf16(hf + first * H, rows, H, splits, b_head16.as<bf16_t>(), s()) != cudaSuccess)
+        status = Status::Internal("SplitBf16 of the final hidden state failed");
+      if (status.ok()) status = Linear(b_head16.as<bf16_t>(), rows, head, V, H, nullptr, b_out.as<float>());
+      if (status.ok()) {
+        st.logits->resize(static_cast<size_t>(rows * V));
+        cudaError_t e = cudaMemcpyAsync(st.logits->data(), b_out.as<float>(), static_cast<size_t>(rows * V) * 4,
+                                        cudaMemcpyDeviceToHost, s());
+        if (e == cudaSuccess) e = cudaStreamSynchronize(s());
+        if (e != cudaSuccess) status = Status::Internal(fmt::format("copying logits: {}", cudaGetErrorString(e)));
+      }
+    }
+    t += T;
+  }
+  EEP_RETURN_IF_ERROR(status);
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------
+// CudaModel
+
+CudaModel::CudaModel() : impl_(std::make_unique<Impl>()) {}
+CudaModel::~CudaModel() = default;
+
+Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const CudaLoadOptions& options) {
+  if (!Available()) return Status::Unavailable("no CUDA device is visible (--backend cuda needs a GPU)");
+  std::unique_ptr<CudaModel> m(new CudaModel());
+  Impl& im = *m->impl_;
+  im.opt = options;
+  im.splits = options.split_activations ? 2 : 1;
+  EEP_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  EEP_ASSIGN_OR_RETURN(im.c, LoadModelConfig(dir));
+  EEP_ASSIGN_OR_RETURN(im.ckpt, Checkpoint::Open(dir));
+  cudaStream_t st = nullptr;
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  im.stream.reset(st);
+  cublasHandle_t h = nullptr;
+  EEP_CUBLAS_RETURN_IF_ERROR(cublasCreate(&h));
+  im.blas.reset(h);
+  EEP_CUBLAS_RETURN_IF_ERROR(cublasSetStream(h, st));
+  // Default math: the router's SGEMM stays f32 (TF32 needs opting in), so routing decisions
+  // follow the same values as on the CPU; BF16 GEMMs still use the tensor cores.
+  EEP_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+  EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
+  EEP_LOG_INFO("CUDA model {} on {}: {:.1f} MiB of weights on the GPU", dir, DeviceDescription(),
+               static_cast<double>(im.bytes) / (1 << 20));
+  return m;
+}
+
+const ModelConfig& CudaModel::config() const { return impl_->c; }
+Status CudaModel::Forward(std::span<CudaSeqStep> batch) { return impl_->Forward(batch); }
+const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
+int64_t CudaModel::weight_bytes() const { return impl_->bytes; }
+
+Status CudaModel::SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const void* gate, const void* up,
+                          const void* down) {
+  Impl& im = *impl_;
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || slot < 0 || slot >= im.map.num_physical())
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} does not exist", slot, moe_layer));
+  const size_t mat = static_cast<size_t>(im.I() * im.c.hidden_size);
+  bf16_t* dst = im.slots[static_cast<size_t>(moe_layer)].get() + slot * im.ExpertElems();
+  const void* srcs[3] = {gate, up, down};
+  for (int i = 0; i < 3; ++i) {
+    Status st;
+    auto host = ToBf16Host(dtype, srcs[i], mat, &st);
+    EEP_RETURN_IF_ERROR(st);
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst + i * mat, host.data(), mat * 2, cudaMemcpyHostToDevice));
+  }
+  im.filled[static_cast<size_t>(moe_layer)][static_cast<size_t>(slot)] = true;
+  return Status::Ok();
+}
+
+Status CudaModel::SetExpertMap(ExpertMap map) {
+  Impl& im = *impl_;
+  if (map.num_moe_layers() != im.map.num_moe_layers() || map.num_physical() != im.map.num_physical())
+    return Status::InvalidArgument(fmt::format("expert map of {}×{} slots does not fit the {}×{} device slots",
+                                               map.num_moe_layers(), map.num_physical(), im.map.num_moe_layers(),
+                                               im.map.num_physical()));
+  im.map = std::move(map);
+  return Status::Ok();
+}
+
+Result<std::vector<int64_t>> Generate(CudaModel& model, const std::vector<int64_t>& prompt_ids,
+                                      const GenerateOptions& options) {
+  if (prompt_ids.empty()) return Status::InvalidArgument("prompt is empty");
+  EEP_RETURN_IF_ERROR(ValidateSamplingParams(options.sampling));
+  std::mt19937_64 rng(options.sampling.seed);
+  auto cache = model.NewCache();
+  std::vector<int64_t> out, next = prompt_ids;
+  std::vector<float> logits;
+  const int64_t V = model.config().vocab_size;
+  while (static_cast<int64_t>(out.size()) < options.max_new_tokens) {
+    CudaSeqStep step{cache.get(), next, false, &logits};
+    EEP_RETURN_IF_ERROR(model.Forward(std::span<CudaSeqStep>(&step, 1)));
+    const int64_t tok = SampleToken(logits.data(), V, options.sampling, &rng);
+    out.push_back(tok);
+    if (options.on_token && !options.on_token(tok)) break;
+    if (std::find(options.stop_token_ids.begin(), options.stop_token_ids.end(), tok) != options.stop_token_ids.end())
+      break;
+    next.assign(1, tok);
+  }
+  return out;
+}
+
+}  // namespace eep::cuda
