@@ -20,6 +20,9 @@ extern char** environ;
 
 namespace eep::ep {
 
+// Source rank of a plan item that the destination reads from the DRAM backup.
+constexpr int kFromBackup = -1;
+
 class EpEngine::Impl {
  public:
   EpOptions opts;
@@ -39,6 +42,8 @@ class EpEngine::Impl {
   std::unique_ptr<eplb::LoadRecorder> recorder;
   int64_t step = 0;
   int64_t epoch = 1;
+  bool backup_ready = false;
+  std::string backup_health;
   std::vector<RebalanceStats> rebalances;
   bool shut_down = false;
   // An async rebalance whose exchange runs on the ranks; the next step switches to it.
@@ -183,7 +188,8 @@ class EpEngine::Impl {
                         {"num_redundant", opts.num_redundant_experts},
                         {"phy2log", map.phy2log()},
                         {"inject_fault", opts.inject_fault},
-                        {"eplb_async", opts.eplb_async}};
+                        {"eplb_async", opts.eplb_async},
+                        {"backup_endpoints", opts.backup_endpoints}};
     EEP_RETURN_IF_ERROR(Broadcast(init));
     // Serve the communicator's bootstrap all-gathers until every rank is ready.
     while (true) {
@@ -197,7 +203,17 @@ class EpEngine::Impl {
         msgs[static_cast<size_t>(m->first)] = std::move(m->second);
         ++got;
       }
-      if (kind == "ready") break;
+      if (kind == "ready") {
+        backup_ready = !opts.backup_endpoints.empty();
+        for (auto& m : msgs) {
+          if (m.header.value("backup_ready", false)) continue;
+          backup_ready = false;
+          if (backup_health.empty()) backup_health = m.header.value("backup_health", "");
+        }
+        if (!opts.backup_endpoints.empty())
+          EEP_LOG_INFO("ep: DRAM backup {}", backup_ready ? "ready on every rank" : "unavailable (" + backup_health + "); using peers");
+        break;
+      }
       nlohmann::json all = nlohmann::json::array();
       for (auto& m : msgs) all.push_back(m.header.value("data", ""));
       EEP_RETURN_IF_ERROR(Broadcast({{"type", "allgather_result"}, {"data", all}}));
@@ -303,6 +319,8 @@ class EpEngine::Impl {
     std::vector<int32_t> old_flat;
     for (const auto& row : map.phy2log()) old_flat.insert(old_flat.end(), row.begin(), row.end());
     std::vector<int32_t> new_flat;
+    if (opts.eplb_source != "peers" && opts.eplb_source != "backup")
+      return Status::InvalidArgument("--eplb-source must be peers or backup, got '" + opts.eplb_source + "'");
     if (opts.eplb_policy == "deepseek") {
       EEP_ASSIGN_OR_RETURN(auto plan, eplb::RebalanceExperts(weight, topo));
       new_flat = plan.phy2log;
@@ -339,7 +357,10 @@ class EpEngine::Impl {
         int src = -1;
         for (int32_t old_slot : map.Replicas(l, e))
           if (layout.RankOfSlot(old_slot) == dst) src = dst;
-        if (src < 0) {
+        if (src < 0 && opts.eplb_source == "backup" && backup_ready) {
+          src = kFromBackup;
+          ++stats.from_backup;
+        } else if (src < 0) {
           for (int32_t old_slot : map.Replicas(l, e)) {
             int r = layout.RankOfSlot(old_slot);
             if (src < 0 || sends_by_rank[static_cast<size_t>(r)] < sends_by_rank[static_cast<size_t>(src)]) src = r;
@@ -373,9 +394,11 @@ class EpEngine::Impl {
 
   void Record(RebalanceStats stats) {
     stats.step = step;
-    EEP_LOG_INFO("eplb: step {}: moved {} expert(s), {:.2f} MiB from peer rank(s) [{}] in {:.1f} ms ({}, stall {:.2f} ms)",
-                 step, stats.moved_experts, static_cast<double>(stats.bytes) / (1 << 20), fmt::join(stats.source_ranks, ","),
-                 stats.seconds * 1000, stats.async ? "async" : "sync", stats.stall_seconds * 1000);
+    EEP_LOG_INFO(
+        "eplb: step {}: moved {} expert(s), {:.2f} MiB from peer rank(s) [{}], {} from DRAM backup, in {:.1f} ms ({}, "
+        "stall {:.2f} ms)",
+        step, stats.moved_experts, static_cast<double>(stats.bytes) / (1 << 20), fmt::join(stats.source_ranks, ","),
+        stats.from_backup, stats.seconds * 1000, stats.async ? "async" : "sync", stats.stall_seconds * 1000);
     rebalances.push_back(std::move(stats));
   }
 
@@ -437,6 +460,8 @@ ClusterInfo EpEngine::Cluster() const {
   c.epoch = impl_->epoch;
   c.steps = impl_->step;
   c.map_version = static_cast<int64_t>(impl_->rebalances.size());
+  c.backup_ready = impl_->backup_ready;
+  c.backup_health = impl_->backup_health;
   for (int r = 0; r < impl_->opts.ep_size; ++r) {
     RankInfo info;
     info.rank = r;

@@ -40,6 +40,10 @@ struct EpOptions {
   int64_t step_timeout_ms = 120000;       // coordinator's bound on one step (long CPU prefills)
   std::string control_host = "127.0.0.1"; // where the coordinator's control socket binds
   std::string log_level = "info";
+  // DRAM backup managers (`eep backup-manager` endpoints). The engine never depends on them:
+  // a rank that cannot reach them logs it, reports it in its health, and goes on without.
+  std::vector<std::string> backup_endpoints;
+  std::string eplb_source = "peers";      // peers | backup: where moved experts come from
   // Fault injection for tests and demos: "rank=R,after-steps=N,mode=kill|hang|slow".
   std::string inject_fault;
 };
@@ -104,6 +108,7 @@ struct RebalanceStats {
   int64_t moved_experts = 0;
   int64_t bytes = 0;             // moved between ranks
   std::vector<int> source_ranks; // ranks that sent experts to peers
+  int64_t from_backup = 0;       // experts read from the DRAM backup managers
   double seconds = 0;            // plan to switch
   double stall_seconds = 0;      // time serving was blocked by it
   bool async = false;
@@ -120,6 +125,8 @@ struct ClusterInfo {
   int64_t epoch = 0;            // membership epoch
   int64_t steps = 0;
   int64_t map_version = 0;      // bumps with every applied rebalance
+  bool backup_ready = false;    // every rank reached the backup managers
+  std::string backup_health;    // why not, when not
   std::vector<RankInfo> ranks;
 };
 

@@ -14,6 +14,7 @@
 
 #include "core/logging.h"
 #include "core/util.h"
+#include "backup/backup.h"
 #include "ep/control.h"
 #include "ep/ep.h"
 
@@ -62,6 +63,16 @@ class RankWorker {
     co.peer_timeout_ms = h["peer_timeout_ms"].get<int64_t>();
     ControlBootstrap boot(socket_);
     EEP_ASSIGN_OR_RETURN(comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
+    // The backup is optional: without it the rank runs and says so.
+    const auto backup_endpoints = h.value("backup_endpoints", std::vector<std::string>{});
+    if (!backup_endpoints.empty()) {
+      backup::BackupClientOptions bo;
+      bo.endpoints = backup_endpoints;
+      bo.expected_fingerprint = model_->checkpoint().Fingerprint();
+      backup_ = std::make_unique<backup::ExpertBackupClient>(bo);
+      Status st = backup_->Connect();
+      if (!st.ok()) EEP_LOG_WARN("rank {}: DRAM backup unavailable, running without it: {}", rank_, st.ToString());
+    }
     if (h.value("eplb_async", false)) {
       co.session = session_ + "-x";
       EEP_ASSIGN_OR_RETURN(async_comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
@@ -185,6 +196,7 @@ class RankWorker {
       buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data.data()),
                  reinterpret_cast<const uint8_t*>(w->data.data()) + expert_bytes);
     }
+    EEP_RETURN_IF_ERROR(StageFromBackup(items, &staged));
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
     std::vector<std::vector<uint8_t>>& recv = staged.received;
@@ -202,6 +214,43 @@ class RankWorker {
       staged.bytes_received += static_cast<int64_t>(buf.size());
     }
     return staged;
+  }
+
+  // Plan items with source -1 that land on this rank are read from the DRAM backup managers
+  // (checkpoint dtype, one batched fetch per layer) and converted into staging.
+  Status StageFromBackup(const nlohmann::json& items, Staged* staged) {
+    const ModelConfig& c = model_->config();
+    const auto moe_layers = c.MoeLayers();
+    const size_t mat = static_cast<size_t>(c.ExpertIntermediate() * c.hidden_size);
+    std::map<int64_t, std::vector<std::pair<int64_t, int32_t>>> by_layer;  // layer -> (slot, expert)
+    for (const auto& it : items)
+      if (it[3].get<int>() == -1 && layout_.RankOfSlot(it[1].get<int64_t>()) == rank_)
+        by_layer[it[0].get<int64_t>()].emplace_back(it[1].get<int64_t>(), it[2].get<int32_t>());
+    if (by_layer.empty()) return Status::Ok();
+    if (!backup_) return Status::Unavailable(fmt::format("rank {}: plan reads from the DRAM backup, which is not configured", rank_));
+    for (const auto& [l, list] : by_layer) {
+      const int64_t layer_id = moe_layers[static_cast<size_t>(l)];
+      std::vector<int64_t> ids;
+      for (const auto& [slot, e] : list)
+        if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
+      const DType dtype = model_->checkpoint().Find(c.ExpertTensorNames(layer_id, ids[0])[0])->dtype;
+      const size_t esize = DTypeSize(dtype);
+      std::vector<std::vector<uint8_t>> raw(ids.size(), std::vector<uint8_t>(3 * mat * esize));
+      backup::FetchDestinations dest;
+      for (size_t i = 0; i < ids.size(); ++i) {
+        const auto names = c.ExpertTensorNames(layer_id, ids[i]);
+        for (int m = 0; m < 3; ++m) dest[names[static_cast<size_t>(m)]] = {raw[i].data() + m * mat * esize, mat * esize};
+      }
+      EEP_RETURN_IF_ERROR_CTX(backup_->FetchLogicalExperts(layer_id, ids, "", dest),
+                              fmt::format("rank {}: DRAM backup fetch of layer {}", rank_, layer_id));
+      for (const auto& [slot, e] : list) {
+        const size_t i = static_cast<size_t>(std::find(ids.begin(), ids.end(), e) - ids.begin());
+        std::vector<float> data(3 * mat);
+        EEP_RETURN_IF_ERROR(ConvertToF32(dtype, raw[i].data(), 3 * mat, data.data()));
+        staged->slots.push_back({l, slot, std::move(data), nullptr});
+      }
+    }
+    return Status::Ok();
   }
 
   // The switch: staged experts go into their slots and the new map takes effect.
@@ -287,7 +336,10 @@ class RankWorker {
       if (type == "shutdown") return 0;
       if (type == "init") {
         Status st = Init(*m);
-        reply = st.ok() ? Result<ControlMessage>(ControlMessage{{{"type", "ready"}}, ""}) : Result<ControlMessage>(st);
+        ControlMessage ready{{{"type", "ready"}, {"backup_ready", backup_ && backup_->IsReady()},
+                              {"backup_health", backup_ ? backup_->Health() : std::string("not configured")}},
+                             ""};
+        reply = st.ok() ? Result<ControlMessage>(std::move(ready)) : Result<ControlMessage>(st);
       } else if (type == "step") {
         reply = Step(*m);
       } else if (type == "eplb") {
@@ -323,6 +375,7 @@ class RankWorker {
   std::unique_ptr<LocalExperts> experts_;
   std::unique_ptr<Communicator> comm_;
   std::unique_ptr<Communicator> async_comm_;  // background EPLB exchange
+  std::unique_ptr<backup::ExpertBackupClient> backup_;  // null when not configured
   std::future<Result<Staged>> async_;
   nlohmann::json pending_phy2log_;
   std::unique_ptr<EpMoeExecutor> executor_;

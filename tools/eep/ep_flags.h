@@ -26,6 +26,11 @@ inline void AddEpFlags(CLI::App* app, EpFlags* f) {
   app->add_option("--peer-timeout-ms", f->options.peer_timeout_ms, "deadline of data-plane exchanges between ranks")
       ->check(CLI::PositiveNumber);
   app->add_flag("--eplb-async", f->options.eplb_async, "EPLB exchange in the background; only the switch blocks");
+  app->add_option("--expert-backup-endpoints", f->options.backup_endpoints,
+                  "DRAM backup managers (eep backup-manager endpoints), comma-separated")
+      ->delimiter(',');
+  app->add_option("--eplb-source", f->options.eplb_source, "where moved experts come from: peers | backup")
+      ->check(CLI::IsMember({"peers", "backup"}));
   app->add_option("--inject-fault", f->options.inject_fault, "fault injection: rank=R,after-steps=N,mode=kill|hang|slow");
 }
 
