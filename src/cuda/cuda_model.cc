@@ -195,7 +195,10 @@ struct CudaModel::Impl {
   Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N);
   Status RunMlp(const Mlp& m, int64_t N, float* out);
   Status Moe(const Layer& ly, int64_t l, int64_t N, float* out);
-  Status Forward(std::span<CudaSeqStep> batch);
+  Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace);
+  // Appends the first sequence's T0 rows of x [., H] to the trace (synchronous).
+  Status TraceHidden(const float* x, int64_t T0, CudaForwardTrace* trace);
+  CudaForwardTrace* trace = nullptr;  // set for the duration of a traced Forward
 };
 
 void CudaModel::Impl::RopeSetup(std::vector<float>* inv_out) {
@@ -443,6 +446,13 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
   h_ids.resize(static_cast<size_t>(A));
   EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_ids.data(), ids, static_cast<size_t>(A) * 4, cudaMemcpyDeviceToHost, s()));
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  if (trace != nullptr) {
+    auto& lg = trace->router_logits[static_cast<size_t>(ml)];
+    lg.resize(static_cast<size_t>(N * E));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lg.data(), logits, lg.size() * 4, cudaMemcpyDeviceToHost, s()));
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+    trace->route_ids[static_cast<size_t>(ml)] = h_ids;
+  }
   const int64_t P = map.num_physical();
   std::vector<int32_t> slot_of(static_cast<size_t>(A));
   bucket_count.assign(static_cast<size_t>(P), 0);
@@ -508,7 +518,14 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
   return Status::Ok();
 }
 
-Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch) {
+Status CudaModel::Impl::TraceHidden(const float* x, int64_t T0, CudaForwardTrace* tr) {
+  std::vector<float>& h = tr->hidden.emplace_back(static_cast<size_t>(T0 * c.hidden_size));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h.data(), x, h.size() * 4, cudaMemcpyDeviceToHost, s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  return Status::Ok();
+}
+
+Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* tr) {
   const int64_t H = c.hidden_size, V = c.vocab_size, S = splits;
   const bool mla = c.arch == Arch::kDeepseekV3;
   const int64_t nh = c.num_heads, nkv = mla ? nh : c.num_kv_heads;
@@ -599,6 +616,14 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch) {
   float* o = b_o.as<float>();
   const float eps = static_cast<float>(c.rms_norm_eps);
   EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), b_tok.as<int32_t>(), N, H, x, s()));
+  const int64_t T0 = static_cast<int64_t>(batch[0].ids.size());
+  trace = tr;
+  if (tr != nullptr) {
+    tr->hidden.clear();
+    tr->router_logits.assign(static_cast<size_t>(map.num_moe_layers()), {});
+    tr->route_ids.assign(static_cast<size_t>(map.num_moe_layers()), {});
+    EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
+  }
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Layer& ly = layers[static_cast<size_t>(l)];
     EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.input_norm.get(), N, H, eps, nullptr, 0, b_h16.as<bf16_t>(), splits, s()));
@@ -611,10 +636,17 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch) {
       EEP_RETURN_IF_ERROR_CTX(RunMlp(ly.dense, N, o), fmt::format("layer {} MLP", l));
     }
     EEP_CUDA_RETURN_IF_ERROR(Add(x, o, N * H, s()));
+    if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
   }
+  trace = nullptr;
   for (CudaSeqStep& st : batch) st.cache->impl_->length += static_cast<int64_t>(st.ids.size());
   float* hf = b_hf.as<float>();
   EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, final_norm.get(), N, H, eps, hf, H, nullptr, 1, s()));
+  if (tr != nullptr) {
+    // MODELS.md §5: the last entry is the normed final state, not the raw last-layer output.
+    tr->hidden.pop_back();
+    EEP_RETURN_IF_ERROR(TraceHidden(hf, T0, tr));
+  }
   const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
   Status status;
   int64_t t = 0;
@@ -674,7 +706,9 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
 }
 
 const ModelConfig& CudaModel::config() const { return impl_->c; }
-Status CudaModel::Forward(std::span<CudaSeqStep> batch) { return impl_->Forward(batch); }
+Status CudaModel::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace) {
+  return impl_->Forward(batch, trace);
+}
 const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
 int64_t CudaModel::weight_bytes() const { return impl_->bytes; }
 

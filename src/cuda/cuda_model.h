@@ -51,6 +51,16 @@ struct CudaSeqStep {
   std::vector<float>* logits = nullptr;  // may be null
 };
 
+// Per-layer hidden states and routing decisions of a forward, for tests and debugging.
+struct CudaForwardTrace {
+  // [num_layers+1][T*H] of the first sequence, in eep::ForwardTrace's (MODELS.md §5) convention.
+  std::vector<std::vector<float>> hidden;
+  // Per MoE layer, every token of the batch in batch order: the router logits [N*E] (f32, as
+  // the router GEMM produced them) and the experts chosen [N*top_k] (selection order).
+  std::vector<std::vector<float>> router_logits;
+  std::vector<std::vector<int32_t>> route_ids;
+};
+
 class CudaModel {
  public:
   // Loads DIR onto the GPU: config, dense weights and every routed expert (identity map).
@@ -59,8 +69,9 @@ class CudaModel {
 
   const ModelConfig& config() const;
   std::unique_ptr<CudaKvCache> NewCache() const { return std::make_unique<CudaKvCache>(); }
-  // Runs one step over a batch of sequences; one forward at a time per model.
-  Status Forward(std::span<CudaSeqStep> batch);
+  // Runs one step over a batch of sequences; one forward at a time per model. A trace costs
+  // a host sync per layer.
+  Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace = nullptr);
 
   // Expert slots: device buffers [gate | up | down] in BF16 per (MoE layer, physical slot).
   const ExpertMap& expert_map() const;

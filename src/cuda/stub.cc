@@ -25,7 +25,7 @@ CudaModel::CudaModel() = default;
 CudaModel::~CudaModel() = default;
 Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string&, const CudaLoadOptions&) { return NoCuda(); }
 const ModelConfig& CudaModel::config() const { return impl_->config; }
-Status CudaModel::Forward(std::span<CudaSeqStep>) { return NoCuda(); }
+Status CudaModel::Forward(std::span<CudaSeqStep>, CudaForwardTrace*) { return NoCuda(); }
 const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
 Status CudaModel::SetSlot(int64_t, int64_t, DType, const void*, const void*, const void*) { return NoCuda(); }
 Status CudaModel::SetExpertMap(ExpertMap) { return NoCuda(); }

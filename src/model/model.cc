@@ -6,6 +6,7 @@
 
 #include "core/logging.h"
 #include "kernels/cpu/ops.h"
+#include "model/routing.h"
 
 namespace eep {
 
@@ -331,54 +332,9 @@ void Model::RopeTables(int64_t position, float* cos, float* sin) const {
 }
 
 void Model::Route(int64_t moe_layer, const float* x, int64_t num_tokens, int32_t* ids, float* weights) const {
-  const ModelConfig& c = config_;
   const Layer& ly = layers_[static_cast<size_t>(moe_layer_ids_[static_cast<size_t>(moe_layer)])];
-  const int64_t E = c.num_experts, k = c.num_experts_per_tok;
-  std::vector<float> z(static_cast<size_t>(num_tokens * E));
-  cpu::Linear(x, num_tokens, c.hidden_size, ly.router.data(), E, nullptr, z.data());
-  std::vector<float> sel(static_cast<size_t>(E));
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    float* zt = z.data() + t * E;
-    int32_t* it = ids + t * k;
-    float* wt = weights + t * k;
-    if (c.arch != Arch::kDeepseekV3) {
-      cpu::Softmax(zt, E);
-      cpu::TopK(zt, E, k, it);
-      double sum = 0;
-      for (int64_t j = 0; j < k; ++j) sum += zt[it[j]];
-      for (int64_t j = 0; j < k; ++j)
-        wt[j] = c.norm_topk_prob ? static_cast<float>(zt[it[j]] / sum) : zt[it[j]];
-      continue;
-    }
-    // DeepSeek-V3: sigmoid scores, bias for selection only, grouped top-k.
-    for (int64_t e = 0; e < E; ++e) {
-      zt[e] = 1.0f / (1.0f + std::exp(-zt[e]));
-      sel[static_cast<size_t>(e)] = zt[e] + ly.score_bias[static_cast<size_t>(e)];
-    }
-    const int64_t G = c.n_group, per = E / G;
-    std::vector<float> group_score(static_cast<size_t>(G));
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t top2[2];
-      const int64_t take = std::min<int64_t>(2, per);
-      cpu::TopK(sel.data() + g * per, per, take, top2);
-      float s = 0;
-      for (int64_t i = 0; i < take; ++i) s += sel[static_cast<size_t>(g * per + top2[i])];
-      group_score[static_cast<size_t>(g)] = s;
-    }
-    std::vector<int32_t> groups(static_cast<size_t>(c.topk_group));
-    cpu::TopK(group_score.data(), G, c.topk_group, groups.data());
-    std::vector<float> masked(static_cast<size_t>(E), -INFINITY);
-    for (int32_t g : groups)
-      for (int64_t i = 0; i < per; ++i) masked[static_cast<size_t>(g * per + i)] = sel[static_cast<size_t>(g * per + i)];
-    cpu::TopK(masked.data(), E, k, it);
-    double sum = 0;
-    for (int64_t j = 0; j < k; ++j) sum += zt[it[j]];
-    for (int64_t j = 0; j < k; ++j) {
-      double v = zt[it[j]];
-      if (c.norm_topk_prob) v /= (sum + 1e-20);
-      wt[j] = static_cast<float>(v * c.routed_scaling_factor);
-    }
-  }
+  RouteTokens(config_, ly.router.data(), ly.score_bias.empty() ? nullptr : ly.score_bias.data(), x, num_tokens, ids,
+              weights);
 }
 
 void Model::Attention(const Layer& ly, int64_t layer_idx, std::span<SeqStep> batch, const float* x,

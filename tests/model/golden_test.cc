@@ -15,38 +15,15 @@
 namespace eep {
 namespace {
 
-struct GoldenPrompt {
-  std::vector<int64_t> ids, greedy;
-  double min_margin = 0;
-};
+using test::GoldenPrompt;
+using test::RelErr;
 
-std::vector<GoldenPrompt> LoadPrompts(const std::string& model) {
-  auto j = ReadJsonFile(test::ModelDir(model) + "/golden.json");
-  EXPECT_TRUE(j.ok()) << j.status().ToString();
-  std::vector<GoldenPrompt> out;
-  for (const auto& p : (*j)["prompts"])
-    out.push_back({p["ids"].get<std::vector<int64_t>>(), p["greedy"].get<std::vector<int64_t>>(),
-                   p["min_top2_margin"].get<double>()});
-  return out;
-}
+std::vector<GoldenPrompt> LoadPrompts(const std::string& model) { return test::LoadGoldenPrompts(model); }
 
 std::vector<float> ReadRef(const SafetensorsFile& f, const std::string& name) {
-  auto it = f.tensors().find(name);
-  EXPECT_NE(it, f.tensors().end()) << name;
-  std::vector<float> v(static_cast<size_t>(it->second.numel()));
-  EXPECT_TRUE(ConvertToF32(it->second.dtype, it->second.data, v.size(), v.data()).ok());
+  auto v = test::ReadTensorF32(f, name);
+  EXPECT_FALSE(v.empty()) << name;
   return v;
-}
-
-// max |a-b| / max(1, max|ref|)
-double RelErr(const std::vector<float>& got, const std::vector<float>& ref) {
-  EXPECT_EQ(got.size(), ref.size());
-  double max_ref = 1, max_diff = 0;
-  for (size_t i = 0; i < ref.size() && i < got.size(); ++i) {
-    max_ref = std::max(max_ref, std::fabs(static_cast<double>(ref[i])));
-    max_diff = std::max(max_diff, std::fabs(static_cast<double>(got[i]) - ref[i]));
-  }
-  return max_diff / max_ref;
 }
 
 class GoldenTest : public ::testing::TestWithParam<std::string> {};

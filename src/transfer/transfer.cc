@@ -1,0 +1,305 @@
+#include "transfer/transfer.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
+#include <mutex>
+
+#include "core/logging.h"
+
+namespace eep::transfer {
+
+// Built-in backend factories, declared from backends.def.
+#define EEP_TRANSFER_BACKEND(name, help, factory) \
+  Result<std::unique_ptr<Engine>> factory(const EngineOptions& options);
+#include "transfer/backends.def"
+#undef EEP_TRANSFER_BACKEND
+
+const char* MemoryKindName(MemoryKind kind) {
+  switch (kind) {
+    case MemoryKind::kHost: return "host";
+    case MemoryKind::kPinnedHost: return "pinned_host";
+    case MemoryKind::kDevice: return "device";
+  }
+  return "?";
+}
+
+Result<MemoryKind> ParseMemoryKind(const std::string& name) {
+  for (MemoryKind k : {MemoryKind::kHost, MemoryKind::kPinnedHost, MemoryKind::kDevice})
+    if (name == MemoryKindName(k)) return k;
+  return Status::InvalidArgument(
+      fmt::format("unknown memory kind '{}' (host, pinned_host, device)", name));
+}
+
+const char* OpName(Op op) {
+  return op == Op::kRead ? "READ" : "WRITE";
+}
+
+int64_t Deadline::RemainingMs() const {
+  auto left = at_ - Clock::now();
+  if (left <= Clock::duration::zero()) return 0;
+  return std::chrono::ceil<std::chrono::milliseconds>(left).count();
+}
+
+// ---- Descriptor -----------------------------------------------------------------------------
+
+nlohmann::json RegionDescriptor::ToJson() const {
+  return {{"backend", backend},
+          {"host_id", host_id},
+          {"owner", owner},
+          {"base_address", base_address},
+          {"num_bytes", num_bytes},
+          {"kind", MemoryKindName(kind)},
+          {"remote_writable", remote_writable},
+          {"blob", Base64Encode(backend_blob)}};
+}
+
+Result<RegionDescriptor> RegionDescriptor::FromJson(const nlohmann::json& j) {
+  if (!j.is_object()) return Status::InvalidArgument("region descriptor is not a JSON object");
+  RegionDescriptor d;
+  auto field = [&](const char* key) -> Result<const nlohmann::json*> {
+    if (!j.contains(key))
+      return Status::InvalidArgument(fmt::format("region descriptor lacks '{}'", key));
+    return &j.at(key);
+  };
+  auto str = [&](const char* key, std::string* out) -> Status {
+    EEP_ASSIGN_OR_RETURN(const nlohmann::json* v, field(key));
+    if (!v->is_string())
+      return Status::InvalidArgument(fmt::format("region descriptor '{}' is not a string", key));
+    *out = v->get<std::string>();
+    return Status::Ok();
+  };
+  auto u64 = [&](const char* key, uint64_t* out) -> Status {
+    EEP_ASSIGN_OR_RETURN(const nlohmann::json* v, field(key));
+    if (!v->is_number_unsigned())
+      return Status::InvalidArgument(
+          fmt::format("region descriptor '{}' is not an unsigned integer", key));
+    *out = v->get<uint64_t>();
+    return Status::Ok();
+  };
+  EEP_RETURN_IF_ERROR(str("backend", &d.backend));
+  EEP_RETURN_IF_ERROR(str("host_id", &d.host_id));
+  EEP_RETURN_IF_ERROR(str("owner", &d.owner));
+  EEP_RETURN_IF_ERROR(u64("base_address", &d.base_address));
+  EEP_RETURN_IF_ERROR(u64("num_bytes", &d.num_bytes));
+  std::string kind, blob;
+  EEP_RETURN_IF_ERROR(str("kind", &kind));
+  EEP_ASSIGN_OR_RETURN(d.kind, ParseMemoryKind(kind));
+  EEP_ASSIGN_OR_RETURN(const nlohmann::json* writable, field("remote_writable"));
+  if (!writable->is_boolean())
+    return Status::InvalidArgument("region descriptor 'remote_writable' is not a boolean");
+  d.remote_writable = writable->get<bool>();
+  EEP_RETURN_IF_ERROR(str("blob", &blob));
+  EEP_ASSIGN_OR_RETURN_CTX(d.backend_blob, Base64Decode(blob), "region descriptor 'blob'");
+  return d;
+}
+
+const std::string& LocalHostId() {
+  static const std::string id = [] {
+    char host[256] = {};
+    gethostname(host, sizeof host - 1);
+    std::string boot_id;
+    std::ifstream in("/proc/sys/kernel/random/boot_id");
+    std::getline(in, boot_id);
+    return std::string(host) + "/" + boot_id;
+  }();
+  return id;
+}
+
+// ---- Engine helpers -------------------------------------------------------------------------
+
+namespace {
+constexpr int64_t kMaxSleepMs = 50;
+
+// Sleeps on `fd` for up to `timeout_ms`.
+void SleepOnFd(int fd, int64_t timeout_ms) {
+  pollfd p{fd, POLLIN, 0};
+  ::poll(&p, 1, static_cast<int>(timeout_ms));
+}
+}  // namespace
+
+Status Engine::Wait(TransferRequest& request, Deadline deadline) {
+  for (;;) {
+    Status s = Poll(request);
+    if (s.code() != StatusCode::kInProgress) return s;
+    if (deadline.Expired()) {
+      Cancel(request);
+      return Status::Timeout(fmt::format(
+          "{} backend: {} of {} items ({} bytes) with {} not done by the deadline", name(),
+          OpName(request.op()), request.num_items(), request.total_bytes(), request.peer()));
+    }
+    int fd = EventFd();
+    if (fd < 0) continue;  // this backend's Poll does the work itself
+    if (!ArmEvents()) continue;
+    SleepOnFd(fd, std::min(kMaxSleepMs, std::max<int64_t>(1, deadline.RemainingMs())));
+  }
+}
+
+Status Engine::Transfer(Op op, RemoteRegion& remote, std::vector<TransferItem> items,
+                        Deadline deadline) {
+  EEP_ASSIGN_OR_RETURN(std::unique_ptr<TransferRequest> request,
+                       Prepare(op, remote, std::move(items)));
+  EEP_RETURN_IF_ERROR(Post(*request));
+  return Wait(*request, deadline);
+}
+
+void Engine::ProgressFor(int64_t timeout_ms) {
+  constexpr int kMaxSpins = 1024;  // bounds one burst so the caller's stop flag stays responsive
+  Deadline deadline = Deadline::AfterMs(timeout_ms);
+  int fd = EventFd();
+  if (fd < 0) {
+    SleepOnFd(-1, timeout_ms);  // nothing to drive; just wait the slice out
+    return;
+  }
+  for (;;) {
+    for (int i = 0; i < kMaxSpins && Progress(); ++i) {
+    }
+    if (deadline.Expired()) return;
+    if (!ArmEvents()) continue;
+    SleepOnFd(fd, deadline.RemainingMs());
+    for (int i = 0; i < kMaxSpins && Progress(); ++i) {
+    }
+    return;
+  }
+}
+
+// ---- Registry -------------------------------------------------------------------------------
+
+namespace {
+
+struct Registry {
+  std::mutex mu;
+  std::map<std::string, BackendInfo> backends;  // GUARDED_BY(mu)
+};
+
+Registry& GetRegistry() {
+  static Registry* registry = [] {
+    auto* r = new Registry();
+#define EEP_TRANSFER_BACKEND(name, help, factory) \
+  r->backends[#name] = BackendInfo{#name, help, factory};
+#include "transfer/backends.def"
+#undef EEP_TRANSFER_BACKEND
+    return r;
+  }();
+  return *registry;
+}
+
+}  // namespace
+
+Status RegisterBackend(BackendInfo info) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (info.name.empty() || !info.factory)
+    return Status::InvalidArgument("transfer backend needs a name and a factory");
+  if (r.backends.count(info.name))
+    return Status::AlreadyExists(
+        fmt::format("transfer backend '{}' is already registered", info.name));
+  std::string name = info.name;
+  r.backends.emplace(std::move(name), std::move(info));
+  return Status::Ok();
+}
+
+std::vector<std::string> BackendNames() {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::vector<std::string> names;
+  for (const auto& [name, info] : r.backends) names.push_back(name);
+  return names;
+}
+
+std::string DescribeBackends() {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::string out;
+  for (const auto& [name, info] : r.backends) out += fmt::format("{}: {}\n", name, info.help);
+  return out;
+}
+
+Result<std::unique_ptr<Engine>> CreateEngine(const std::string& name,
+                                             const EngineOptions& options) {
+  EngineFactory factory;
+  {
+    Registry& r = GetRegistry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.backends.find(name);
+    if (it == r.backends.end()) {
+      std::string names;
+      for (const auto& [n, info] : r.backends) names += (names.empty() ? "" : ", ") + n;
+      return Status::NotFound(
+          fmt::format("unknown transfer backend '{}' (registered: {})", name, names));
+    }
+    factory = it->second.factory;
+  }
+  auto engine = factory(options);
+  if (!engine.ok()) return engine.status().WithContext(fmt::format("transfer backend '{}'", name));
+  return engine;
+}
+
+// ---- base64 ---------------------------------------------------------------------------------
+
+namespace {
+constexpr char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+}
+
+std::string Base64Encode(std::string_view bytes) {
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 3 <= bytes.size(); i += 3) {
+    uint32_t v = (uint8_t(bytes[i]) << 16) | (uint8_t(bytes[i + 1]) << 8) | uint8_t(bytes[i + 2]);
+    out += kB64[v >> 18];
+    out += kB64[(v >> 12) & 63];
+    out += kB64[(v >> 6) & 63];
+    out += kB64[v & 63];
+  }
+  size_t rest = bytes.size() - i;
+  if (rest > 0) {
+    uint32_t v = uint8_t(bytes[i]) << 16;
+    if (rest == 2) v |= uint8_t(bytes[i + 1]) << 8;
+    out += kB64[v >> 18];
+    out += kB64[(v >> 12) & 63];
+    out += rest == 2 ? kB64[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
+}
+
+Result<std::string> Base64Decode(std::string_view text) {
+  if (text.size() % 4 != 0)
+    return Status::InvalidArgument(
+        fmt::format("base64 length {} is not a multiple of 4", text.size()));
+  auto value = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  std::string out;
+  out.reserve(text.size() / 4 * 3);
+  for (size_t i = 0; i < text.size(); i += 4) {
+    int v[4];
+    int pad = 0;
+    for (int k = 0; k < 4; ++k) {
+      char c = text[i + k];
+      if (c == '=' && i + 4 == text.size() && k >= 2) {
+        v[k] = 0;
+        ++pad;
+        continue;
+      }
+      if (pad > 0 || (v[k] = value(c)) < 0)
+        return Status::InvalidArgument(fmt::format("invalid base64 character at offset {}", i + k));
+    }
+    uint32_t bits = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
+    out += char(bits >> 16);
+    if (pad < 2) out += char((bits >> 8) & 0xff);
+    if (pad < 1) out += char(bits & 0xff);
+  }
+  return out;
+}
+
+}  // namespace eep::transfer

@@ -1,0 +1,84 @@
+// eep backup-manager: the per-node expert backup sidecar (src/backup/backup.h).
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+
+#include "backup/backup.h"
+#include "command.h"
+#include "transfer/transfer.h"
+
+namespace {
+
+std::atomic<bool> g_stop{false};  // set by SIGINT/SIGTERM; lock-free, so safe in a handler
+static_assert(std::atomic<bool>::is_always_lock_free);
+
+void OnStopSignal(int) {
+  g_stop.store(true);
+}
+
+// stdout carries exactly one line, `listening ENDPOINT`, which callers parse. Libraries may print
+// to stdout too (UCX logs there by default), so move fd 1 aside for our line and point fd 1 at
+// stderr before any library starts.
+std::FILE* ReserveStdout() {
+  std::fflush(stdout);
+  int fd = dup(STDOUT_FILENO);
+  if (fd < 0) return stdout;
+  dup2(STDERR_FILENO, STDOUT_FILENO);
+  std::FILE* out = fdopen(fd, "w");
+  return out != nullptr ? out : stdout;
+}
+
+void InstallStopHandlers() {
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: a blocking poll returns EINTR and sees the flag at once
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+}  // namespace
+
+EEP_REGISTER_COMMAND(
+    backup_manager, "backup-manager",
+    "keep this node's share of the expert weights in host memory and serve one-sided reads of it",
+    [](CLI::App* app) -> std::function<int()> {
+      auto opts = std::make_shared<eep::backup::BackupManagerOptions>();
+      app->add_option("--model", opts->model_dir,
+                      "checkpoint directory (HF format: config.json + safetensors)")
+          ->required();
+      app->add_option("--node-rank", opts->node_rank, "this node's rank K in [0, N)")->required();
+      app->add_option("--num-nodes", opts->num_nodes, "number of nodes N")->required();
+      app->add_option("--listen", opts->listen_endpoint,
+                      "ZeroMQ endpoint to serve the descriptor on; port 0 picks a free port")
+          ->required();
+      app->add_option(
+             "--transport", opts->transport,
+             fmt::format("transfer backend ({})", fmt::join(eep::transfer::BackendNames(), "|")))
+          ->default_val("shm");
+      app->add_option("--replicas", opts->replicas,
+                      "each expert e is held by nodes (e+j) mod N, j < R")
+          ->default_val(1);
+      app->add_flag("--pin-memory", opts->pin_memory,
+                    "lock the backup region in RAM (needs ulimit -l)");
+      app->footer(
+          "Prints `listening ENDPOINT` on stdout once the experts are loaded and served. "
+          "SIGINT/SIGTERM stop it "
+          "cleanly.");
+      return [opts]() -> int {
+        std::FILE* out = ReserveStdout();
+        InstallStopHandlers();
+        opts->cancel = &g_stop;
+        auto manager = eep::backup::ExpertBackupManager::Create(*opts);
+        if (!manager.ok()) return eep::cli::Fail(manager.status().WithContext("backup-manager"));
+        std::fprintf(out, "listening %s\n", (*manager)->endpoint().c_str());
+        std::fflush(out);
+        eep::Status s = (*manager)->Serve(g_stop);
+        manager->reset();  // closes the socket, releases the region
+        return s.ok() ? 0 : eep::cli::Fail(s);
+      };
+    });

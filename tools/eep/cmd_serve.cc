@@ -1,0 +1,120 @@
+// eep serve: the OpenAI-compatible HTTP server over the expert-parallel engine.
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+#include "command.h"
+#include "ep_flags.h"
+#include "serve/serve.h"
+
+namespace {
+
+struct ServeCliOptions {
+  eep::serve::ServerOptions server;
+  eep::cli::EpFlags ep;
+};
+
+// Self-pipe of the stop signals: the handler only writes the signal number.
+int g_signal_pipe[2] = {-1, -1};
+
+extern "C" void OnStopSignal(int sig) {
+  const char c = static_cast<char>(sig);
+  const int saved = errno;
+  (void)!write(g_signal_pipe[1], &c, 1);
+  errno = saved;
+}
+
+int RunServe(const ServeCliOptions& o) {
+  if (o.ep.ep < 1)
+    return eep::cli::Fail(eep::Status::InvalidArgument("--ep must be >= 1 for serve"));
+  if (auto st = eep::serve::ValidateSchedulerOptions(o.server.scheduler); !st.ok())
+    return eep::cli::Fail(st);
+  // SIGINT/SIGTERM: a handler that writes to a pipe, read by one watcher thread. The signals are
+  // blocked in this thread and so in every thread it creates (and in the rank processes, which
+  // inherit the mask), so none of our syscalls is interrupted: a control-plane poll interrupted
+  // mid-step would fail the engine. Threads that existed before (OpenBLAS's pool) and the
+  // watcher take them. The ranks leave when the coordinator tells them to (or dies), so a Ctrl-C
+  // reaching the whole process group shuts down gracefully instead of killing the ranks under
+  // requests in flight.
+  if (pipe2(g_signal_pipe, O_CLOEXEC) != 0)
+    return eep::cli::Fail(eep::Status::IOError(std::string("pipe: ") + std::strerror(errno)));
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  auto engine = eep::ep::EpEngine::Start(o.server.model_dir, eep::cli::EpOptionsFor(o.ep));
+  if (!engine.ok()) return eep::cli::Fail(engine.status());
+  auto started = eep::serve::Server::Start(o.server, eep::serve::WrapEpEngine(std::move(*engine)));
+  if (!started.ok()) return eep::cli::Fail(started.status());
+  std::shared_ptr<eep::serve::Server> server = std::move(*started);
+  const std::string& host = server->host();
+  const std::string url = host.find(':') != std::string::npos
+                              ? fmt::format("http://[{}]:{}", host, server->port())
+                              : fmt::format("http://{}:{}", host, server->port());
+  // The one stdout line: scripts and tests read the address from it.
+  fmt::print("listening {}\n", url);
+  std::fflush(stdout);
+  EEP_LOG_INFO("serve: listening on {}", url);
+  // The first signal drains in-flight requests, a second one cancels them. The thread keeps
+  // its reference to the server and is left blocked in read at exit.
+  std::thread([server, stop_signals] {
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+    int count = 0;
+    char sig = 0;
+    while (true) {
+      const ssize_t n = read(g_signal_pipe[0], &sig, 1);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      EEP_LOG_INFO("serve: {} received; {}", sig == SIGINT ? "SIGINT" : "SIGTERM",
+                   count == 0 ? "finishing requests in flight" : "cancelling requests in flight");
+      server->RequestStop(count++ > 0);
+    }
+  }).detach();
+  eep::Status st = server->Wait();
+  if (!st.ok()) return eep::cli::Fail(st.WithContext("engine"));
+  return 0;
+}
+
+EEP_REGISTER_COMMAND(
+    serve, "serve", "OpenAI-compatible HTTP server with continuous batching",
+    [](CLI::App* app) -> std::function<int()> {
+      auto o = std::make_shared<ServeCliOptions>();
+      o->ep.ep = 1;  // the server always runs through the EP engine
+      auto& s = o->server;
+      app->add_option("--model", s.model_dir, "checkpoint directory")->required();
+      app->add_option("--host", s.host, "address to bind (default 127.0.0.1)");
+      app->add_option("--port", s.port, "port (0 = any free port)")->check(CLI::Range(0, 65535));
+      app->add_option("--max-num-seqs", s.scheduler.max_num_seqs,
+                      "most sequences in the running batch (default 64)")
+          ->check(CLI::PositiveNumber);
+      app->add_option("--max-num-batched-tokens", s.scheduler.max_num_batched_tokens,
+                      "token budget of one step, prefill and decode (default 2048)")
+          ->check(CLI::PositiveNumber);
+      app->add_option("--served-model-name", s.served_model_name,
+                      "model name in the API (default: the model directory's name)");
+      app->add_option("--shutdown-timeout", s.shutdown_timeout_s,
+                      "seconds in-flight requests may take to finish on SIGTERM (default 30)")
+          ->check(CLI::NonNegativeNumber);
+      app->add_option("--http-threads", s.http_threads,
+                      "HTTP handler threads (default 2 * max-num-seqs + 16)")
+          ->check(CLI::NonNegativeNumber);
+      eep::cli::AddEpFlags(app, &o->ep);
+      return [o] { return RunServe(*o); };
+    });
+
+}  // namespace
