@@ -249,6 +249,9 @@ class Server::Impl {
       else if (client_gone || !done_)
         status = "aborted";
       const auto now = Clock::now();
+      EEP_LOG_DEBUG("serve: {} {}: {} prompt + {} completion tokens, {} in {:.3f} s", id_, status,
+                    params_.prompt_ids.size(), out_ids_.size(), finish_.empty() ? "-" : finish_,
+                    std::chrono::duration<double>(now - handle_->arrival_time()).count());
       std::lock_guard lk(server_->metrics_mu);
       ++server_->requests[status];
       if (auto t = handle_->first_token_time())
@@ -387,8 +390,9 @@ class Server::Impl {
   std::string Unhealthy(const SchedulerStats& s) const {
     if (draining) return "the server is shutting down";
     if (!s.engine_status.ok()) return "engine failed: " + s.engine_status.message();
+    // Joining or draining ranks (scaling) still serve; a dead one means steps fail.
     for (const auto& r : s.cluster.ranks)
-      if (r.state != "alive") return fmt::format("rank {} is {}", r.rank, r.state);
+      if (r.state == "dead") return fmt::format("rank {} is dead", r.rank);
     return "";
   }
 
@@ -462,6 +466,11 @@ class Server::Impl {
     for (const auto& r : s.cluster.ranks)
       AppendSample(&out, "eep_rank_up", fmt::format("rank=\"{}\"", r.rank),
                    r.state == "alive" ? 1 : 0);
+    head("eep_rank_state", "gauge",
+         "1 for the rank's current state (alive, joining, draining, dead)");
+    for (const auto& r : s.cluster.ranks)
+      AppendSample(&out, "eep_rank_state", fmt::format("rank=\"{}\",state=\"{}\"", r.rank, r.state),
+                   1);
     head("eep_rank_sequences", "gauge", "Sequences whose KV cache lives on the rank");
     for (const auto& r : s.cluster.ranks)
       AppendSample(&out, "eep_rank_sequences", fmt::format("rank=\"{}\"", r.rank),

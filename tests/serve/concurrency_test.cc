@@ -11,15 +11,22 @@
 namespace eep::serve::test {
 namespace {
 
-class ConcurrencyTest : public ::testing::TestWithParam<int> {};
+struct Setup {
+  int ep;
+  bool eplb;  // rebalance every 4 steps, with redundant experts: placement changes under load
+};
+
+class ConcurrencyTest : public ::testing::TestWithParam<Setup> {};
 
 TEST_P(ConcurrencyTest, SixteenConcurrentRequestsEqualTheirSingleResults) {
-  const int ep = GetParam();
+  const int ep = GetParam().ep;
+  std::vector<std::string> args{
+      "--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", std::to_string(ep), "--max-num-seqs",
+      "16",      "--max-num-batched-tokens",           "512"};
+  if (GetParam().eplb)
+    args.insert(args.end(), {"--eplb-interval", "4", "--num-redundant-experts", "2"});
   std::string error;
-  auto server = ServerProcess::Start(
-      {"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", std::to_string(ep),
-       "--max-num-seqs", "16", "--max-num-batched-tokens", "512"},
-      &error);
+  auto server = ServerProcess::Start(args, &error);
   ASSERT_TRUE(server) << error;
   const auto golden = LoadGolden("qwen3moe-tiny");
   std::vector<nlohmann::json> bodies;
@@ -85,17 +92,31 @@ TEST_P(ConcurrencyTest, SixteenConcurrentRequestsEqualTheirSingleResults) {
   const double steps = MetricValue(m.body, "eep_engine_steps_total");
   EXPECT_LT(steps, 2.0 * static_cast<double>(tokens)) << "no batching happened";
   std::printf(
-      "[ ep=%d ] 16 requests, %lld tokens: one at a time %.2f s (%.1f req/s, %.0f tok/s); "
+      "[ ep=%d%s ] 16 requests, %lld tokens: one at a time %.2f s (%.1f req/s, %.0f tok/s); "
       "16 concurrent %.2f s (%.1f req/s, %.0f tok/s); engine steps %.0f for %lld tokens\n",
-      ep, static_cast<long long>(tokens), sequential_s, 16 / sequential_s, tokens / sequential_s,
-      concurrent_s, 16 / concurrent_s, tokens / concurrent_s, steps,
-      static_cast<long long>(2 * tokens));
+      ep, GetParam().eplb ? " eplb" : "", static_cast<long long>(tokens), sequential_s,
+      16 / sequential_s, tokens / sequential_s, concurrent_s, 16 / concurrent_s,
+      tokens / concurrent_s, steps, static_cast<long long>(2 * tokens));
   RecordProperty("concurrent_tokens_per_s", std::to_string(tokens / concurrent_s));
+  // The expert placement moved while serving, and /metrics and /v1/cluster agree on it.
+  HttpReply c = Get(*client, "/v1/cluster");
+  const double rebalances = MetricValue(m.body, "eep_eplb_rebalances_total");
+  EXPECT_EQ(c.json["map_version"].get<double>(), MetricValue(m.body, "eep_expert_map_version"));
+  if (GetParam().eplb) {
+    EXPECT_GT(rebalances, 0);
+    EXPECT_GT(MetricValue(m.body, "eep_eplb_moved_experts_total"), 0);
+  } else {
+    EXPECT_EQ(rebalances, 0);
+  }
   EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
 }
 
-INSTANTIATE_TEST_SUITE_P(Ep, ConcurrencyTest, ::testing::Values(1, 2),
-                         [](const auto& info) { return "ep" + std::to_string(info.param); });
+INSTANTIATE_TEST_SUITE_P(Ep, ConcurrencyTest,
+                         ::testing::Values(Setup{1, false}, Setup{2, false}, Setup{2, true}),
+                         [](const auto& info) {
+                           return "ep" + std::to_string(info.param.ep) +
+                                  (info.param.eplb ? "_eplb" : "");
+                         });
 
 }  // namespace
 }  // namespace eep::serve::test

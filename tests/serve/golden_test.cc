@@ -2,6 +2,8 @@
 // every test model on two expert-parallel ranks.
 #include <gtest/gtest.h>
 
+#include <thread>
+
 #include "model/tokenizer.h"
 #include "serve_test_util.h"
 #include "test_util.h"
@@ -64,6 +66,43 @@ INSTANTIATE_TEST_SUITE_P(Models, GoldenTest,
                              if (c == '-') c = '_';
                            return n;
                          });
+
+}  // namespace
+}  // namespace eep::serve::test
+
+namespace eep::serve::test {
+namespace {
+
+// A token budget smaller than some prompts: those prefill in a step of their own, the rest
+// batch around them, and every output is still the golden one.
+TEST(GoldenBudgetTest, PromptsLongerThanTheBudgetRunAloneAndStayExact) {
+  std::string error;
+  auto server = ServerProcess::Start({"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "2",
+                                      "--max-num-seqs", "4", "--max-num-batched-tokens", "40"},
+                                     &error);
+  ASSERT_TRUE(server) << error;
+  const auto golden = LoadGolden("qwen3moe-tiny");
+  std::vector<HttpReply> replies(golden.size() * 2);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < replies.size(); ++i)
+    threads.emplace_back([&, i] {
+      auto c = server->Client();
+      replies[i] = PostJson(*c, "/v1/completions",
+                            {{"prompt", golden[i % golden.size()].ids},
+                             {"max_tokens", 16},
+                             {"temperature", 0},
+                             {"return_token_ids", true},
+                             {"ignore_eos", true}});
+    });
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < replies.size(); ++i) {
+    ASSERT_EQ(replies[i].status, 200) << replies[i].body;
+    EXPECT_EQ(replies[i].json["choices"][0]["token_ids"].get<std::vector<int64_t>>(),
+              golden[i % golden.size()].greedy)
+        << i;
+  }
+  EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
+}
 
 }  // namespace
 }  // namespace eep::serve::test

@@ -1,6 +1,7 @@
 // Incremental detokenization (UTF-8 split across tokens, stop strings) and request parsing.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <random>
 
 #include "serve/internal.h"
@@ -197,6 +198,41 @@ TEST_F(ParseTest, Errors) {
   ids.resize(63);
   EXPECT_FALSE(
       ParseCompletionRequest({{"prompt", ids}, {"max_tokens", 1}}, false, info_, &params_));
+}
+
+}  // namespace
+}  // namespace eep::serve
+
+namespace eep::serve {
+namespace {
+
+TEST(ChatTemplateTest, TokenizerConfigTemplates) {
+  const std::string dir = eep::test::TempDir("chat-template");
+  auto write = [&](const nlohmann::json& j) {
+    std::ofstream(dir + "/tokenizer_config.json") << j.dump();
+  };
+  write({{"chat_template",
+          "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor "
+          "%}"}});
+  auto t = ChatTemplate::Load(dir);
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->description().rfind("ChatML (", 0), 0u) << t->description();
+  write({{"chat_template",
+          nlohmann::json::array({{{"name", "default"}, {"template", "<|im_start|>..."}}})}});
+  ASSERT_TRUE(ChatTemplate::Load(dir).ok());
+  // Another style is reported and ChatML used instead.
+  write({{"chat_template",
+          "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"}});
+  t = ChatTemplate::Load(dir);
+  ASSERT_TRUE(t.ok());
+  EXPECT_NE(t->description().find("not ChatML"), std::string::npos);
+  EXPECT_EQ(t->Render({{"user", "x"}}, true),
+            "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+  write({{"chat_template", 5}});
+  EXPECT_FALSE(ChatTemplate::Load(dir).ok());
+  write({{"model_max_length", 10}});
+  ASSERT_TRUE(ChatTemplate::Load(dir).ok());
+  EXPECT_EQ(ChatTemplate::Load(dir)->description(), "default ChatML");
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // eep serve: the OpenAI-compatible HTTP server over the expert-parallel engine.
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -31,6 +33,28 @@ extern "C" void OnStopSignal(int sig) {
   errno = saved;
 }
 
+// Binds host:port once (as the server will, with SO_REUSEADDR) and lets it go again.
+eep::Status CheckPortFree(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0 || res == nullptr)
+    return eep::Status::InvalidArgument(fmt::format("--host: cannot resolve '{}'", host));
+  const int fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
+  int one = 1;
+  bool ok = fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0 &&
+            bind(fd, res->ai_addr, res->ai_addrlen) == 0;
+  const int err = errno;
+  if (fd >= 0) close(fd);
+  freeaddrinfo(res);
+  if (!ok)
+    return eep::Status::IOError(
+        fmt::format("cannot listen on {}:{}: {}", host, port, std::strerror(err)));
+  return eep::Status::Ok();
+}
+
 int RunServe(const ServeCliOptions& o) {
   if (o.ep.ep < 1)
     return eep::cli::Fail(eep::Status::InvalidArgument("--ep must be >= 1 for serve"));
@@ -57,6 +81,10 @@ int RunServe(const ServeCliOptions& o) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  // A taken port is found before the (possibly long) engine start, not after it.
+  if (o.server.port != 0) {
+    if (auto st = CheckPortFree(o.server.host, o.server.port); !st.ok()) return eep::cli::Fail(st);
+  }
   auto engine = eep::ep::EpEngine::Start(o.server.model_dir, eep::cli::EpOptionsFor(o.ep));
   if (!engine.ok()) return eep::cli::Fail(engine.status());
   auto started = eep::serve::Server::Start(o.server, eep::serve::WrapEpEngine(std::move(*engine)));
