@@ -237,7 +237,8 @@ class Engine {
   virtual bool ArmEvents() { return true; }
 
   // Blocks until `request` (posted) finishes or `deadline` passes (then: Cancel + kTimeout
-  // naming the peer and the bytes). Sleeps on EventFd() in slices of at most 50 ms.
+  // naming the peer and the bytes). Polls back to back for up to 200 us, then sleeps on
+  // EventFd() in slices of at most 50 ms (no busy waiting beyond that).
   Status Wait(TransferRequest& request, Deadline deadline);
   // Prepare + Post + Wait.
   Status Transfer(Op op, RemoteRegion& remote, std::vector<TransferItem> items, Deadline deadline);

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -77,6 +78,10 @@ ChildProcess::~ChildProcess() {
     waitpid(pid_, nullptr, 0);
   }
   if (stdout_fd_ >= 0) close(stdout_fd_);
+  if (!stderr_path_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(std::filesystem::path(stderr_path_).parent_path(), ec);
+  }
 }
 
 Result<std::string> ChildProcess::ReadLine(int64_t timeout_ms) {

@@ -254,6 +254,26 @@ TEST_P(BackendTest, BatchedReadMatchesSource) {
   EXPECT_TRUE(remote_->CheckAlive().ok());
 }
 
+TEST_P(BackendTest, AdjacentItemsMergeCorrectly) {
+  const uint64_t n = 2 << 20;
+  ASSERT_NO_FATAL_FAILURE(Export(n, false));
+  // 1000 items adjacent on both sides, then a run that is adjacent locally but not remotely,
+  // then one adjacent remotely but not locally.
+  std::vector<uint8_t> dst(n, 0);
+  std::vector<TransferItem> items;
+  for (uint64_t i = 0; i < 1000; ++i) items.push_back({dst.data() + i * 1000, i * 1000, 1000});
+  items.push_back({dst.data() + 1000000, 1500000, 5000});
+  items.push_back({dst.data() + 1200000, 1505000, 7000});
+  auto req = initiator_->Prepare(Op::kRead, *remote_, items);
+  ASSERT_TRUE(req.ok());
+  EXPECT_EQ((*req)->num_items(), items.size());
+  ASSERT_TRUE(initiator_->Post(**req).ok());
+  ASSERT_TRUE(initiator_->Wait(**req, Deadline::AfterMs(20000)).ok());
+  for (const auto& it : items)
+    EXPECT_EQ(std::memcmp(it.local, region_->data() + it.remote_offset, it.num_bytes), 0)
+        << it.remote_offset;
+}
+
 TEST_P(BackendTest, PrepareRejectsBadBatches) {
   ASSERT_NO_FATAL_FAILURE(Export(1 << 16, false));
   std::vector<uint8_t> buf(1 << 17);

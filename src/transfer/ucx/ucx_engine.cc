@@ -173,11 +173,12 @@ enum class State { kPrepared, kPosted, kDone, kFailed, kCancelled };
 
 class UcxRequest final : public TransferRequest {
  public:
-  UcxRequest(UcxEngine* engine, Op op, std::vector<TransferItem> items, uint64_t total,
-             UcxRemoteRegion* remote)
-      : TransferRequest(op, items.size(), total, remote->descriptor().owner),
+  // `segments`: the items after merging (TransferRequest::num_items counts the caller's).
+  UcxRequest(UcxEngine* engine, Op op, size_t num_items, std::vector<TransferItem> segments,
+             uint64_t total, UcxRemoteRegion* remote)
+      : TransferRequest(op, num_items, total, remote->descriptor().owner),
         engine_(engine),
-        items_(std::move(items)),
+        items_(std::move(segments)),
         remote_(remote),
         ops_(new OpState()) {}
   ~UcxRequest() override;
@@ -376,7 +377,23 @@ class UcxEngine final : public Engine {
                         it.remote_offset, it.num_bytes, d.num_bytes, d.owner));
       total += it.num_bytes;
     }
-    return std::unique_ptr<TransferRequest>(new UcxRequest(this, op, std::move(items), total, ucx));
+    // Merge items adjacent on both sides (a layer's tensors restored into one packed buffer
+    // become a few large operations: fewer round trips over emulated GET).
+    std::vector<TransferItem> merged;
+    for (const TransferItem& it : items) {
+      if (it.num_bytes == 0) continue;
+      if (!merged.empty()) {
+        TransferItem& last = merged.back();
+        if (static_cast<uint8_t*>(last.local) + last.num_bytes == it.local &&
+            last.remote_offset + last.num_bytes == it.remote_offset) {
+          last.num_bytes += it.num_bytes;
+          continue;
+        }
+      }
+      merged.push_back(it);
+    }
+    return std::unique_ptr<TransferRequest>(
+        new UcxRequest(this, op, items.size(), std::move(merged), total, ucx));
   }
 
   Status Post(TransferRequest& request) override {

@@ -12,15 +12,16 @@
 // * Descriptor blob (UcxRegionBlob, little-endian): u32 length + the owner's worker address, then
 //   u32 length + the packed rkey (ucp_rkey_pack). Import creates (or reuses, per worker address)
 //   an endpoint with UCP_ERR_HANDLING_MODE_PEER and unpacks the rkey on it.
-// * Transfers: one ucp_get_nbx / ucp_put_nbx per item (split at 64 MiB), completion callbacks
-//   count down; WRITE batches end with ucp_ep_flush_nbx so OK means remotely complete.
-//   Poll progresses the worker; Wait sleeps on the worker's event fd (ucp_worker_get_efd +
-//   ucp_worker_arm). A peer failure fails the endpoint (kRemoteDisconnect for its requests and
+// * Transfers: items adjacent on both sides are merged; one ucp_get_nbx / ucp_put_nbx per
+//   merged run (split at 64 MiB); completion callbacks count down; WRITE batches end with
+//   ucp_ep_flush_nbx so OK means remotely complete. Poll progresses the worker; Wait polls for
+//   up to 200 us, then sleeps on the worker's event fd (ucp_worker_get_efd + ucp_worker_arm). A peer failure fails the endpoint (kRemoteDisconnect for its requests and
 //   regions until they are imported again); Cancel force-closes the endpoint so UCX completes
 //   every outstanding operation before it returns.
 // * Same host: UCX 1.13 with peer-failure handling does not put RMA on cma/shm lanes; GET is
-//   emulated over tcp (loopback, ~0.4 GB/s here). Peer-failure handling is not optional (without
-//   it a dead peer leaves operations that no cancel reclaims), so use "shm" within a host.
+//   emulated over tcp (loopback: 0.4-1 GB/s on the dev VM). Peer-failure handling is not
+//   optional (without it a dead peer leaves operations that no cancel reclaims), so use "shm"
+//   within a host.
 // * Known UCX 1.13 defect: if a peer dies while the target's UCX still has a wire-up reply queued
 //   for it, an assertion in the target's UCX aborts the target process (openucx/ucx#8175, fixed
 //   upstream). Import completes the wire-up, so this window is the importer's connect only;
