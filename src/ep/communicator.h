@@ -56,6 +56,13 @@ class Communicator {
 
   // Makes a blocked or future AllToAllV return kCancelled. Any thread.
   virtual void Abort() = 0;
+
+  // The peers that stayed silent in the last AllToAllV that timed out (suspects for the
+  // coordinator to confirm); empty otherwise.
+  const std::vector<int>& silent_peers() const { return silent_peers_; }
+
+ protected:
+  std::vector<int> silent_peers_;
 };
 
 using CommunicatorFactory =

@@ -1,14 +1,34 @@
-// The coordinator side of the EP runtime: spawns ranks, drives steps, runs EPLB.
+// The coordinator side of the EP runtime: spawns ranks, drives steps, runs EPLB, and keeps
+// serving through rank failures and membership changes.
+//
+// Rank ids are stable for a process's life and never reused; the serving ranks of an epoch
+// are `members` (their order is the communicator order and the slot order). Every message
+// carries the epoch it belongs to, so replies of an older epoch (late, or from a fenced rank)
+// are ignored, never applied.
+//
+// Failure handling ("stop the world, short"): a rank is dead when its process exits (pidfd),
+// its heartbeats stop for the peer timeout, it is stopped (SIGSTOP: a wedged rank), or peers
+// keep reporting it silent. The coordinator fences it (SIGKILL; a later message would carry a
+// stale epoch anyway), opens a new epoch, and has the survivors abort the step in flight
+// (heartbeat channel), roll it back, and report what they hold. It plans over the survivors
+// (min-move EPLB, every expert on a live rank), rebuilds the communicator, restores orphaned
+// experts (from a surviving replica, else the DRAM backup, else the checkpoint), and retries
+// the step. Sequences of the dead rank resume on survivors from their prompt plus the tokens
+// produced so far (re-prefill), so outputs do not change. Scaling uses the same switch.
 #include <signal.h>
 #include <spawn.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 #include <fmt/format.h>
+#include <fstream>
 #include <map>
+#include <optional>
 #include <random>
+#include <set>
 
 #include "core/logging.h"
 #include "core/util.h"
@@ -19,25 +39,81 @@
 extern char** environ;
 
 namespace eep::ep {
+namespace {
 
-// Source rank of a plan item that the destination reads from the DRAM backup.
+// Plan item sources besides a rank id.
 constexpr int kFromBackup = -1;
+constexpr int kFromDisk = -2;
+
+constexpr int64_t kStartupMs = 300000;  // loading a large checkpoint on CPU
+
+std::string FormatBytes(int64_t b) {
+  if (b >= (int64_t{1} << 30)) return fmt::format("{:.2f} GiB", static_cast<double>(b) / (1 << 30));
+  if (b >= (1 << 20)) return fmt::format("{:.2f} MiB", static_cast<double>(b) / (1 << 20));
+  if (b >= (1 << 10)) return fmt::format("{:.1f} KiB", static_cast<double>(b) / (1 << 10));
+  return fmt::format("{} B", b);
+}
+
+// 'T' (stopped) or 't' (traced) in /proc/PID/stat: alive but wedged.
+bool ProcessStopped(pid_t pid) {
+  std::ifstream f(fmt::format("/proc/{}/stat", pid));
+  std::string line;
+  if (!std::getline(f, line)) return false;
+  const size_t close = line.rfind(')');
+  if (close == std::string::npos || close + 2 >= line.size()) return false;
+  const char state = line[close + 2];
+  return state == 'T' || state == 't';
+}
+
+bool Contains(const std::vector<int>& v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+}  // namespace
 
 class EpEngine::Impl {
  public:
+  struct Proc {
+    int id = 0;
+    pid_t pid = -1;
+    int pidfd = -1;
+    std::string identity;  // zmq identity of its control socket
+    std::string state;     // starting | alive | joining | draining | dead | left
+    bool ready = false;    // joining: loaded, waiting for the switch
+    bool hb_seen = false;
+    double last_hb = 0;
+    int suspicions = 0;
+    std::vector<std::vector<int32_t>> holdings;  // [moe_layer][local slot], from the last hold
+    bool Live() const { return state != "dead" && state != "left"; }
+  };
+  struct SeqInfo {
+    int rank = -1;
+    std::vector<int64_t> history;  // every token fed so far (prompt + generated, fed back)
+    int64_t produced = 0;          // tokens sampled so far
+    bool replay = false;           // next step re-prefills it on a new rank
+  };
+  struct Failure {
+    std::vector<int> dead;  // confirmed dead
+    std::vector<int> suspects;
+    std::string what;
+    double at = 0;
+  };
+
   EpOptions opts;
   std::string model_dir;
   ModelConfig config;
   SlotLayout layout;
+  int64_t initial_slots_per_rank = 0;
   ExpertMap map;
   int64_t num_moe_layers = 0;
   zmq::context_t ctx{1};
   zmq::socket_t router{ctx, zmq::socket_type::router};
-  std::string endpoint, session;
-  std::vector<pid_t> pids;
-  std::vector<std::string> identity;  // zmq identity of each rank
-  std::map<int64_t, int> seq_rank;
-  std::vector<int64_t> rank_seqs;
+  zmq::socket_t hb{ctx, zmq::socket_type::router};
+  std::string endpoint, hb_endpoint, session;
+  std::vector<Proc> procs;      // by rank id
+  std::vector<int> members;     // serving ranks, communicator order
+  std::vector<int> joining, leaving;
+  int target_size = 0;
+  std::map<std::string, int> id_of;  // control identity -> rank id
+  std::map<int64_t, SeqInfo> seqs;
   std::vector<int64_t> to_release;
   std::unique_ptr<eplb::LoadRecorder> recorder;
   int64_t step = 0;
@@ -45,7 +121,13 @@ class EpEngine::Impl {
   bool backup_ready = false;
   std::string backup_health;
   std::vector<RebalanceStats> rebalances;
+  std::vector<MembershipEvent> events;
+  std::optional<size_t> awaiting_resume;  // event whose resume time the next step measures
+  double switch_done_at = 0;
+  std::string health = "ok";
   bool shut_down = false;
+  std::optional<Failure> failure;
+  double op_started = 0;  // start of the step / exchange a failure interrupts
   // An async rebalance whose exchange runs on the ranks; the next step switches to it.
   struct PendingSwitch {
     ExpertMap next;
@@ -57,82 +139,271 @@ class EpEngine::Impl {
 
   ~Impl() { Shutdown(); }
 
-  // Describes a rank whose process has exited, or "" while all live.
-  std::string DeadRank() {
-    for (size_t r = 0; r < pids.size(); ++r) {
-      if (pids[r] <= 0) continue;
+  double HeartbeatTimeout() const {
+    return static_cast<double>(std::max(opts.peer_timeout_ms, 3 * opts.heartbeat_interval_ms)) / 1000.0;
+  }
+
+  // ---- processes -------------------------------------------------------------------------
+
+  Status Spawn(int id, const std::string& state) {
+    std::vector<std::string> args{"eep",     "--log-level", opts.log_level, "rank-worker", "--control", endpoint,
+                                  "--heartbeat", hb_endpoint, "--rank",   std::to_string(id), "--session", session};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t pid = 0;
+    const std::string binary = opts.worker_binary.empty() ? "/proc/self/exe" : opts.worker_binary;
+    int rc = posix_spawn(&pid, binary.c_str(), nullptr, nullptr, argv.data(), environ);
+    if (rc != 0) return Status::IOError(fmt::format("cannot start rank {}: {}", id, std::strerror(rc)));
+    Proc p;
+    p.id = id;
+    p.pid = pid;
+    p.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    p.state = state;
+    p.last_hb = NowSeconds();
+    if (static_cast<int>(procs.size()) <= id) procs.resize(static_cast<size_t>(id) + 1);
+    procs[static_cast<size_t>(id)] = std::move(p);
+    return Status::Ok();
+  }
+
+  // Fences a rank: killed if it still runs, its messages ignored from now on.
+  void Fence(int id, const std::string& state) {
+    Proc& p = procs[static_cast<size_t>(id)];
+    if (p.pid > 0) {
+      kill(p.pid, SIGKILL);
+      int status;
+      waitpid(p.pid, &status, 0);
+      p.pid = -1;
+    }
+    if (p.pidfd >= 0) close(p.pidfd);
+    p.pidfd = -1;
+    if (!p.identity.empty()) id_of.erase(p.identity);
+    p.state = state;
+    std::erase(members, id);
+    std::erase(joining, id);
+    std::erase(leaving, id);
+  }
+
+  void NoteDead(int id, const std::string& why) {
+    if (!failure) failure = Failure{{}, {}, "", NowSeconds()};
+    if (!Contains(failure->dead, id)) {
+      failure->dead.push_back(id);
+      failure->what += (failure->what.empty() ? "" : "; ") + why;
+    }
+  }
+
+  // A joining rank that fails is simply dropped: it serves nothing yet.
+  void DropJoiner(int id, const std::string& why) {
+    EEP_LOG_WARN("ep: joining rank {} dropped: {}", id, why);
+    Fence(id, "dead");
+  }
+
+  // Process exits, stopped processes and silent heartbeats. Returns true if a failure of a
+  // serving (or leaving) rank is pending.
+  bool CheckProcesses() {
+    const double now = NowSeconds();
+    for (Proc& p : procs) {
+      if (!p.Live() || p.pid <= 0) continue;
       int status = 0;
-      if (waitpid(pids[r], &status, WNOHANG) == pids[r]) {
-        pids[r] = -1;
-        return WIFSIGNALED(status) ? fmt::format("rank {} exited on signal {}", r, WTERMSIG(status))
-                                   : fmt::format("rank {} exited with code {}", r, WEXITSTATUS(status));
+      std::string why;
+      if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
+        p.pid = -1;
+        why = WIFSIGNALED(status) ? fmt::format("rank {} exited on signal {}", p.id, WTERMSIG(status))
+                                  : fmt::format("rank {} exited with code {}", p.id, WEXITSTATUS(status));
+      } else if (p.hb_seen && now - p.last_hb > HeartbeatTimeout()) {
+        why = fmt::format("rank {} sent no heartbeat for {:.0f} ms", p.id, (now - p.last_hb) * 1000);
+      } else if (now - p.last_hb > 2.0 * static_cast<double>(opts.heartbeat_interval_ms) / 1000.0 && ProcessStopped(p.pid)) {
+        // (checked only once heartbeats lag, to keep the common path cheap)
+        why = fmt::format("rank {} is stopped (wedged)", p.id);
+      }
+      if (why.empty()) continue;
+      if (p.state == "joining") {
+        DropJoiner(p.id, why);
+      } else if (p.state == "starting") {
+        NoteDead(p.id, why);
+      } else {
+        EEP_LOG_WARN("ep: {}", why);
+        NoteDead(p.id, why);
       }
     }
-    return "";
+    return failure && !failure->dead.empty();
   }
 
-  // Receives one message from any rank within timeout_ms, watching for rank death.
-  Result<std::pair<int, ControlMessage>> RecvAny(int64_t timeout_ms, const std::string& waiting_for) {
-    const double deadline = NowSeconds() + static_cast<double>(timeout_ms) / 1000.0;
+  void DrainHeartbeats() {
     while (true) {
-      const double left = deadline - NowSeconds();
-      if (left <= 0) return Status::Timeout(fmt::format("ranks did not answer {} within {} ms", waiting_for, timeout_ms));
-      std::string id;
-      auto m = RecvControl(router, &id, std::min<int64_t>(100, static_cast<int64_t>(left * 1000) + 1));
-      if (!m.ok()) {
-        if (m.status().code() != StatusCode::kTimeout) return m.status();
-        std::string dead = DeadRank();
-        if (!dead.empty()) return Status::RemoteDisconnect(dead + " while waiting for " + waiting_for);
-        continue;
-      }
-      int rank = -1;
-      for (size_t r = 0; r < identity.size(); ++r)
-        if (identity[r] == id) rank = static_cast<int>(r);
-      if (rank < 0 && m->header.value("type", "") == "hello") {
-        rank = m->header.value("rank", -1);
-        if (rank < 0 || rank >= opts.ep_size) return Status::Corruption("hello from an unknown rank");
-        identity[static_cast<size_t>(rank)] = id;
-      }
-      if (rank < 0) continue;  // not one of ours (a fenced or stale peer): ignored
-      if (m->header.value("type", "") == "error")
-        return Status(static_cast<StatusCode>(m->header.value("code", static_cast<int>(StatusCode::kInternal))),
-                      fmt::format("rank {}: {}", rank, m->header.value("message", "")));
-      return std::make_pair(rank, std::move(*m));
+      std::string who;
+      auto m = RecvControl(hb, &who, 0);
+      if (!m.ok()) return;
+      const int id = m->header.value("rank", -1);
+      if (id < 0 || id >= static_cast<int>(procs.size())) continue;
+      Proc& p = procs[static_cast<size_t>(id)];
+      if (!p.Live()) continue;
+      p.hb_seen = true;
+      p.last_hb = NowSeconds();
     }
   }
 
-  // Collects one message of `type` from every rank.
-  Result<std::vector<ControlMessage>> Gather(const std::string& type, int64_t timeout_ms) {
-    std::vector<ControlMessage> out(static_cast<size_t>(opts.ep_size));
-    std::vector<bool> have(static_cast<size_t>(opts.ep_size), false);
-    int missing = opts.ep_size;
-    const double deadline = NowSeconds() + static_cast<double>(timeout_ms) / 1000.0;
-    while (missing > 0) {
-      int64_t left_ms = std::max<int64_t>(1, static_cast<int64_t>((deadline - NowSeconds()) * 1000));
-      std::string who;
-      for (int r = 0; r < opts.ep_size; ++r)
-        if (!have[static_cast<size_t>(r)]) who += (who.empty() ? "" : ", ") + std::to_string(r);
-      auto m = RecvAny(left_ms, fmt::format("'{}' (rank(s) {})", type, who));
-      if (!m.ok()) return m.status();
-      auto& [rank, msg] = *m;
-      if (msg.header.value("type", "") != type) {
-        EEP_LOG_WARN("rank {}: unexpected '{}' while gathering '{}'", rank, msg.header.value("type", ""), type);
+  void SendAbort(const std::vector<int>& ids) {
+    for (int id : ids)
+      (void)SendControl(hb, fmt::format("hb-{}", id), {{{"type", "abort"}, {"epoch", epoch}}, ""});
+  }
+
+  nlohmann::json InitMessage() const {
+    return {{"type", "init"},
+            {"model", model_dir},
+            {"epoch", epoch},
+            {"members", members},
+            {"slots_per_rank", layout.slots_per_rank},
+            {"communicator", opts.communicator},
+            {"peer_timeout_ms", opts.peer_timeout_ms},
+            {"heartbeat_interval_ms", opts.heartbeat_interval_ms},
+            {"phy2log", map.phy2log()},
+            {"inject_fault", opts.inject_fault},
+            {"eplb_async", opts.eplb_async},
+            {"backup_endpoints", opts.backup_endpoints}};
+  }
+
+  // ---- receiving -------------------------------------------------------------------------
+
+  // Receives one message from a live rank by `deadline`. Hello, and the start-up replies of
+  // joining ranks, are handled here. Fails with kUnavailable once a failure is confirmed
+  // (`failure` says which), kTimeout at the deadline.
+  Result<std::pair<int, ControlMessage>> Recv(double deadline, const std::string& waiting_for) {
+    while (true) {
+      DrainHeartbeats();
+      if (CheckProcesses()) return Status::Unavailable(failure->what);
+      const double left = deadline - NowSeconds();
+      std::vector<zmq::pollitem_t> items{{router.handle(), 0, ZMQ_POLLIN, 0}, {hb.handle(), 0, ZMQ_POLLIN, 0}};
+      for (const Proc& p : procs)
+        if (p.Live() && p.pidfd >= 0) items.push_back({nullptr, p.pidfd, ZMQ_POLLIN, 0});
+      const int64_t wait_ms =
+          std::clamp<int64_t>(static_cast<int64_t>(left * 1000), 0, std::max<int64_t>(1, opts.heartbeat_interval_ms));
+      try {
+        zmq::poll(items.data(), items.size(), std::chrono::milliseconds(wait_ms));
+      } catch (const zmq::error_t& e) {
+        return Status::IOError(fmt::format("control poll: {}", e.what()));
+      }
+      if (!(items[0].revents & ZMQ_POLLIN)) {
+        if (left <= 0) return Status::Timeout(fmt::format("ranks did not answer {} in time", waiting_for));
         continue;
       }
-      if (!have[static_cast<size_t>(rank)]) {
-        have[static_cast<size_t>(rank)] = true;
-        --missing;
+      std::string identity;
+      auto m = RecvControl(router, &identity, 0);
+      if (!m.ok()) {
+        if (m.status().code() == StatusCode::kTimeout) continue;
+        return m.status();
       }
-      out[static_cast<size_t>(rank)] = std::move(msg);
+      const std::string type = m->header.value("type", "");
+      auto it = id_of.find(identity);
+      if (it == id_of.end()) {
+        if (type != "hello") continue;  // not one of ours (a fenced or stale peer): ignored
+        const int id = m->header.value("rank", -1);
+        if (id < 0 || id >= static_cast<int>(procs.size()) || !procs[static_cast<size_t>(id)].Live() ||
+            !procs[static_cast<size_t>(id)].identity.empty())
+          continue;
+        procs[static_cast<size_t>(id)].identity = identity;
+        id_of[identity] = id;
+        EEP_RETURN_IF_ERROR(SendControl(router, identity, {InitMessage(), ""}));
+        continue;
+      }
+      const int id = it->second;
+      Proc& p = procs[static_cast<size_t>(id)];
+      if (p.state == "joining") {
+        if (type == "ready") {
+          p.ready = true;
+          EEP_LOG_INFO("ep: rank {} loaded and ready to join", id);
+        } else if (type == "error") {
+          DropJoiner(id, m->header.value("message", ""));
+        }
+        continue;
+      }
+      return std::make_pair(id, std::move(*m));
+    }
+  }
+
+  // A rank reported an exchange error at the current epoch: find out who is at fault. Waits
+  // (bounded) for a death to be confirmed; else the suspects were only slow, and after
+  // repeated suspicion one is declared dead.
+  Status Confirm(int reporter, const ControlMessage& error) {
+    failure = Failure{{}, error.header.value("suspects", std::vector<int>{}),
+                      fmt::format("rank {}: {}", reporter, error.header.value("message", "")), NowSeconds()};
+    const double deadline = NowSeconds() + HeartbeatTimeout() + 2.0 * static_cast<double>(opts.heartbeat_interval_ms) / 1000.0;
+    while (true) {
+      auto m = Recv(deadline, "confirmation");
+      if (!m.ok()) break;  // failure confirmed, or time is up
+      if (m->second.header.value("type", "") == "error")
+        for (int s : m->second.header.value("suspects", std::vector<int>{}))
+          if (!Contains(failure->suspects, s)) failure->suspects.push_back(s);
+    }
+    if (!failure->dead.empty()) return Status::Unavailable(failure->what);
+    constexpr int kMaxSuspicions = 3;
+    for (int s : failure->suspects) {
+      if (s < 0 || s >= static_cast<int>(procs.size()) || !procs[static_cast<size_t>(s)].Live()) continue;
+      if (++procs[static_cast<size_t>(s)].suspicions >= kMaxSuspicions)
+        NoteDead(s, fmt::format("rank {} missed the exchange deadline {} times", s, kMaxSuspicions));
+    }
+    EEP_LOG_WARN("ep: exchange failed but every rank is alive ({}); retrying", failure->what);
+    return Status::Unavailable(failure->what);
+  }
+
+  // Collects one message of one of `types` at the current epoch from every rank in `group`.
+  // An error reply from a rank is returned as its status, except exchange errors
+  // (timeout, cancelled, disconnect), which start a confirmation.
+  Result<std::map<int, ControlMessage>> Gather(const std::vector<std::string>& types, const std::vector<int>& group,
+                                               int64_t timeout_ms) {
+    std::map<int, ControlMessage> out;
+    const double deadline = NowSeconds() + static_cast<double>(timeout_ms) / 1000.0;
+    while (out.size() < group.size()) {
+      std::string who;
+      for (int r : group)
+        if (!out.count(r)) who += (who.empty() ? "" : ", ") + std::to_string(r);
+      auto m = Recv(deadline, fmt::format("'{}' (rank(s) {})", types[0], who));
+      if (!m.ok()) return m.status();
+      auto& [id, msg] = *m;
+      if (msg.header.value("epoch", int64_t{-1}) != epoch || !Contains(group, id)) continue;  // stale
+      const std::string type = msg.header.value("type", "");
+      if (type == "error") {
+        const auto code = static_cast<StatusCode>(msg.header.value("code", static_cast<int>(StatusCode::kInternal)));
+        if (code == StatusCode::kTimeout || code == StatusCode::kCancelled || code == StatusCode::kRemoteDisconnect)
+          return Confirm(id, msg);
+        return Status(code, fmt::format("rank {}: {}", id, msg.header.value("message", "")));
+      }
+      if (std::find(types.begin(), types.end(), type) == types.end()) {
+        EEP_LOG_WARN("rank {}: unexpected '{}' while gathering '{}'", id, type, types[0]);
+        continue;
+      }
+      out[id] = std::move(msg);
     }
     return out;
   }
 
-  Status Broadcast(const nlohmann::json& header) {
-    for (int r = 0; r < opts.ep_size; ++r)
-      EEP_RETURN_IF_ERROR(SendControl(router, identity[static_cast<size_t>(r)], {header, ""}));
+  Status Send(int id, nlohmann::json header) {
+    header["epoch"] = epoch;
+    return SendControl(router, procs[static_cast<size_t>(id)].identity, {header, ""});
+  }
+
+  Status Broadcast(const nlohmann::json& header, const std::vector<int>& group) {
+    for (int id : group) EEP_RETURN_IF_ERROR(Send(id, header));
     return Status::Ok();
   }
+
+  // Serves the all-gathers of a communicator bootstrap among `group` until each sends `done`.
+  // Returns the `done` messages.
+  Result<std::map<int, ControlMessage>> ServeBootstrap(const std::vector<int>& group, const std::string& done,
+                                                       int64_t timeout_ms) {
+    while (true) {
+      EEP_ASSIGN_OR_RETURN(auto msgs, Gather({"allgather", done}, group, timeout_ms));
+      size_t finished = 0;
+      for (auto& [id, m] : msgs) finished += m.header.value("type", "") == done;
+      if (finished == msgs.size()) return msgs;
+      if (finished != 0) return Status::Internal("ranks disagree during communicator set-up");
+      nlohmann::json all = nlohmann::json::array();
+      for (int id : group) all.push_back(msgs[id].header.value("data", ""));
+      EEP_RETURN_IF_ERROR(Broadcast({{"type", "allgather_result"}, {"data", all}}, group));
+    }
+  }
+
+  // ---- start-up --------------------------------------------------------------------------
 
   Status Start() {
     if (!opts.inject_fault.empty()) {
@@ -150,114 +421,150 @@ class EpEngine::Impl {
     }
     num_moe_layers = static_cast<int64_t>(config.MoeLayers().size());
     EEP_ASSIGN_OR_RETURN(layout, MakeSlotLayout(config.num_experts, opts.num_redundant_experts, opts.ep_size));
+    initial_slots_per_rank = layout.slots_per_rank;
     map = InitialPlacement(layout, num_moe_layers);
     EEP_ASSIGN_OR_RETURN(recorder, eplb::LoadRecorder::Create(static_cast<int32_t>(num_moe_layers),
                                                               static_cast<int32_t>(config.num_experts),
                                                               static_cast<int32_t>(std::max<int64_t>(1, opts.eplb_window))));
+    if (opts.eplb_source != "peers" && opts.eplb_source != "backup")
+      return Status::InvalidArgument("--eplb-source must be peers or backup, got '" + opts.eplb_source + "'");
     std::random_device rd;
     session = fmt::format("{}-{:08x}", getpid(), rd());
     try {
-      router.set(zmq::sockopt::linger, 0);
-      router.bind(fmt::format("tcp://{}:*", opts.control_host));
+      for (auto* s : {&router, &hb}) {
+        s->set(zmq::sockopt::linger, 0);
+        s->bind(fmt::format("tcp://{}:*", opts.control_host));
+      }
+      router.set(zmq::sockopt::router_mandatory, false);
       endpoint = router.get(zmq::sockopt::last_endpoint);
+      hb_endpoint = hb.get(zmq::sockopt::last_endpoint);
     } catch (const zmq::error_t& e) {
       return Status::IOError(fmt::format("control socket on {}: {}", opts.control_host, e.what()));
     }
-    identity.assign(static_cast<size_t>(opts.ep_size), "");
-    rank_seqs.assign(static_cast<size_t>(opts.ep_size), 0);
     for (int r = 0; r < opts.ep_size; ++r) {
-      std::vector<std::string> args{"eep", "--log-level", opts.log_level, "rank-worker", "--control", endpoint,
-                                    "--rank", std::to_string(r), "--session", session};
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      pid_t pid = 0;
-      int rc = posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ);
-      if (rc != 0) return Status::IOError(fmt::format("cannot start rank {}: {}", r, std::strerror(rc)));
-      pids.push_back(pid);
+      EEP_RETURN_IF_ERROR(Spawn(r, "starting"));
+      members.push_back(r);
     }
+    target_size = opts.ep_size;
     EEP_LOG_INFO("ep: started {} rank(s), {} physical slots per MoE layer ({} per rank), communicator {}", opts.ep_size,
                  layout.num_physical, layout.slots_per_rank, opts.communicator);
-    constexpr int64_t kStartupMs = 300000;  // loading a large checkpoint on CPU
-    EEP_RETURN_IF_ERROR(Gather("hello", kStartupMs).status());
-    nlohmann::json init{{"type", "init"},
-                        {"model", model_dir},
-                        {"ep_size", opts.ep_size},
-                        {"communicator", opts.communicator},
-                        {"peer_timeout_ms", opts.peer_timeout_ms},
-                        {"num_redundant", opts.num_redundant_experts},
-                        {"phy2log", map.phy2log()},
-                        {"inject_fault", opts.inject_fault},
-                        {"eplb_async", opts.eplb_async},
-                        {"backup_endpoints", opts.backup_endpoints}};
-    EEP_RETURN_IF_ERROR(Broadcast(init));
-    // Serve the communicator's bootstrap all-gathers until every rank is ready.
-    while (true) {
-      std::vector<ControlMessage> msgs(static_cast<size_t>(opts.ep_size));
-      int got = 0;
-      std::string kind;
-      while (got < opts.ep_size) {
-        auto m = RecvAny(kStartupMs, "start-up");
-        if (!m.ok()) return m.status();
-        kind = m->second.header.value("type", "");
-        msgs[static_cast<size_t>(m->first)] = std::move(m->second);
-        ++got;
-      }
-      if (kind == "ready") {
-        backup_ready = !opts.backup_endpoints.empty();
-        for (auto& m : msgs) {
-          if (m.header.value("backup_ready", false)) continue;
-          backup_ready = false;
-          if (backup_health.empty()) backup_health = m.header.value("backup_health", "");
-        }
-        if (!opts.backup_endpoints.empty())
-          EEP_LOG_INFO("ep: DRAM backup {}", backup_ready ? "ready on every rank" : "unavailable (" + backup_health + "); using peers");
-        break;
-      }
-      nlohmann::json all = nlohmann::json::array();
-      for (auto& m : msgs) all.push_back(m.header.value("data", ""));
-      EEP_RETURN_IF_ERROR(Broadcast({{"type", "allgather_result"}, {"data", all}}));
-    }
+    // Hello → init happens in Recv; then serve the communicator bootstrap until all are ready.
+    auto readies = ServeBootstrap(members, "ready", kStartupMs);
+    if (!readies.ok()) return failure ? Status::Unavailable("rank failed during start-up: " + failure->what) : readies.status();
+    NoteBackup(*readies);
+    for (int id : members) procs[static_cast<size_t>(id)].state = "alive";
     EEP_LOG_INFO("ep: all {} rank(s) ready", opts.ep_size);
     return Status::Ok();
   }
 
+  // Each rank says with "ready" whether it reached the backup managers.
+  void NoteBackup(const std::map<int, ControlMessage>& readies) {
+    backup_ready = !opts.backup_endpoints.empty();
+    for (auto& [id, m] : readies) {
+      if (m.header.value("backup_ready", false)) continue;
+      backup_ready = false;
+      if (backup_health.empty()) backup_health = m.header.value("backup_health", "");
+    }
+    if (!opts.backup_endpoints.empty())
+      EEP_LOG_INFO("ep: DRAM backup {}", backup_ready ? "ready on every rank" : "unavailable (" + backup_health + "); using peers");
+  }
+
+  // ---- steps -----------------------------------------------------------------------------
+
+  int LeastLoadedMember() const {
+    std::map<int, int64_t> count;
+    for (int id : members) count[id] = 0;
+    for (const auto& [sid, s] : seqs)
+      if (count.count(s.rank)) ++count[s.rank];
+    int best = members.front();
+    for (int id : members)
+      if (count[id] < count[best]) best = id;
+    return best;
+  }
+
   Result<std::vector<SeqOutput>> Step(const std::vector<SeqInput>& inputs) {
     if (shut_down) return Status::Unavailable("engine is shut down");
-    std::vector<nlohmann::json> per_rank(static_cast<size_t>(opts.ep_size), nlohmann::json::array());
-    for (const SeqInput& in : inputs) {
-      auto it = seq_rank.find(in.seq_id);
-      if (it == seq_rank.end()) {
-        int best = static_cast<int>(std::min_element(rank_seqs.begin(), rank_seqs.end()) - rank_seqs.begin());
-        it = seq_rank.emplace(in.seq_id, best).first;
-        ++rank_seqs[static_cast<size_t>(best)];
+    if (health != "ok") return Status::Unavailable(health);
+    EEP_RETURN_IF_ERROR(Poll());
+    ++step;
+    for (int attempt = 0;; ++attempt) {
+      auto out = TryStep(inputs);
+      if (out.ok()) {
+        for (const SeqInput& in : inputs) {
+          SeqInfo& s = seqs[in.seq_id];
+          s.history.insert(s.history.end(), in.new_ids.begin(), in.new_ids.end());
+          ++s.produced;
+          s.replay = false;
+        }
+        for (int id : members) procs[static_cast<size_t>(id)].suspicions = 0;
+        if (awaiting_resume) {
+          events[*awaiting_resume].resume_seconds = NowSeconds() - switch_done_at;
+          EEP_LOG_INFO("ep: epoch {}: serving again, first step after the switch took {:.1f} ms", events[*awaiting_resume].epoch,
+                       events[*awaiting_resume].resume_seconds * 1000);
+          awaiting_resume.reset();
+        }
+        if (opts.eplb_interval > 0 && step % opts.eplb_interval == 0 && num_moe_layers > 0 && !pending) {
+          Status st = Rebalance();
+          if (!st.ok()) EEP_LOG_WARN("eplb: step {}: rebalance abandoned: {}", step, st.ToString());
+          if (health != "ok") return Status::Unavailable(health);
+        }
+        return out;
       }
-      per_rank[static_cast<size_t>(it->second)].push_back(
-          {{"seq", in.seq_id}, {"ids", in.new_ids}, {"logits", in.return_logits}, {"all_logits", in.all_logits},
-           {"temperature", in.sampling.temperature}, {"top_p", in.sampling.top_p}, {"top_k", in.sampling.top_k},
-           {"seed", in.sampling.seed}});
+      if (!failure) return out.status();
+      if (attempt >= opts.max_recovery_attempts) {
+        health = "giving up after repeated failures: " + failure->what;
+        return Status::Unavailable(health);
+      }
+      EEP_RETURN_IF_ERROR(Recover(step));
     }
-    std::vector<nlohmann::json> release(static_cast<size_t>(opts.ep_size), nlohmann::json::array());
-    for (int64_t id : to_release) {
-      auto it = seq_rank.find(id);
-      if (it == seq_rank.end()) continue;
-      release[static_cast<size_t>(it->second)].push_back(id);
-      --rank_seqs[static_cast<size_t>(it->second)];
-      seq_rank.erase(it);
+  }
+
+  Result<std::vector<SeqOutput>> TryStep(const std::vector<SeqInput>& inputs) {
+    op_started = NowSeconds();
+    std::map<int, nlohmann::json> per_rank, release;
+    for (int id : members) {
+      per_rank[id] = nlohmann::json::array();
+      release[id] = nlohmann::json::array();
+    }
+    for (int64_t sid : to_release) {
+      auto it = seqs.find(sid);
+      if (it == seqs.end()) continue;
+      if (release.count(it->second.rank)) release[it->second.rank].push_back(sid);
+      seqs.erase(it);
     }
     to_release.clear();
-    ++step;
+    for (const SeqInput& in : inputs) {
+      auto it = seqs.find(in.seq_id);
+      if (it == seqs.end()) it = seqs.emplace(in.seq_id, SeqInfo{LeastLoadedMember(), {}, 0, false}).first;
+      SeqInfo& s = it->second;
+      if (!Contains(members, s.rank)) {
+        // Its rank failed or left: resume here from everything it has seen.
+        s.rank = LeastLoadedMember();
+        s.replay = !s.history.empty();
+      }
+      nlohmann::json j{{"seq", in.seq_id}, {"ids", in.new_ids}, {"logits", in.return_logits}, {"all_logits", in.all_logits},
+                       {"temperature", in.sampling.temperature}, {"top_p", in.sampling.top_p}, {"top_k", in.sampling.top_k},
+                       {"seed", in.sampling.seed}};
+      if (s.replay) {
+        std::vector<int64_t> ids = s.history;
+        ids.insert(ids.end(), in.new_ids.begin(), in.new_ids.end());
+        j["ids"] = ids;
+        j["replay"] = true;
+        j["logits_skip"] = s.history.size();
+        // Greedy sampling draws nothing; otherwise one draw per sampled token.
+        j["rng_skip"] = in.sampling.temperature > 0 ? s.produced : 0;
+      }
+      per_rank[s.rank].push_back(std::move(j));
+    }
     const bool switching = pending != nullptr && pending->ready;
-    for (int r = 0; r < opts.ep_size; ++r)
-      EEP_RETURN_IF_ERROR(SendControl(router, identity[static_cast<size_t>(r)],
-                                      {{{"type", "step"}, {"step", step}, {"seqs", per_rank[static_cast<size_t>(r)]},
-                                        {"release", release[static_cast<size_t>(r)]}, {"switch", switching}},
-                                       ""}));
-    EEP_ASSIGN_OR_RETURN(auto replies, Gather("step_done", opts.step_timeout_ms));
+    for (int id : members)
+      EEP_RETURN_IF_ERROR(Send(id, {{"type", "step"}, {"step", step}, {"seqs", per_rank[id]}, {"release", release[id]},
+                                    {"switch", switching}}));
+    EEP_ASSIGN_OR_RETURN(auto replies, Gather({"step_done"}, members, opts.step_timeout_ms));
     if (switching) {
       // Ranks switched before computing this step; the stall is the slowest rank's wait.
       RebalanceStats stats = std::move(pending->stats);
-      for (const auto& rep : replies) {
+      for (const auto& [id, rep] : replies) {
         if (!rep.header.contains("eplb")) continue;
         stats.bytes += rep.header["eplb"].value("bytes_received", int64_t{0});
         stats.stall_seconds = std::max(stats.stall_seconds, rep.header["eplb"].value("stall_s", 0.0));
@@ -268,12 +575,12 @@ class EpEngine::Impl {
       Record(std::move(stats));
     } else if (pending) {
       bool ready = true;
-      for (const auto& rep : replies) ready = ready && rep.header.value("eplb_ready", false);
+      for (const auto& [id, rep] : replies) ready = ready && rep.header.value("eplb_ready", false);
       pending->ready = ready;
     }
     std::vector<SeqOutput> outputs;
     std::vector<int64_t> load(static_cast<size_t>(num_moe_layers * config.num_experts), 0);
-    for (auto& rep : replies) {
+    for (auto& [id, rep] : replies) {
       size_t offset = 0;
       for (const auto& o : rep.header["outputs"]) {
         SeqOutput out;
@@ -295,14 +602,312 @@ class EpEngine::Impl {
       recorder->RecordCounts(static_cast<int32_t>(ml),
                              std::span<const int64_t>(load.data() + ml * config.num_experts, static_cast<size_t>(config.num_experts)));
     recorder->AdvanceStep();
-    if (opts.eplb_interval > 0 && step % opts.eplb_interval == 0 && num_moe_layers > 0 && !pending)
-      EEP_RETURN_IF_ERROR(Rebalance());
     // Keep the caller's order.
     std::map<int64_t, size_t> pos;
     for (size_t i = 0; i < inputs.size(); ++i) pos[inputs[i].seq_id] = i;
     std::sort(outputs.begin(), outputs.end(), [&](const SeqOutput& a, const SeqOutput& b) { return pos[a.seq_id] < pos[b.seq_id]; });
     return outputs;
   }
+
+  // ---- membership changes ----------------------------------------------------------------
+
+  Status Poll() {
+    if (shut_down) return Status::Unavailable("engine is shut down");
+    if (health != "ok") return Status::Unavailable(health);
+    op_started = NowSeconds();
+    // Take in what arrived while idle (hellos, joiners' readiness, heartbeats, exits).
+    while (true) {
+      auto m = Recv(NowSeconds(), "nothing");
+      if (m.ok()) {
+        EEP_LOG_DEBUG("ep: rank {}: '{}' while idle, ignored", m->first, m->second.header.value("type", ""));
+        continue;
+      }
+      if (failure) {
+        EEP_RETURN_IF_ERROR(Recover(-1));
+        continue;
+      }
+      break;
+    }
+    if (!joining.empty()) {
+      bool all_ready = true;
+      for (int id : joining) all_ready = all_ready && procs[static_cast<size_t>(id)].ready;
+      if (all_ready) EEP_RETURN_IF_ERROR(ChangeMembers("scale-up", "scale to " + std::to_string(target_size), -1));
+    }
+    if (!leaving.empty()) EEP_RETURN_IF_ERROR(ChangeMembers("scale-down", "scale to " + std::to_string(target_size), -1));
+    return Status::Ok();
+  }
+
+  Status Recover(int64_t rollback_step) { return ChangeMembers("failover", "", rollback_step); }
+
+  Status Scale(int n, bool wait) {
+    if (shut_down) return Status::Unavailable("engine is shut down");
+    if (n < 1) return Status::InvalidArgument(fmt::format("ep_size must be >= 1, got {}", n));
+    if (!joining.empty() || !leaving.empty())
+      return Status::Unavailable(fmt::format("a scaling step to {} rank(s) is in progress", target_size));
+    target_size = n;
+    const int cur = static_cast<int>(members.size());
+    if (n > cur) {
+      for (int i = 0; i < n - cur; ++i) {
+        const int id = static_cast<int>(procs.size());
+        EEP_RETURN_IF_ERROR(Spawn(id, "joining"));
+        joining.push_back(id);
+      }
+      EEP_LOG_INFO("ep: scaling {} → {}: starting rank(s) {}", cur, n, fmt::join(joining, ","));
+    } else if (n < cur) {
+      leaving.assign(members.end() - (cur - n), members.end());
+      for (int id : leaving) procs[static_cast<size_t>(id)].state = "draining";
+      EEP_LOG_INFO("ep: scaling {} → {}: draining rank(s) {}", cur, n, fmt::join(leaving, ","));
+    }
+    if (!wait) return Status::Ok();
+    const double deadline = NowSeconds() + kStartupMs / 1000.0;
+    while (!joining.empty() || !leaving.empty()) {
+      EEP_RETURN_IF_ERROR(Poll());
+      if (joining.empty() && leaving.empty()) break;
+      if (NowSeconds() > deadline) return Status::Timeout("new ranks did not load in time");
+      auto m = Recv(std::min(deadline, NowSeconds() + 0.05), "joining ranks");
+      if (!m.ok() && !failure && m.status().code() != StatusCode::kTimeout) return m.status();
+    }
+    return Status::Ok();
+  }
+
+  struct Plan {
+    int64_t slots_per_rank = 0;
+    std::vector<std::vector<int32_t>> next;
+    nlohmann::json items = nlohmann::json::array();
+    int64_t moved = 0;
+  };
+
+  bool Holds(int id, int64_t l, int32_t e) const {
+    const auto& h = procs[static_cast<size_t>(id)].holdings;
+    if (l >= static_cast<int64_t>(h.size())) return false;
+    const auto& row = h[static_cast<size_t>(l)];
+    return std::find(row.begin(), row.end(), e) != row.end();
+  }
+
+  // EPLB over the new members' slots, starting from what they hold, so that experts move as
+  // little as possible; then a source for every slot that changes.
+  Result<Plan> PlanMembers(const std::vector<int>& next_members, const std::vector<int>& participants, int64_t S,
+                           bool prefer_backup, bool restore_only) {
+    Plan plan;
+    plan.slots_per_rank = S;
+    const int64_t P = S * static_cast<int64_t>(next_members.size());
+    std::vector<int32_t> carried(static_cast<size_t>(num_moe_layers * P), -1);
+    for (size_t p = 0; p < next_members.size(); ++p) {
+      const auto& h = procs[static_cast<size_t>(next_members[p])].holdings;
+      for (int64_t l = 0; l < num_moe_layers && l < static_cast<int64_t>(h.size()); ++l)
+        for (int64_t i = 0; i < S && i < static_cast<int64_t>(h[static_cast<size_t>(l)].size()); ++i)
+          carried[static_cast<size_t>(l * P + static_cast<int64_t>(p) * S + i)] = h[static_cast<size_t>(l)][static_cast<size_t>(i)];
+    }
+    eplb::LoadMatrix weight = recorder->Snapshot();
+    bool any = false;
+    for (float v : weight.values) any |= v > 0;
+    if (!any) std::fill(weight.values.begin(), weight.values.end(), 1.0f);  // no history: uniform
+    eplb::Topology topo;
+    topo.num_replicas = static_cast<int32_t>(P);
+    topo.num_groups = config.arch == Arch::kDeepseekV3 && config.n_group > 0 && config.num_experts % config.n_group == 0
+                          ? static_cast<int32_t>(config.n_group) : 1;
+    topo.num_nodes = 1;
+    topo.num_gpus = static_cast<int32_t>(next_members.size());
+    eplb::MinMoveOptions mo;
+    // A failover only restores what is missing (fewest moves, shortest interruption); the
+    // periodic EPLB balances later. Scaling re-spreads the load over the new ranks.
+    mo.tolerance = restore_only ? 0.999 : 0.05;
+    EEP_ASSIGN_OR_RETURN(auto res, eplb::RebalanceMinMove(weight, topo, carried, mo));
+    std::map<int, int64_t> sends;
+    for (int64_t l = 0; l < num_moe_layers; ++l) {
+      plan.next.emplace_back(res.plan.phy2log.begin() + l * P, res.plan.phy2log.begin() + (l + 1) * P);
+      auto& row = plan.next.back();
+      if (restore_only) {
+        // Only orphans move: an empty slot the planner filled with a further copy stays empty.
+        std::set<int32_t> present(carried.begin() + l * P, carried.begin() + (l + 1) * P);
+        for (int64_t s = 0; s < P; ++s) {
+          int32_t& e = row[static_cast<size_t>(s)];
+          if (e < 0 || e == carried[static_cast<size_t>(l * P + s)]) continue;
+          if (present.count(e) && carried[static_cast<size_t>(l * P + s)] < 0) e = -1;
+          else present.insert(e);
+        }
+      }
+      for (int64_t s = 0; s < P; ++s) {
+        const int32_t e = row[static_cast<size_t>(s)];
+        if (e < 0 || e == carried[static_cast<size_t>(l * P + s)]) continue;
+        const int dst = next_members[static_cast<size_t>(s / S)];
+        int src = kFromDisk;
+        if (Holds(dst, l, e)) {
+          src = dst;
+        } else {
+          for (int id : participants)
+            if (Holds(id, l, e) && (src < 0 || sends[id] < sends[src])) src = id;
+          if ((src < 0 || prefer_backup) && backup_ready) src = kFromBackup;
+          if (src >= 0) ++sends[src];
+        }
+        plan.items.push_back({l, s, e, src});
+        ++plan.moved;
+      }
+    }
+    return plan;
+  }
+
+  // One membership change: a failover (dead ranks out), scale-up (joiners in) or scale-down
+  // (leavers out). Retries from the start when another rank fails on the way.
+  Status ChangeMembers(const std::string& kind, const std::string& reason, int64_t rollback_step) {
+    MembershipEvent ev;
+    ev.kind = kind;
+    ev.reason = reason;
+    const double t_start = NowSeconds();
+    if (failure) {
+      ev.detect_seconds = std::max(0.0, failure->at - op_started);
+      ev.reason = failure->what;
+    }
+    for (int attempt = 1;; ++attempt) {
+      ev.attempts = attempt;
+      if (attempt > opts.max_recovery_attempts) {
+        health = fmt::format("{} failed after {} attempts", kind, attempt - 1);
+        return Status::Unavailable(health);
+      }
+      if (failure) {
+        for (int id : failure->dead) {
+          const bool was_member = Contains(members, id) || Contains(leaving, id);
+          Fence(id, "dead");
+          if (was_member && !Contains(ev.dead_ranks, id)) ev.dead_ranks.push_back(id);
+        }
+        if (attempt > 1 && !failure->dead.empty()) EEP_LOG_WARN("ep: {} during the switch; starting it again", failure->what);
+        failure.reset();
+      }
+      std::vector<int> participants = members;
+      for (int id : joining)
+        if (procs[static_cast<size_t>(id)].ready) participants.push_back(id);
+      std::vector<int> next_members;
+      for (int id : participants)
+        if (!Contains(leaving, id)) next_members.push_back(id);
+      if (next_members.empty()) {
+        health = "no live rank left: " + (ev.reason.empty() ? kind : ev.reason);
+        return Status::Unavailable(health);
+      }
+      ++epoch;
+      pending.reset();
+      SendAbort(participants);
+      const double t_hold = NowSeconds();
+      Status st = Hold(participants, rollback_step);
+      if (!st.ok()) {
+        if (failure) continue;
+        return st;
+      }
+      ev.abort_seconds = NowSeconds() - t_hold;
+      const double t_plan = NowSeconds();
+      const int64_t E = config.num_experts;
+      const int64_t min_slots = (E + static_cast<int64_t>(next_members.size()) - 1) / static_cast<int64_t>(next_members.size());
+      int64_t S = layout.slots_per_rank;
+      if (kind != "failover") {
+        EEP_ASSIGN_OR_RETURN(auto l, MakeSlotLayout(E, opts.num_redundant_experts, static_cast<int>(next_members.size())));
+        S = l.slots_per_rank;
+      }
+      S = std::max(S, min_slots);
+      if (opts.expert_slot_headroom >= 0 && S > initial_slots_per_rank + opts.expert_slot_headroom) {
+        health = fmt::format("{} live rank(s) need {} expert slots each to hold all {} experts, but ranks have {} "
+                             "(--expert-slot-headroom {})",
+                             next_members.size(), S, E, initial_slots_per_rank + opts.expert_slot_headroom,
+                             opts.expert_slot_headroom);
+        return Status::ResourceExhausted(health);
+      }
+      EEP_ASSIGN_OR_RETURN(Plan plan, PlanMembers(next_members, participants, S,
+                                                  kind != "failover" && opts.eplb_source == "backup",
+                                                  kind == "failover"));
+      ev.plan_seconds = NowSeconds() - t_plan;
+      const double t_restore = NowSeconds();
+      const bool same = next_members == participants;
+      st = BuildComm(participants, "ex", same && opts.eplb_async);
+      if (st.ok()) st = Broadcast({{"type", "stage"}, {"comm", "ex"}, {"comm_members", participants}, {"members", next_members},
+                                   {"slots_per_rank", S}, {"items", plan.items}},
+                                  participants);
+      std::map<int, ControlMessage> staged;
+      if (st.ok()) {
+        auto g = Gather({"staged"}, participants, opts.step_timeout_ms);
+        if (g.ok()) staged = std::move(*g);
+        else st = g.status();
+      }
+      if (st.ok() && !same) st = BuildComm(next_members, "serve", opts.eplb_async);
+      if (st.ok())
+        st = Broadcast({{"type", "commit"}, {"comm", same ? "ex" : "serve"}, {"members", next_members}, {"slots_per_rank", S},
+                        {"phy2log", plan.next}},
+                       participants);
+      if (st.ok()) st = Gather({"committed", "bye"}, participants, opts.step_timeout_ms).status();
+      if (!st.ok()) {
+        if (failure) continue;
+        return st;
+      }
+      // Switched.
+      for (int id : participants) {
+        Proc& p = procs[static_cast<size_t>(id)];
+        if (Contains(next_members, id)) {
+          p.state = "alive";
+          p.ready = false;
+          continue;
+        }
+        // A leaving rank exits after "bye"; Fence makes sure.
+        int status;
+        constexpr int64_t kExitGraceMs = 2000;
+        if (p.pid > 0 && WaitChild(p.pid, kExitGraceMs, &status)) p.pid = -1;
+        Fence(id, "left");
+      }
+      std::erase_if(joining, [&](int id) { return Contains(participants, id); });
+      leaving.clear();
+      int64_t requeued = 0;
+      for (const auto& [sid, s] : seqs) requeued += !Contains(next_members, s.rank);
+      members = next_members;
+      layout.ep_size = static_cast<int>(members.size());
+      layout.slots_per_rank = S;
+      layout.num_physical = S * static_cast<int64_t>(members.size());
+      EEP_ASSIGN_OR_RETURN(map, ExpertMap::FromPhy2Log(plan.next, config.num_experts));
+      for (const auto& [id, m] : staged) {
+        const auto& r = m.header["restore"];
+        ev.experts_from_peers += r.value("experts_peers", int64_t{0});
+        ev.experts_from_backup += r.value("experts_backup", int64_t{0});
+        ev.experts_from_disk += r.value("experts_disk", int64_t{0});
+        ev.bytes_from_peers += r.value("bytes_peers", int64_t{0});
+        ev.bytes_from_backup += r.value("bytes_backup", int64_t{0});
+        ev.bytes_from_disk += r.value("bytes_disk", int64_t{0});
+      }
+      ev.restore_seconds = NowSeconds() - t_restore;
+      ev.blocking_seconds = NowSeconds() - t_start;
+      ev.epoch = epoch;
+      ev.members = members;
+      ev.requeued_seqs = requeued;
+      LogEvent(ev, plan.moved);
+      events.push_back(ev);
+      awaiting_resume = events.size() - 1;
+      switch_done_at = NowSeconds();
+      return Status::Ok();
+    }
+  }
+
+  Status Hold(const std::vector<int>& group, int64_t rollback_step) {
+    EEP_RETURN_IF_ERROR(Broadcast({{"type", "hold"}, {"rollback_step", rollback_step}}, group));
+    EEP_ASSIGN_OR_RETURN(auto replies, Gather({"holding"}, group, opts.step_timeout_ms));
+    for (auto& [id, m] : replies)
+      procs[static_cast<size_t>(id)].holdings = m.header["holdings"].get<std::vector<std::vector<int32_t>>>();
+    return Status::Ok();
+  }
+
+  Status BuildComm(const std::vector<int>& group, const std::string& tag, bool async) {
+    EEP_RETURN_IF_ERROR(Broadcast({{"type", "comm"}, {"members", group}, {"tag", tag}, {"async", async}}, group));
+    return ServeBootstrap(group, "comm_ready", opts.step_timeout_ms).status();
+  }
+
+  void LogEvent(const MembershipEvent& ev, int64_t moved) {
+    const int64_t bytes = ev.bytes_from_peers + ev.bytes_from_backup + ev.bytes_from_disk;
+    EEP_LOG_INFO(
+        "ep: {} → epoch {}, ranks [{}]{}{}: detect {:.1f} ms | abort {:.1f} ms | plan {:.1f} ms | restore {:.1f} ms: {} slot(s) changed, "
+        "{} ({} expert(s) from peers {}, {} from DRAM backup {}, {} from disk {}), {:.2f} GB/s | blocked {:.1f} ms | "
+        "{} sequence(s) resumed elsewhere{}",
+        ev.kind, ev.epoch, fmt::join(ev.members, ","), ev.dead_ranks.empty() ? "" : fmt::format(", dead [{}]", fmt::join(ev.dead_ranks, ",")),
+        ev.reason.empty() ? "" : " (" + ev.reason + ")", ev.detect_seconds * 1000, ev.abort_seconds * 1000, ev.plan_seconds * 1000,
+        ev.restore_seconds * 1000, moved, FormatBytes(bytes), ev.experts_from_peers, FormatBytes(ev.bytes_from_peers),
+        ev.experts_from_backup, FormatBytes(ev.bytes_from_backup), ev.experts_from_disk, FormatBytes(ev.bytes_from_disk),
+        ev.restore_seconds > 0 ? static_cast<double>(bytes) / ev.restore_seconds / 1e9 : 0.0, ev.blocking_seconds * 1000,
+        ev.requeued_seqs, ev.attempts > 1 ? fmt::format(", {} attempts", ev.attempts) : "");
+  }
+
+  // ---- EPLB ------------------------------------------------------------------------------
 
   Status Rebalance() {
     const double t0 = NowSeconds();
@@ -315,12 +920,10 @@ class EpEngine::Impl {
     topo.num_replicas = static_cast<int32_t>(layout.num_physical);
     topo.num_groups = config.arch == Arch::kDeepseekV3 ? static_cast<int32_t>(config.n_group) : 1;
     topo.num_nodes = 1;
-    topo.num_gpus = opts.ep_size;
+    topo.num_gpus = layout.ep_size;
     std::vector<int32_t> old_flat;
     for (const auto& row : map.phy2log()) old_flat.insert(old_flat.end(), row.begin(), row.end());
     std::vector<int32_t> new_flat;
-    if (opts.eplb_source != "peers" && opts.eplb_source != "backup")
-      return Status::InvalidArgument("--eplb-source must be peers or backup, got '" + opts.eplb_source + "'");
     if (opts.eplb_policy == "deepseek") {
       EEP_ASSIGN_OR_RETURN(auto plan, eplb::RebalanceExperts(weight, topo));
       new_flat = plan.phy2log;
@@ -335,17 +938,20 @@ class EpEngine::Impl {
     return Apply(new_rows, opts.eplb_async, t0).status();
   }
 
-  // Turns a new placement into a transfer plan, [moe_layer, slot, expert, source rank] for
+  // Turns a new placement into a transfer plan, [moe_layer, slot, expert, source rank id] for
   // every slot that changes (source: the destination rank itself when it already holds the
-  // expert, else the holder with the fewest sends so far), and executes it.
+  // expert, else the holder with the fewest sends so far, or the DRAM backup), and executes
+  // it. A rank failure on the way abandons the rebalance and recovers.
   Result<RebalanceStats> Apply(const std::vector<std::vector<int32_t>>& new_rows, bool async, double t0) {
+    if (health != "ok") return Status::Unavailable(health);
     if (pending) return Status::Unavailable("a rebalance is already in flight");
     nlohmann::json items = nlohmann::json::array();
-    std::vector<int64_t> sends_by_rank(static_cast<size_t>(opts.ep_size), 0);
+    std::map<int, int64_t> sends_by_rank;
     RebalanceStats stats;
     stats.async = async;
     if (static_cast<int64_t>(new_rows.size()) != num_moe_layers)
       return Status::InvalidArgument(fmt::format("placement has {} layers, the model {}", new_rows.size(), num_moe_layers));
+    auto rank_of = [&](int64_t slot) { return members[static_cast<size_t>(layout.RankOfSlot(slot))]; };
     for (int64_t l = 0; l < num_moe_layers; ++l) {
       const auto& row = new_rows[static_cast<size_t>(l)];
       if (static_cast<int64_t>(row.size()) != layout.num_physical)
@@ -353,21 +959,20 @@ class EpEngine::Impl {
       for (int64_t s = 0; s < layout.num_physical; ++s) {
         const int32_t e = row[static_cast<size_t>(s)];
         if (e < 0 || e == map.LogicalAt(l, s)) continue;
-        const int dst = layout.RankOfSlot(s);
-        int src = -1;
+        const int dst = rank_of(s);
+        int src = kFromDisk;
         for (int32_t old_slot : map.Replicas(l, e))
-          if (layout.RankOfSlot(old_slot) == dst) src = dst;
+          if (rank_of(old_slot) == dst) src = dst;
         if (src < 0 && opts.eplb_source == "backup" && backup_ready) {
           src = kFromBackup;
           ++stats.from_backup;
         } else if (src < 0) {
           for (int32_t old_slot : map.Replicas(l, e)) {
-            int r = layout.RankOfSlot(old_slot);
-            if (src < 0 || sends_by_rank[static_cast<size_t>(r)] < sends_by_rank[static_cast<size_t>(src)]) src = r;
+            const int r = rank_of(old_slot);
+            if (src < 0 || sends_by_rank[r] < sends_by_rank[src]) src = r;
           }
-          ++sends_by_rank[static_cast<size_t>(src)];
-          if (std::find(stats.source_ranks.begin(), stats.source_ranks.end(), src) == stats.source_ranks.end())
-            stats.source_ranks.push_back(src);
+          ++sends_by_rank[src];
+          if (!Contains(stats.source_ranks, src)) stats.source_ranks.push_back(src);
         }
         items.push_back({l, s, e, src});
         ++stats.moved_experts;
@@ -376,15 +981,29 @@ class EpEngine::Impl {
     std::sort(stats.source_ranks.begin(), stats.source_ranks.end());
     if (items.empty()) return stats;
     EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(new_rows, layout.num_logical));
+    op_started = NowSeconds();
+    auto recover = [&](Status st) -> Status {
+      if (!failure) return st;
+      const std::string what = failure->what;
+      EEP_RETURN_IF_ERROR(Recover(-1));
+      return Status::Unavailable("rebalance abandoned: " + what);
+    };
     if (async) {
-      EEP_RETURN_IF_ERROR(Broadcast({{"type", "eplb_prepare"}, {"phy2log", new_rows}, {"items", items}}));
-      EEP_RETURN_IF_ERROR(Gather("eplb_started", opts.step_timeout_ms).status());
+      Status st = Broadcast({{"type", "eplb_prepare"}, {"phy2log", new_rows}, {"items", items}}, members);
+      if (st.ok()) st = Gather({"eplb_started"}, members, opts.step_timeout_ms).status();
+      if (!st.ok()) return recover(st);
       pending = std::make_unique<PendingSwitch>(PendingSwitch{std::move(next), std::move(stats), t0, false});
       return pending->stats;
     }
-    EEP_RETURN_IF_ERROR(Broadcast({{"type", "eplb"}, {"phy2log", new_rows}, {"items", items}}));
-    EEP_ASSIGN_OR_RETURN(auto replies, Gather("eplb_done", opts.step_timeout_ms));
-    for (const auto& r : replies) stats.bytes += r.header.value("bytes_received", int64_t{0});
+    Status st = Broadcast({{"type", "eplb"}, {"phy2log", new_rows}, {"items", items}}, members);
+    std::map<int, ControlMessage> replies;
+    if (st.ok()) {
+      auto g = Gather({"eplb_done"}, members, opts.step_timeout_ms);
+      if (g.ok()) replies = std::move(*g);
+      else st = g.status();
+    }
+    if (!st.ok()) return recover(st);
+    for (const auto& [id, r] : replies) stats.bytes += r.header.value("bytes_received", int64_t{0});
     map = std::move(next);
     stats.seconds = NowSeconds() - t0;
     stats.stall_seconds = stats.seconds;
@@ -402,23 +1021,56 @@ class EpEngine::Impl {
     rebalances.push_back(std::move(stats));
   }
 
+  Result<double> BenchRing(int64_t bytes, int rounds) {
+    EEP_RETURN_IF_ERROR(Broadcast({{"type", "bench_ring"}, {"bytes", bytes}, {"rounds", rounds}}, members));
+    EEP_ASSIGN_OR_RETURN(auto replies, Gather({"bench_done"}, members, opts.step_timeout_ms));
+    double worst = 0;
+    for (const auto& [id, r] : replies) worst = std::max(worst, r.header.value("seconds", 0.0));
+    return worst / std::max(1, rounds);
+  }
+
   void Shutdown() {
     if (shut_down) return;
     shut_down = true;
-    for (int r = 0; r < opts.ep_size && r < static_cast<int>(identity.size()); ++r)
-      if (!identity[static_cast<size_t>(r)].empty())
-        (void)SendControl(router, identity[static_cast<size_t>(r)], {{{"type", "shutdown"}}, ""});
+    for (const Proc& p : procs)
+      if (p.Live() && !p.identity.empty()) (void)SendControl(router, p.identity, {{{"type", "shutdown"}}, ""});
     // Give ranks a moment to exit cleanly, then make sure.
     constexpr int64_t kExitGraceMs = 2000;
-    for (pid_t& pid : pids) {
-      if (pid <= 0) continue;
-      int status;
-      if (!WaitChild(pid, kExitGraceMs, &status)) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &status, 0);
+    for (Proc& p : procs) {
+      if (p.pid > 0) {
+        int status;
+        if (!WaitChild(p.pid, kExitGraceMs, &status)) {
+          kill(p.pid, SIGKILL);
+          waitpid(p.pid, &status, 0);
+        }
+        p.pid = -1;
       }
-      pid = -1;
+      if (p.pidfd >= 0) close(p.pidfd);
+      p.pidfd = -1;
     }
+  }
+
+  ClusterInfo Cluster() const {
+    ClusterInfo c;
+    c.epoch = epoch;
+    c.steps = step;
+    c.map_version = static_cast<int64_t>(rebalances.size() + events.size());
+    c.backup_ready = backup_ready;
+    c.backup_health = backup_health;
+    c.health = health;
+    c.target_size = target_size;
+    std::map<int, int64_t> count;
+    for (const auto& [sid, s] : seqs) ++count[s.rank];
+    for (const Proc& p : procs) {
+      RankInfo info;
+      info.rank = p.id;
+      info.pid = p.pid > 0 ? p.pid : 0;
+      info.state = p.state == "starting" ? "joining" : p.state;
+      info.num_seqs = Contains(members, p.id) ? count[p.id] : 0;
+      c.ranks.push_back(info);
+    }
+    c.events = events;
+    return c;
   }
 };
 
@@ -439,6 +1091,8 @@ Result<std::unique_ptr<EpEngine>> EpEngine::Start(const std::string& model_dir, 
 
 Result<std::vector<SeqOutput>> EpEngine::Step(const std::vector<SeqInput>& inputs) { return impl_->Step(inputs); }
 void EpEngine::Release(int64_t seq_id) { impl_->to_release.push_back(seq_id); }
+Status EpEngine::Poll() { return impl_->Poll(); }
+Status EpEngine::Scale(int ep_size, bool wait) { return impl_->Scale(ep_size, wait); }
 void EpEngine::Shutdown() { impl_->Shutdown(); }
 const ModelConfig& EpEngine::config() const { return impl_->config; }
 const ExpertMap& EpEngine::expert_map() const { return impl_->map; }
@@ -447,30 +1101,8 @@ const std::vector<RebalanceStats>& EpEngine::rebalances() const { return impl_->
 Result<RebalanceStats> EpEngine::ApplyPlacement(const std::vector<std::vector<int32_t>>& phy2log, bool async) {
   return impl_->Apply(phy2log, async, NowSeconds());
 }
-Result<double> EpEngine::BenchRing(int64_t bytes, int rounds) {
-  EEP_RETURN_IF_ERROR(impl_->Broadcast({{"type", "bench_ring"}, {"bytes", bytes}, {"rounds", rounds}}));
-  EEP_ASSIGN_OR_RETURN(auto replies, impl_->Gather("bench_done", impl_->opts.step_timeout_ms));
-  double worst = 0;
-  for (const auto& r : replies) worst = std::max(worst, r.header.value("seconds", 0.0));
-  return worst / std::max(1, rounds);
-}
+Result<double> EpEngine::BenchRing(int64_t bytes, int rounds) { return impl_->BenchRing(bytes, rounds); }
 std::vector<int64_t> EpEngine::ExpertLoad() const { return impl_->recorder->SnapshotCounts(); }
-ClusterInfo EpEngine::Cluster() const {
-  ClusterInfo c;
-  c.epoch = impl_->epoch;
-  c.steps = impl_->step;
-  c.map_version = static_cast<int64_t>(impl_->rebalances.size());
-  c.backup_ready = impl_->backup_ready;
-  c.backup_health = impl_->backup_health;
-  for (int r = 0; r < impl_->opts.ep_size; ++r) {
-    RankInfo info;
-    info.rank = r;
-    info.pid = r < static_cast<int>(impl_->pids.size()) ? impl_->pids[static_cast<size_t>(r)] : 0;
-    info.state = info.pid > 0 ? "alive" : "dead";
-    info.num_seqs = impl_->rank_seqs[static_cast<size_t>(r)];
-    c.ranks.push_back(info);
-  }
-  return c;
-}
+ClusterInfo EpEngine::Cluster() const { return impl_->Cluster(); }
 
 }  // namespace eep::ep

@@ -36,22 +36,32 @@ struct EpOptions {
   std::string eplb_policy = "min-move";   // min-move | deepseek
   int64_t eplb_window = 32;               // steps of load history the planner sees
   bool eplb_async = false;                // exchange in the background, switch at a step boundary
-  int64_t peer_timeout_ms = 1000;         // data-plane deadline between ranks
+  int64_t peer_timeout_ms = 1000;         // data-plane deadline between ranks; also how long
+                                          // a rank's heartbeats may be missing before it is dead
+  int64_t heartbeat_interval_ms = 100;    // rank → coordinator heartbeats
+  // Spare expert slots per rank for taking over a dead rank's experts. -1 = unbounded
+  // (the CPU backend allocates on demand); a plan needing more fails clearly.
+  int64_t expert_slot_headroom = -1;
+  int max_recovery_attempts = 8;          // failures during one recovery before giving up
   int64_t step_timeout_ms = 120000;       // coordinator's bound on one step (long CPU prefills)
   std::string control_host = "127.0.0.1"; // where the coordinator's control socket binds
   std::string log_level = "info";
+  std::string worker_binary;              // the `eep` binary ranks run; empty = this executable
   // DRAM backup managers (`eep backup-manager` endpoints). The engine never depends on them:
   // a rank that cannot reach them logs it, reports it in its health, and goes on without.
   std::vector<std::string> backup_endpoints;
   std::string eplb_source = "peers";      // peers | backup: where moved experts come from
-  // Fault injection for tests and demos: "rank=R,after-steps=N,mode=kill|hang|slow".
+  // Fault injection for tests and demos:
+  // "rank=R,after-steps=N,mode=kill|hang|slow[,at=step|eplb]".
   std::string inject_fault;
 };
 
 struct FaultSpec {
   int rank = -1;
   int64_t after_steps = 0;
-  std::string mode;  // kill | hang | slow
+  std::string mode;        // kill | hang | slow
+  std::string at = "step"; // step: at the start of a step; eplb: inside the first EPLB
+                           // weight exchange after `after_steps` steps
 };
 // Parses --inject-fault; errors name the flag and the bad part.
 Result<FaultSpec> ParseFaultSpec(const std::string& text);
@@ -114,20 +124,42 @@ struct RebalanceStats {
   bool async = false;
 };
 
+// One membership change (a failure recovery or a scaling step), phase by phase.
+struct MembershipEvent {
+  int64_t epoch = 0;             // the epoch it produced
+  std::string kind;              // failover | scale-up | scale-down
+  std::string reason;            // what was detected / asked
+  std::vector<int> dead_ranks;   // declared dead (and fenced)
+  std::vector<int> members;      // serving ranks afterwards
+  double detect_seconds = 0;     // failing step start → failure confirmed (failover)
+  double abort_seconds = 0;      // survivors stopped, rolled back, holdings reported
+  double plan_seconds = 0;       // EPLB over the new members
+  double restore_seconds = 0;    // communicator rebuilt, experts moved, switched
+  double blocking_seconds = 0;   // whole window in which no step ran
+  double resume_seconds = 0;     // end of the switch → next step done
+  int64_t experts_from_peers = 0, experts_from_backup = 0, experts_from_disk = 0;
+  int64_t bytes_from_peers = 0, bytes_from_backup = 0, bytes_from_disk = 0;
+  int64_t requeued_seqs = 0;     // sequences resumed on another rank (re-prefill)
+  int attempts = 1;              // >1 when more ranks failed during the recovery
+};
+
 struct RankInfo {
   int rank = 0;
   int pid = 0;
-  std::string state;  // alive | joining | draining | dead
+  std::string state;  // alive | joining | draining | dead | left
   int64_t num_seqs = 0;
 };
 
 struct ClusterInfo {
   int64_t epoch = 0;            // membership epoch
   int64_t steps = 0;
-  int64_t map_version = 0;      // bumps with every applied rebalance
+  int64_t map_version = 0;      // bumps with every applied rebalance or membership change
   bool backup_ready = false;    // every rank reached the backup managers
   std::string backup_health;    // why not, when not
+  std::string health = "ok";    // "ok", or why the engine cannot serve
+  int target_size = 0;          // ep size asked by the last Scale (= serving size when idle)
   std::vector<RankInfo> ranks;
+  std::vector<MembershipEvent> events;
 };
 
 class EpEngine {
@@ -149,6 +181,13 @@ class EpEngine {
   Result<double> BenchRing(int64_t bytes, int rounds);
   // Frees a sequence's KV cache on its rank (sent with the next step).
   void Release(int64_t seq_id);
+  // Handles what happened while no step ran: rank deaths (recovered at once) and ranks that
+  // finished joining (switched in). Cheap; a serving loop calls it when idle.
+  Status Poll();
+  // Grows or shrinks the serving ranks to `ep_size`. New ranks start and load in the
+  // background while steps go on; the switch (and a scale-down) happens at the next step
+  // boundary, or here when `wait` is true. Sequences on leaving ranks resume elsewhere.
+  Status Scale(int ep_size, bool wait = false);
   // Stops every rank. Idempotent.
   void Shutdown();
 
@@ -168,6 +207,7 @@ class EpEngine {
 };
 
 // Entry point of `eep rank-worker`: connects to the coordinator and serves until told to stop.
-int RunRankWorker(const std::string& control_endpoint, int rank, const std::string& session);
+int RunRankWorker(const std::string& control_endpoint, const std::string& heartbeat_endpoint, int rank,
+                  const std::string& session);
 
 }  // namespace eep::ep

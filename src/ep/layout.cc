@@ -38,7 +38,8 @@ Result<FaultSpec> ParseFaultSpec(const std::string& text) {
       if (k == "rank") f.rank = std::stoi(v);
       else if (k == "after-steps") f.after_steps = std::stoll(v);
       else if (k == "mode") f.mode = v;
-      else return Status::InvalidArgument("--inject-fault: unknown key '" + k + "' (rank, after-steps, mode)");
+      else if (k == "at") f.at = v;
+      else return Status::InvalidArgument("--inject-fault: unknown key '" + k + "' (rank, after-steps, mode, at)");
     } catch (const std::exception&) {
       return Status::InvalidArgument("--inject-fault: '" + v + "' is not a number for " + k);
     }
@@ -46,6 +47,8 @@ Result<FaultSpec> ParseFaultSpec(const std::string& text) {
   if (f.rank < 0) return Status::InvalidArgument("--inject-fault: rank=R is required");
   if (f.mode != "kill" && f.mode != "hang" && f.mode != "slow")
     return Status::InvalidArgument("--inject-fault: mode must be kill, hang or slow, got '" + f.mode + "'");
+  if (f.at != "step" && f.at != "eplb")
+    return Status::InvalidArgument("--inject-fault: at must be step or eplb, got '" + f.at + "'");
   return f;
 }
 

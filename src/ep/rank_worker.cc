@@ -1,39 +1,74 @@
 // The rank side of the EP runtime (`eep rank-worker`): loads the model without routed
 // experts, holds its expert slots, and serves the coordinator's commands.
+//
+// Membership changes (a failure, scaling) arrive as four commands, each answered before the
+// next is sent, all tagged with the new epoch:
+//   hold    stop what is in flight (abort exchanges, roll back the aborted step), report
+//           which experts this rank holds
+//   comm    build a communicator over a member list (bootstrap through the coordinator)
+//   stage   move the planned experts into staging (from peers, the DRAM backup, or disk)
+//   commit  re-number the slots for the new layout, fill them, switch map and communicator
+// Until commit nothing that serves requests changes, so a failure in the middle leaves every
+// rank consistent with what it reports at the next hold.
+//
+// A heartbeat thread keeps telling the coordinator this rank is alive, and takes "abort"
+// orders that unblock exchanges stuck on a dead peer.
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
+#include <deque>
 #include <fmt/format.h>
-#include <map>
 #include <future>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <thread>
 
+#include "backup/backup.h"
 #include "core/logging.h"
 #include "core/util.h"
-#include "backup/backup.h"
 #include "ep/control.h"
 #include "ep/ep.h"
 
 namespace eep::ep {
 namespace {
 
+// Plan item sources besides a rank id.
+constexpr int kFromBackup = -1;
+constexpr int kFromDisk = -2;
+
+// All-gathers through the coordinator. A command that arrives instead of the result (the
+// coordinator gave up on this round because a rank failed) is kept for the main loop.
 class ControlBootstrap : public Bootstrap {
  public:
-  explicit ControlBootstrap(zmq::socket_t& socket) : socket_(socket) {}
+  ControlBootstrap(zmq::socket_t& socket, int64_t epoch, std::deque<ControlMessage>* deferred)
+      : socket_(socket), epoch_(epoch), deferred_(deferred) {}
   Result<std::vector<std::string>> AllGather(const std::string& mine) override {
-    EEP_RETURN_IF_ERROR(SendControl(socket_, "", {{{"type", "allgather"}, {"data", mine}}, ""}));
+    EEP_RETURN_IF_ERROR(SendControl(socket_, "", {{{"type", "allgather"}, {"data", mine}, {"epoch", epoch_}}, ""}));
     constexpr int64_t kBootstrapMs = 300000;
-    EEP_ASSIGN_OR_RETURN(auto m, RecvControl(socket_, nullptr, kBootstrapMs));
-    if (m.header.value("type", "") != "allgather_result") return Status::Corruption("expected allgather_result");
-    return m.header["data"].get<std::vector<std::string>>();
+    const double deadline = NowSeconds() + kBootstrapMs / 1000.0;
+    while (true) {
+      const int64_t left = static_cast<int64_t>((deadline - NowSeconds()) * 1000);
+      if (left <= 0) return Status::Timeout("communicator bootstrap: no all-gather result");
+      EEP_ASSIGN_OR_RETURN(auto m, RecvControl(socket_, nullptr, left));
+      const std::string type = m.header.value("type", "");
+      if (type == "allgather_result") {
+        if (m.header.value("epoch", int64_t{-1}) != epoch_) continue;  // a stale round
+        return m.header["data"].get<std::vector<std::string>>();
+      }
+      deferred_->push_back(std::move(m));
+      return Status::Cancelled(fmt::format("communicator bootstrap interrupted by '{}'", type));
+    }
   }
 
  private:
   zmq::socket_t& socket_;
+  int64_t epoch_;
+  std::deque<ControlMessage>* deferred_;
 };
 
 struct SeqState {
@@ -41,28 +76,135 @@ struct SeqState {
   std::mt19937_64 rng;
 };
 
+// What a step changed, so that an aborted step can be undone.
+struct SeqSnapshot {
+  bool existed = false;
+  int64_t length = 0;
+  std::mt19937_64 rng;
+};
+
+// Expert data for slots of this rank, before it is applied.
+struct Staged {
+  struct Slot {
+    int64_t layer, slot;
+    std::vector<float> data;         // local copies
+    const uint8_t* bytes = nullptr;  // or a view into `received`
+  };
+  std::vector<Slot> slots;
+  std::vector<std::vector<uint8_t>> received;
+  int64_t bytes_peers = 0, bytes_backup = 0, bytes_disk = 0;
+  int64_t experts_peers = 0, experts_backup = 0, experts_disk = 0;
+  double seconds = 0;
+  nlohmann::json Report() const {
+    return {{"bytes_peers", bytes_peers},     {"bytes_backup", bytes_backup},     {"bytes_disk", bytes_disk},
+            {"experts_peers", experts_peers}, {"experts_backup", experts_backup}, {"experts_disk", experts_disk},
+            {"bytes_received", bytes_peers},  {"seconds", seconds}};
+  }
+};
+
+int PositionOf(const std::vector<int>& members, int id) {
+  for (size_t i = 0; i < members.size(); ++i)
+    if (members[i] == id) return static_cast<int>(i);
+  return -1;
+}
+
+SlotLayout LayoutFor(int64_t num_logical, size_t num_members, int64_t slots_per_rank) {
+  SlotLayout l;
+  l.num_logical = num_logical;
+  l.ep_size = static_cast<int>(num_members);
+  l.slots_per_rank = slots_per_rank;
+  l.num_physical = slots_per_rank * static_cast<int64_t>(num_members);
+  return l;
+}
+
 class RankWorker {
  public:
-  RankWorker(int rank, std::string session) : rank_(rank), session_(std::move(session)) {}
+  RankWorker(int id, std::string session) : id_(id), session_(std::move(session)) {}
+
+  // ---- heartbeats ------------------------------------------------------------------------
+
+  void StartHeartbeat(const std::string& endpoint, int64_t interval_ms) {
+    hb_thread_ = std::thread([this, endpoint, interval_ms] {
+      zmq::socket_t hb(ctx_, zmq::socket_type::dealer);
+      try {
+        hb.set(zmq::sockopt::linger, 0);
+        hb.set(zmq::sockopt::routing_id, fmt::format("hb-{}", id_));
+        hb.connect(endpoint);
+      } catch (const zmq::error_t& e) {
+        EEP_LOG_ERROR("rank {}: heartbeat socket: {}", id_, e.what());
+        return;
+      }
+      double next = 0;
+      while (!hb_stop_.load()) {
+        const double now = NowSeconds();
+        if (now >= next) {
+          (void)SendControl(hb, "", {{{"type", "hb"}, {"rank", id_}, {"epoch", epoch_.load()}}, ""});
+          next = now + static_cast<double>(interval_ms) / 1000.0;
+        }
+        auto m = RecvControl(hb, nullptr, std::max<int64_t>(1, static_cast<int64_t>((next - NowSeconds()) * 1000)));
+        if (m.ok() && m->header.value("type", "") == "abort") AbortBefore(m->header.value("epoch", int64_t{0}));
+      }
+    });
+  }
+
+  void StopHeartbeat() {
+    hb_stop_.store(true);
+    if (hb_thread_.joinable()) hb_thread_.join();
+  }
+
+  // Unblocks every exchange on a communicator older than `epoch`. Any thread.
+  void AbortBefore(int64_t epoch) {
+    std::lock_guard<std::mutex> lock(comm_mu_);
+    for (auto& [comm, e] : live_comms_)
+      if (e < epoch) comm->Abort();
+  }
+
+  // ---- communicators ---------------------------------------------------------------------
+
+  Result<std::shared_ptr<Communicator>> MakeComm(const std::vector<int>& members, int64_t epoch, const std::string& tag) {
+    CommunicatorOptions co;
+    co.rank = PositionOf(members, id_);
+    co.world_size = static_cast<int>(members.size());
+    co.session = fmt::format("{}-e{}-{}", session_, epoch, tag);
+    co.peer_timeout_ms = peer_timeout_ms_;
+    ControlBootstrap boot(socket_, epoch, &deferred_);
+    EEP_ASSIGN_OR_RETURN(auto comm, CreateCommunicator(communicator_, co, &boot));
+    std::shared_ptr<Communicator> shared(std::move(comm));
+    std::lock_guard<std::mutex> lock(comm_mu_);
+    live_comms_.emplace_back(shared, epoch);
+    return shared;
+  }
+
+  // Forgets communicators no longer referenced by this rank.
+  void PruneComms() {
+    std::lock_guard<std::mutex> lock(comm_mu_);
+    std::erase_if(live_comms_, [](const auto& e) { return e.first.use_count() == 1; });
+  }
+
+  void InstallExecutor() {
+    executor_ = std::make_unique<EpMoeExecutor>(model_->config(), experts_.get(), comm_.get(), layout_);
+    model_->SetMoeExecutor(executor_.get());
+  }
+
+  // ---- commands --------------------------------------------------------------------------
 
   Status Init(const ControlMessage& init) {
     const auto& h = init.header;
     model_dir_ = h["model"].get<std::string>();
-    ep_size_ = h["ep_size"].get<int>();
+    communicator_ = h["communicator"].get<std::string>();
+    peer_timeout_ms_ = h["peer_timeout_ms"].get<int64_t>();
+    eplb_async_ = h.value("eplb_async", false);
+    epoch_.store(h["epoch"].get<int64_t>());
+    members_ = h["members"].get<std::vector<int>>();
     EEP_ASSIGN_OR_RETURN(model_, Model::Load(model_dir_, {.load_experts = false, .show_progress = false}));
     const ModelConfig& c = model_->config();
-    EEP_ASSIGN_OR_RETURN(layout_, MakeSlotLayout(c.num_experts, h["num_redundant"].get<int64_t>(), ep_size_));
+    layout_ = LayoutFor(c.num_experts, members_.size(), h["slots_per_rank"].get<int64_t>());
     EEP_ASSIGN_OR_RETURN(ExpertMap map, ExpertMap::FromPhy2Log(h["phy2log"].get<std::vector<std::vector<int32_t>>>(), c.num_experts));
-    const int64_t first = layout_.FirstSlot(rank_);
-    experts_ = std::make_unique<LocalExperts>(model_->config(), std::move(map), first, first + layout_.slots_per_rank);
-    EEP_RETURN_IF_ERROR(experts_->LoadFromCheckpoint(model_->checkpoint()));
-    CommunicatorOptions co;
-    co.rank = rank_;
-    co.world_size = ep_size_;
-    co.session = session_;
-    co.peer_timeout_ms = h["peer_timeout_ms"].get<int64_t>();
-    ControlBootstrap boot(socket_);
-    EEP_ASSIGN_OR_RETURN(comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
+    // A joining rank holds no slot until its first commit.
+    const int pos = PositionOf(members_, id_);
+    const int64_t first = pos < 0 ? 0 : layout_.FirstSlot(pos);
+    experts_ = std::make_unique<LocalExperts>(model_->config(), std::move(map), first, pos < 0 ? 0 : first + layout_.slots_per_rank);
+    if (pos >= 0) EEP_RETURN_IF_ERROR(experts_->LoadFromCheckpoint(model_->checkpoint()));
     // The backup is optional: without it the rank runs and says so.
     const auto backup_endpoints = h.value("backup_endpoints", std::vector<std::string>{});
     if (!backup_endpoints.empty()) {
@@ -71,20 +213,20 @@ class RankWorker {
       bo.expected_fingerprint = model_->checkpoint().Fingerprint();
       backup_ = std::make_unique<backup::ExpertBackupClient>(bo);
       Status st = backup_->Connect();
-      if (!st.ok()) EEP_LOG_WARN("rank {}: DRAM backup unavailable, running without it: {}", rank_, st.ToString());
+      if (!st.ok()) EEP_LOG_WARN("rank {}: DRAM backup unavailable, running without it: {}", id_, st.ToString());
     }
-    if (h.value("eplb_async", false)) {
-      co.session = session_ + "-x";
-      EEP_ASSIGN_OR_RETURN(async_comm_, CreateCommunicator(h["communicator"].get<std::string>(), co, &boot));
+    if (pos >= 0) {
+      EEP_ASSIGN_OR_RETURN(comm_, MakeComm(members_, epoch_.load(), "serve"));
+      if (eplb_async_) {
+        EEP_ASSIGN_OR_RETURN(async_comm_, MakeComm(members_, epoch_.load(), "async"));
+      }
+      InstallExecutor();
     }
-    executor_ = std::make_unique<EpMoeExecutor>(model_->config(), experts_.get(), comm_.get(), layout_);
-    model_->SetMoeExecutor(executor_.get());
     const std::string fault = h.value("inject_fault", "");
     if (!fault.empty()) {
       EEP_ASSIGN_OR_RETURN(FaultSpec f, ParseFaultSpec(fault));
-      if (f.rank == rank_) fault_ = f;
+      if (f.rank == id_) fault_ = f;
     }
-    peer_timeout_ms_ = co.peer_timeout_ms;
     load_.assign(static_cast<size_t>(model_->num_moe_layers() * c.num_experts), 0);
     model_->SetRouteObserver([this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
       for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
@@ -92,18 +234,22 @@ class RankWorker {
     return Status::Ok();
   }
 
-  // Injected faults fire when this rank has completed `after_steps` steps.
-  void MaybeInjectFault() {
-    if (!fault_ || steps_done_ != fault_->after_steps) return;
-    EEP_LOG_WARN("rank {}: injecting fault '{}' after {} steps", rank_, fault_->mode, steps_done_);
-    if (fault_->mode == "kill") raise(SIGKILL);
-    if (fault_->mode == "hang") raise(SIGSTOP);  // alive but silent, like a wedged GPU
-    if (fault_->mode == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(3 * peer_timeout_ms_));
+  // Injected faults fire once this rank has completed `after_steps` steps, at the start of
+  // the next step (at=step) or inside the next EPLB weight exchange (at=eplb).
+  void MaybeInjectFault(const std::string& where) {
+    if (!fault_ || fault_->at != where || steps_done_ < fault_->after_steps) return;
+    if (where == "step" && steps_done_ != fault_->after_steps) return;
+    const FaultSpec f = *fault_;
+    fault_.reset();
+    EEP_LOG_WARN("rank {}: injecting fault '{}' at {} after {} steps", id_, f.mode, where, steps_done_);
+    if (f.mode == "kill") raise(SIGKILL);
+    if (f.mode == "hang") raise(SIGSTOP);  // alive but silent, like a wedged GPU
+    if (f.mode == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(3 * peer_timeout_ms_));
   }
 
   Result<ControlMessage> Step(const ControlMessage& m) {
-    MaybeInjectFault();
-    ++steps_done_;
+    if (!comm_) return Status::Internal(fmt::format("rank {} got a step before joining", id_));
+    MaybeInjectFault("step");
     nlohmann::json eplb_report;
     if (m.header.value("switch", false)) {
       EEP_ASSIGN_OR_RETURN(auto sw, SwitchRebalance());
@@ -111,22 +257,37 @@ class RankWorker {
     }
     for (const auto& id : m.header["release"]) seqs_.erase(id.get<int64_t>());
     std::fill(load_.begin(), load_.end(), 0);
+    const auto& in = m.header["seqs"];
+    // Remember what this step changes, for a rollback if it is aborted.
+    snapshot_.clear();
+    snapshot_step_ = m.header["step"].get<int64_t>();
+    for (const auto& s : in) {
+      const int64_t id = s["seq"].get<int64_t>();
+      auto it = seqs_.find(id);
+      SeqSnapshot snap;
+      if (it != seqs_.end()) snap = {true, it->second.cache->length(), it->second.rng};
+      snapshot_[id] = std::move(snap);
+    }
     std::vector<SeqStep> batch;
     std::vector<std::vector<int64_t>> ids;
     std::vector<std::vector<float>> logits;
-    const auto& in = m.header["seqs"];
     ids.reserve(in.size());
     logits.resize(in.size());
     for (const auto& s : in) {
       const int64_t id = s["seq"].get<int64_t>();
       auto it = seqs_.find(id);
-      if (it == seqs_.end()) {
-        it = seqs_.emplace(id, SeqState{model_->NewCache(), std::mt19937_64(s["seed"].get<uint64_t>())}).first;
+      if (it == seqs_.end() || s.value("replay", false)) {
+        // A new sequence, or one resumed here after its rank failed or left: prompt and the
+        // tokens produced so far are prefilled, and the sampler continues where it was.
+        std::mt19937_64 rng(s["seed"].get<uint64_t>());
+        rng.discard(s.value("rng_skip", uint64_t{0}));
+        it = seqs_.insert_or_assign(id, SeqState{model_->NewCache(), rng}).first;
       }
       ids.push_back(s["ids"].get<std::vector<int64_t>>());
       batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[batch.size()]});
     }
     EEP_RETURN_IF_ERROR(model_->Forward(batch));
+    ++steps_done_;
     ControlMessage out;
     out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};
     if (!eplb_report.is_null()) out.header["eplb"] = eplb_report;
@@ -142,93 +303,200 @@ class RankWorker {
       const int64_t token = SampleToken(last, V, sp, &seqs_[id].rng);
       nlohmann::json o{{"seq", id}, {"token", token}};
       if (s["logits"].get<bool>()) {
-        o["num_logits"] = logits[i].size();
-        out.payload.append(reinterpret_cast<const char*>(logits[i].data()), logits[i].size() * sizeof(float));
+        // A replayed sequence returns only the rows of this step's own tokens.
+        const size_t skip = std::min(logits[i].size() / static_cast<size_t>(V) - 1, s.value("logits_skip", size_t{0}));
+        const size_t n = logits[i].size() - skip * static_cast<size_t>(V);
+        o["num_logits"] = n;
+        out.payload.append(reinterpret_cast<const char*>(logits[i].data() + skip * static_cast<size_t>(V)), n * sizeof(float));
       }
       out.header["outputs"].push_back(o);
     }
     return out;
   }
 
-  // Expert data for slots of this rank that change in a rebalance, before it is applied.
-  struct Staged {
-    struct Slot {
-      int64_t layer, slot;
-      std::vector<float> data;  // local copies
-      const uint8_t* bytes = nullptr;  // or a view into `received`
-    };
-    std::vector<Slot> slots;
-    std::vector<std::vector<uint8_t>> received;
-    int64_t bytes_received = 0;
-  };
+  // Undoes the step `step` if it was the last one run here (idempotent).
+  void Rollback(int64_t step) {
+    if (step < 0 || step != snapshot_step_) return;
+    for (auto& [id, snap] : snapshot_) {
+      if (!snap.existed) {
+        seqs_.erase(id);
+        continue;
+      }
+      auto it = seqs_.find(id);
+      if (it == seqs_.end()) continue;
+      it->second.cache->Truncate(snap.length);
+      it->second.rng = snap.rng;
+    }
+  }
 
-  // Moves the experts of a transfer plan ([layer, slot, expert, source rank] items) into
-  // staging: every rank packs what it must send, one AllToAllV on `comm` moves it. Reads the
-  // current slots only, so it may run beside forward passes (async EPLB).
-  Result<Staged> StageTransfers(const nlohmann::json& items, Communicator* comm) {
+  Result<ControlMessage> Hold(const ControlMessage& m) {
+    const int64_t epoch = m.header["epoch"].get<int64_t>();
+    epoch_.store(epoch);
+    AbortBefore(epoch);
+    if (async_.valid()) {
+      (void)async_.get();  // aborted above: returns promptly
+      async_ = {};
+    }
+    staged_.reset();
+    next_comms_.clear();
+    PruneComms();
+    Rollback(m.header.value("rollback_step", int64_t{-1}));
+    // What each held slot holds, local slot order, per MoE layer.
+    nlohmann::json holdings = nlohmann::json::array();
+    const ExpertMap& map = experts_->map();
+    for (int64_t l = 0; l < map.num_moe_layers(); ++l) {
+      std::vector<int32_t> row;
+      for (int64_t s = experts_->slot_begin(); s < experts_->slot_end(); ++s) row.push_back(map.LogicalAt(l, s));
+      holdings.push_back(row);
+    }
+    return ControlMessage{{{"type", "holding"}, {"holdings", holdings}}, ""};
+  }
+
+  Result<ControlMessage> BuildComm(const ControlMessage& m) {
+    const int64_t epoch = m.header["epoch"].get<int64_t>();
+    const auto members = m.header["members"].get<std::vector<int>>();
+    const std::string tag = m.header["tag"].get<std::string>();
+    EEP_ASSIGN_OR_RETURN(next_comms_[tag], MakeComm(members, epoch, tag));
+    if (m.header.value("async", false)) {
+      EEP_ASSIGN_OR_RETURN(next_comms_[tag + "-async"], MakeComm(members, epoch, tag + "-async"));
+    }
+    return ControlMessage{{{"type", "comm_ready"}}, ""};
+  }
+
+  Result<ControlMessage> Stage(const ControlMessage& m) {
+    const std::string tag = m.header["comm"].get<std::string>();
+    Communicator* comm = nullptr;
+    std::vector<int> ex_members;
+    if (tag == "current") {
+      comm = comm_.get();
+      ex_members = members_;
+    } else {
+      auto it = next_comms_.find(tag);
+      if (it == next_comms_.end()) return Status::Internal(fmt::format("stage over unknown communicator '{}'", tag));
+      comm = it->second.get();
+      ex_members = m.header["comm_members"].get<std::vector<int>>();
+    }
+    const double t0 = NowSeconds();
+    EEP_ASSIGN_OR_RETURN(Staged staged, StageTransfers(m.header["items"], comm, ex_members,
+                                                       m.header["members"].get<std::vector<int>>(),
+                                                       m.header["slots_per_rank"].get<int64_t>()));
+    staged.seconds = NowSeconds() - t0;
+    ControlMessage reply{{{"type", "staged"}, {"restore", staged.Report()}}, ""};
+    staged_ = std::make_unique<Staged>(std::move(staged));
+    return reply;
+  }
+
+  // Returns false when this rank is not among the new members (it leaves).
+  Result<bool> Commit(const ControlMessage& m, ControlMessage* reply) {
+    const auto members = m.header["members"].get<std::vector<int>>();
+    const int pos = PositionOf(members, id_);
+    if (pos < 0) {
+      *reply = {{{"type", "bye"}}, ""};
+      return false;
+    }
+    const int64_t S = m.header["slots_per_rank"].get<int64_t>();
+    EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(m.header["phy2log"].get<std::vector<std::vector<int32_t>>>(),
+                                                                model_->config().num_experts));
+    const std::string tag = m.header["comm"].get<std::string>();
+    auto it = next_comms_.find(tag);
+    if (it == next_comms_.end()) return Status::Internal(fmt::format("commit to unknown communicator '{}'", tag));
+    layout_ = LayoutFor(model_->config().num_experts, members.size(), S);
+    experts_->Relayout(std::move(next), layout_.FirstSlot(pos), layout_.FirstSlot(pos) + S);
+    if (staged_) FillStaged(staged_.get());
+    staged_.reset();
+    comm_ = it->second;
+    auto ait = next_comms_.find(tag + "-async");
+    async_comm_ = ait == next_comms_.end() ? nullptr : ait->second;
+    next_comms_.clear();
+    members_ = members;
+    PruneComms();
+    InstallExecutor();
+    *reply = {{{"type", "committed"}}, ""};
+    return true;
+  }
+
+  // Moves the experts of a transfer plan ([layer, slot, expert, source] items; slot in the
+  // layout of `dst_members` with S slots each; source a rank id, or -1 = DRAM backup, -2 =
+  // checkpoint) into staging: every rank packs what it must send, one AllToAllV over `comm`
+  // (whose positions are `ex_members`) moves it. Reads the current slots only, so it may run
+  // beside forward passes (async EPLB).
+  Result<Staged> StageTransfers(const nlohmann::json& items, Communicator* comm, const std::vector<int>& ex_members,
+                                const std::vector<int>& dst_members, int64_t S) {
     const ModelConfig& c = model_->config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     const size_t expert_bytes = expert_floats * sizeof(float);
     const ExpertMap& old = experts_->map();
+    auto dst_of = [&](int64_t slot) { return dst_members[static_cast<size_t>(slot / S)]; };
     Staged staged;
-    std::vector<std::vector<uint8_t>> send(static_cast<size_t>(ep_size_));
-    std::vector<size_t> send_bytes(static_cast<size_t>(ep_size_), 0);
+    const size_t world = ex_members.size();
+    std::vector<std::vector<uint8_t>> send(world);
+    std::vector<size_t> send_bytes(world, 0);
     for (const auto& it : items)
-      if (it[3].get<int>() == rank_) send_bytes[static_cast<size_t>(layout_.RankOfSlot(it[1].get<int64_t>()))] += 12 + expert_bytes;
-    for (int d = 0; d < ep_size_; ++d) send[static_cast<size_t>(d)].reserve(send_bytes[static_cast<size_t>(d)]);
+      if (it[3].get<int>() == id_) {
+        const int d = PositionOf(ex_members, dst_of(it[1].get<int64_t>()));
+        if (d >= 0) send_bytes[static_cast<size_t>(d)] += 12 + expert_bytes;
+      }
+    for (size_t d = 0; d < world; ++d) send[d].reserve(send_bytes[d]);
+    std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, slot, expert, source) read here
     for (const auto& it : items) {
       const int64_t l = it[0].get<int64_t>(), s = it[1].get<int64_t>();
       const int32_t e = it[2].get<int32_t>();
-      const int src = it[3].get<int>(), dst = layout_.RankOfSlot(s);
-      if (src != rank_) continue;
+      const int src = it[3].get<int>(), dst = dst_of(s);
+      if ((src == kFromBackup || src == kFromDisk) && dst == id_) fetch.emplace_back(l, s, e, src);
+      if (src != id_) continue;
       const ExpertWeights* w = nullptr;
       for (int32_t os : old.Replicas(l, e))
         if (experts_->Holds(os)) w = &experts_->Slot(l, os);
-      if (w == nullptr)
-        return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", rank_, e, l));
-      if (dst == rank_) {
+      if (w == nullptr || w->data.empty())
+        return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", id_, e, l));
+      if (dst == id_) {
         staged.slots.push_back({l, s, w->data, nullptr});
         continue;
       }
-      auto& buf = send[static_cast<size_t>(dst)];
+      const int d = PositionOf(ex_members, dst);
+      if (d < 0) return Status::Internal(fmt::format("plan sends expert {} to rank {}, not in the exchange", e, dst));
+      auto& buf = send[static_cast<size_t>(d)];
       const int32_t head[3] = {static_cast<int32_t>(l), static_cast<int32_t>(s), e};
       buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(head), reinterpret_cast<const uint8_t*>(head) + sizeof head);
       buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data.data()),
                  reinterpret_cast<const uint8_t*>(w->data.data()) + expert_bytes);
     }
-    EEP_RETURN_IF_ERROR(StageFromBackup(items, &staged));
+    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged));
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
     std::vector<std::vector<uint8_t>>& recv = staged.received;
-    EEP_RETURN_IF_ERROR_CTX(comm->AllToAllV(spans, &recv), "EPLB weight exchange");
+    EEP_RETURN_IF_ERROR_CTX(comm->AllToAllV(spans, &recv), "expert weight exchange");
     const size_t record = 12 + expert_bytes;
-    for (int src = 0; src < ep_size_; ++src) {
-      const auto& buf = recv[static_cast<size_t>(src)];
+    for (size_t src = 0; src < recv.size(); ++src) {
+      const auto& buf = recv[src];
       if (buf.size() % record != 0)
-        return Status::Corruption(fmt::format("EPLB exchange from rank {}: bad size {}", src, buf.size()));
+        return Status::Corruption(fmt::format("expert exchange from rank {}: bad size {}", ex_members[src], buf.size()));
       for (size_t off = 0; off < buf.size(); off += record) {
         int32_t head[3];
         std::memcpy(head, buf.data() + off, 12);
         staged.slots.push_back({head[0], head[1], {}, buf.data() + off + 12});
+        ++staged.experts_peers;
       }
-      staged.bytes_received += static_cast<int64_t>(buf.size());
+      staged.bytes_peers += static_cast<int64_t>(buf.size());
     }
     return staged;
   }
 
-  // Plan items with source -1 that land on this rank are read from the DRAM backup managers
-  // (checkpoint dtype, one batched fetch per layer) and converted into staging.
-  Status StageFromBackup(const nlohmann::json& items, Staged* staged) {
+  // Experts this rank reads itself: from the DRAM backup managers (checkpoint dtype, one
+  // batched fetch per layer), falling back to the checkpoint on disk when the backup cannot
+  // serve them (logged: it is the slow path).
+  Status StageFetched(const std::vector<std::tuple<int64_t, int64_t, int32_t, int>>& fetch, Staged* staged) {
+    if (fetch.empty()) return Status::Ok();
     const ModelConfig& c = model_->config();
     const auto moe_layers = c.MoeLayers();
     const size_t mat = static_cast<size_t>(c.ExpertIntermediate() * c.hidden_size);
-    std::map<int64_t, std::vector<std::pair<int64_t, int32_t>>> by_layer;  // layer -> (slot, expert)
-    for (const auto& it : items)
-      if (it[3].get<int>() == -1 && layout_.RankOfSlot(it[1].get<int64_t>()) == rank_)
-        by_layer[it[0].get<int64_t>()].emplace_back(it[1].get<int64_t>(), it[2].get<int32_t>());
-    if (by_layer.empty()) return Status::Ok();
-    if (!backup_) return Status::Unavailable(fmt::format("rank {}: plan reads from the DRAM backup, which is not configured", rank_));
-    for (const auto& [l, list] : by_layer) {
+    std::map<int64_t, std::vector<std::pair<int64_t, int32_t>>> from_backup;  // layer -> (slot, expert)
+    std::vector<std::tuple<int64_t, int64_t, int32_t>> from_disk;
+    for (const auto& [l, s, e, src] : fetch) {
+      if (src == kFromBackup) from_backup[l].emplace_back(s, e);
+      else from_disk.emplace_back(l, s, e);
+    }
+    for (const auto& [l, list] : from_backup) {
       const int64_t layer_id = moe_layers[static_cast<size_t>(l)];
       std::vector<int64_t> ids;
       for (const auto& [slot, e] : list)
@@ -241,22 +509,43 @@ class RankWorker {
         const auto names = c.ExpertTensorNames(layer_id, ids[i]);
         for (int m = 0; m < 3; ++m) dest[names[static_cast<size_t>(m)]] = {raw[i].data() + m * mat * esize, mat * esize};
       }
-      EEP_RETURN_IF_ERROR_CTX(backup_->FetchLogicalExperts(layer_id, ids, "", dest),
-                              fmt::format("rank {}: DRAM backup fetch of layer {}", rank_, layer_id));
+      Status st = backup_ ? backup_->FetchLogicalExperts(layer_id, ids, "", dest)
+                          : Status::Unavailable("the DRAM backup is not configured");
+      if (!st.ok()) {
+        EEP_LOG_WARN("rank {}: DRAM backup cannot serve layer {} ({}); reading {} expert(s) from the checkpoint", id_,
+                     layer_id, st.ToString(), list.size());
+        for (const auto& [slot, e] : list) from_disk.emplace_back(l, slot, e);
+        continue;
+      }
       for (const auto& [slot, e] : list) {
         const size_t i = static_cast<size_t>(std::find(ids.begin(), ids.end(), e) - ids.begin());
         std::vector<float> data(3 * mat);
         EEP_RETURN_IF_ERROR(ConvertToF32(dtype, raw[i].data(), 3 * mat, data.data()));
         staged->slots.push_back({l, slot, std::move(data), nullptr});
+        ++staged->experts_backup;
       }
+      staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
+    }
+    if (!from_disk.empty())
+      EEP_LOG_WARN("rank {}: restoring {} expert(s) from the checkpoint on disk", id_, from_disk.size());
+    const auto shapes = c.ExpertTensorShapes();
+    for (const auto& [l, slot, e] : from_disk) {
+      const auto names = c.ExpertTensorNames(moe_layers[static_cast<size_t>(l)], e);
+      std::vector<float> data;
+      data.reserve(3 * mat);
+      for (int m = 0; m < 3; ++m) {
+        EEP_ASSIGN_OR_RETURN(auto part, model_->checkpoint().ReadF32(names[static_cast<size_t>(m)], shapes[static_cast<size_t>(m)]));
+        data.insert(data.end(), part.begin(), part.end());
+        staged->bytes_disk += static_cast<int64_t>(model_->checkpoint().Find(names[static_cast<size_t>(m)])->nbytes);
+      }
+      staged->slots.push_back({l, slot, std::move(data), nullptr});
+      ++staged->experts_disk;
     }
     return Status::Ok();
   }
 
-  // The switch: staged experts go into their slots and the new map takes effect.
-  Status ApplyStaged(Staged* staged, const nlohmann::json& phy2log) {
-    EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(phy2log.get<std::vector<std::vector<int32_t>>>(),
-                                                                model_->config().num_experts));
+  // Staged experts go into their slots (the map was set by the caller).
+  void FillStaged(Staged* staged) {
     const ModelConfig& c = model_->config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     for (auto& s : staged->slots) {
@@ -268,15 +557,28 @@ class RankWorker {
         std::memcpy(data.data(), s.bytes, expert_floats * sizeof(float));
       }
     }
+  }
+
+  // The switch of a rebalance (same members and layout): staged experts go into their slots
+  // and the new map takes effect.
+  Status ApplyStaged(Staged* staged, const nlohmann::json& phy2log) {
+    EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(phy2log.get<std::vector<std::vector<int32_t>>>(),
+                                                                model_->config().num_experts));
+    FillStaged(staged);
     experts_->SetMap(std::move(next));
     return Status::Ok();
   }
 
+  Result<Staged> StageRebalance(const nlohmann::json& items, Communicator* comm) {
+    MaybeInjectFault("eplb");
+    return StageTransfers(items, comm, members_, members_, layout_.slots_per_rank);
+  }
+
   // Synchronous rebalance: stage and switch now (the whole exchange is stall).
   Result<ControlMessage> Rebalance(const ControlMessage& m) {
-    EEP_ASSIGN_OR_RETURN(Staged staged, StageTransfers(m.header["items"], comm_.get()));
+    EEP_ASSIGN_OR_RETURN(Staged staged, StageRebalance(m.header["items"], comm_.get()));
     EEP_RETURN_IF_ERROR(ApplyStaged(&staged, m.header["phy2log"]));
-    return ControlMessage{{{"type", "eplb_done"}, {"bytes_received", staged.bytes_received}}, ""};
+    return ControlMessage{{{"type", "eplb_done"}, {"restore", staged.Report()}, {"bytes_received", staged.bytes_peers}}, ""};
   }
 
   // Asynchronous rebalance: the exchange runs on a second communicator in the background
@@ -285,7 +587,8 @@ class RankWorker {
     if (!async_comm_) return Status::InvalidArgument("async EPLB needs the engine started with eplb_async");
     if (async_.valid()) return Status::Internal("a rebalance is already in flight");
     pending_phy2log_ = m.header["phy2log"];
-    async_ = std::async(std::launch::async, [this, items = m.header["items"]] { return StageTransfers(items, async_comm_.get()); });
+    async_ = std::async(std::launch::async,
+                        [this, items = m.header["items"], comm = async_comm_] { return StageRebalance(items, comm.get()); });
     return ControlMessage{{{"type", "eplb_started"}}, ""};
   }
 
@@ -296,45 +599,69 @@ class RankWorker {
     Result<Staged> staged = async_.get();
     if (!staged.ok()) return staged.status();
     EEP_RETURN_IF_ERROR(ApplyStaged(&*staged, pending_phy2log_));
-    return std::make_pair(NowSeconds() - t0, staged->bytes_received);
+    return std::make_pair(NowSeconds() - t0, staged->bytes_peers);
   }
 
   // Raw communicator ceiling: `rounds` AllToAllV exchanges sending `bytes` to the next rank.
   Result<ControlMessage> BenchRing(const ControlMessage& m) {
     const int64_t bytes = m.header["bytes"].get<int64_t>();
     const int rounds = m.header["rounds"].get<int>();
+    const int world = comm_->world_size(), me = comm_->rank();
     std::vector<uint8_t> payload(static_cast<size_t>(bytes), 0x5a);
-    std::vector<std::span<const uint8_t>> send(static_cast<size_t>(ep_size_));
-    if (ep_size_ > 1) send[static_cast<size_t>((rank_ + 1) % ep_size_)] = std::span<const uint8_t>(payload);
+    std::vector<std::span<const uint8_t>> send(static_cast<size_t>(world));
+    if (world > 1) send[static_cast<size_t>((me + 1) % world)] = std::span<const uint8_t>(payload);
     std::vector<std::vector<uint8_t>> recv;
     const double t0 = NowSeconds();
     for (int i = 0; i < rounds; ++i) EEP_RETURN_IF_ERROR_CTX(comm_->AllToAllV(send, &recv), "ring benchmark");
     return ControlMessage{{{"type", "bench_done"}, {"seconds", NowSeconds() - t0}}, ""};
   }
 
-  int Run(const std::string& endpoint) {
+  Result<ControlMessage> NextCommand() {
+    if (!deferred_.empty()) {
+      ControlMessage m = std::move(deferred_.front());
+      deferred_.pop_front();
+      return m;
+    }
+    constexpr int64_t kIdlePollMs = 1000;
+    return RecvControl(socket_, nullptr, kIdlePollMs);
+  }
+
+  int Run(const std::string& endpoint, const std::string& hb_endpoint) {
     // Ranks must not outlive the coordinator.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     try {
       socket_.set(zmq::sockopt::linger, 0);
       socket_.connect(endpoint);
     } catch (const zmq::error_t& e) {
-      EEP_LOG_ERROR("rank {}: cannot connect to {}: {}", rank_, endpoint, e.what());
+      EEP_LOG_ERROR("rank {}: cannot connect to {}: {}", id_, endpoint, e.what());
       return 1;
     }
-    if (!SendControl(socket_, "", {{{"type", "hello"}, {"rank", rank_}, {"pid", getpid()}}, ""}).ok()) return 1;
-    constexpr int64_t kIdlePollMs = 1000;
+    if (!SendControl(socket_, "", {{{"type", "hello"}, {"rank", id_}, {"pid", getpid()}}, ""}).ok()) return 1;
+    int rc = Serve(hb_endpoint);
+    StopHeartbeat();
+    return rc;
+  }
+
+  int Serve(const std::string& hb_endpoint) {
+    bool heartbeating = false;
     while (true) {
-      auto m = RecvControl(socket_, nullptr, kIdlePollMs);
+      auto m = NextCommand();
       if (!m.ok()) {
         if (m.status().code() == StatusCode::kTimeout) continue;
-        EEP_LOG_ERROR("rank {}: {}", rank_, m.status().ToString());
+        EEP_LOG_ERROR("rank {}: {}", id_, m.status().ToString());
         return 1;
       }
       const std::string type = m->header.value("type", "");
+      const int64_t epoch = m->header.value("epoch", epoch_.load());
       Result<ControlMessage> reply = Status::Internal("no reply");
+      bool leave = false;
       if (type == "shutdown") return 0;
+      if (type == "allgather_result") continue;  // of a round given up
       if (type == "init") {
+        if (!heartbeating) {
+          StartHeartbeat(hb_endpoint, m->header.value("heartbeat_interval_ms", int64_t{100}));
+          heartbeating = true;
+        }
         Status st = Init(*m);
         ControlMessage ready{{{"type", "ready"}, {"backup_ready", backup_ && backup_->IsReady()},
                               {"backup_health", backup_ ? backup_->Health() : std::string("not configured")}},
@@ -348,38 +675,73 @@ class RankWorker {
         reply = BenchRing(*m);
       } else if (type == "eplb_prepare") {
         reply = PrepareRebalance(*m);
+      } else if (type == "hold") {
+        reply = Hold(*m);
+      } else if (type == "comm") {
+        reply = BuildComm(*m);
+      } else if (type == "stage") {
+        reply = Stage(*m);
+      } else if (type == "commit") {
+        ControlMessage out;
+        auto stay = Commit(*m, &out);
+        if (stay.ok()) {
+          leave = !*stay;
+          reply = std::move(out);
+        } else {
+          reply = stay.status();
+        }
       } else {
         reply = Status::InvalidArgument("unknown command '" + type + "'");
       }
       if (!reply.ok()) {
-        EEP_LOG_ERROR("rank {}: {}", rank_, reply.status().ToString());
-        (void)SendControl(socket_, "", {{{"type", "error"},
-                                         {"code", static_cast<int>(reply.status().code())},
-                                         {"message", reply.status().message()}},
-                                        ""});
+        EEP_LOG_DEBUG("rank {}: {} (epoch {}): {}", id_, type, epoch, reply.status().ToString());
+        nlohmann::json err{{"type", "error"},
+                           {"code", static_cast<int>(reply.status().code())},
+                           {"message", reply.status().message()},
+                           {"epoch", epoch}};
+        // Peers an exchange waited on in vain, by rank id: suspects for the coordinator.
+        std::vector<int> suspects;
+        if (comm_)
+          for (int p : comm_->silent_peers())
+            if (p >= 0 && p < static_cast<int>(members_.size())) suspects.push_back(members_[static_cast<size_t>(p)]);
+        err["suspects"] = suspects;
+        (void)SendControl(socket_, "", {err, ""});
         continue;
       }
+      reply->header["epoch"] = epoch;
       if (!SendControl(socket_, "", *reply).ok()) return 1;
+      if (leave) return 0;
     }
   }
 
  private:
-  int rank_;
+  int id_;
   std::string session_;
-  int ep_size_ = 1;
-  std::string model_dir_;
+  std::atomic<int64_t> epoch_{0};
+  std::vector<int> members_;
+  std::string model_dir_, communicator_;
+  bool eplb_async_ = false;
   zmq::context_t ctx_{1};
   zmq::socket_t socket_{ctx_, zmq::socket_type::dealer};
+  std::deque<ControlMessage> deferred_;
+  std::thread hb_thread_;
+  std::atomic<bool> hb_stop_{false};
+  std::mutex comm_mu_;
+  std::vector<std::pair<std::shared_ptr<Communicator>, int64_t>> live_comms_;  // GUARDED_BY(comm_mu_)
   std::unique_ptr<Model> model_;
   SlotLayout layout_;
   std::unique_ptr<LocalExperts> experts_;
-  std::unique_ptr<Communicator> comm_;
-  std::unique_ptr<Communicator> async_comm_;  // background EPLB exchange
+  std::shared_ptr<Communicator> comm_;
+  std::shared_ptr<Communicator> async_comm_;  // background EPLB exchange
+  std::map<std::string, std::shared_ptr<Communicator>> next_comms_;  // built for a membership change
+  std::unique_ptr<Staged> staged_;
   std::unique_ptr<backup::ExpertBackupClient> backup_;  // null when not configured
   std::future<Result<Staged>> async_;
   nlohmann::json pending_phy2log_;
   std::unique_ptr<EpMoeExecutor> executor_;
   std::map<int64_t, SeqState> seqs_;
+  std::map<int64_t, SeqSnapshot> snapshot_;
+  int64_t snapshot_step_ = -1;
   std::vector<int64_t> load_;
   std::optional<FaultSpec> fault_;
   int64_t steps_done_ = 0;
@@ -388,9 +750,10 @@ class RankWorker {
 
 }  // namespace
 
-int RunRankWorker(const std::string& control_endpoint, int rank, const std::string& session) {
+int RunRankWorker(const std::string& control_endpoint, const std::string& heartbeat_endpoint, int rank,
+                  const std::string& session) {
   RankWorker w(rank, session);
-  return w.Run(control_endpoint);
+  return w.Run(control_endpoint, heartbeat_endpoint);
 }
 
 }  // namespace eep::ep

@@ -6,6 +6,7 @@
 
 #include "core/logging.h"
 #include "kernels/cpu/ops.h"
+#include "model/rope.h"
 #include "model/routing.h"
 
 namespace eep {
@@ -36,6 +37,19 @@ LocalExperts::LocalExperts(const ModelConfig& config, ExpertMap map, int64_t slo
       w.inter = config_.ExpertIntermediate();
     }
   }
+}
+
+void LocalExperts::Relayout(ExpertMap map, int64_t slot_begin, int64_t slot_end) {
+  map_ = std::move(map);
+  for (auto& layer : slots_) {
+    layer.resize(static_cast<size_t>(slot_end - slot_begin));
+    for (auto& w : layer) {
+      w.hidden = config_.hidden_size;
+      w.inter = config_.ExpertIntermediate();
+    }
+  }
+  slot_begin_ = slot_begin;
+  slot_end_ = slot_end;
 }
 
 ExpertWeights& LocalExperts::Slot(int64_t moe_layer, int64_t slot) {
@@ -176,11 +190,6 @@ class WeightLoader {
   Status error_;
 };
 
-float YarnMscale(double factor, double mscale) {
-  if (factor <= 1) return 1.0f;
-  return static_cast<float>(0.1 * mscale * std::log(factor) + 1.0);
-}
-
 }  // namespace
 
 Result<std::unique_ptr<Model>> Model::Load(const std::string& dir, const ModelLoadOptions& options) {
@@ -270,46 +279,11 @@ Status Model::LoadWeights(const ModelLoadOptions& options) {
   }
   EEP_RETURN_IF_ERROR(w.Finish());
 
-  // RoPE (MODELS.md §3): inv_freq in f32 as transformers computes it.
-  const int64_t rope_dim = mla ? c.qk_rope_head_dim : c.head_dim;
-  inv_freq_.resize(static_cast<size_t>(rope_dim / 2));
-  for (int64_t i = 0; i < rope_dim / 2; ++i)
-    inv_freq_[static_cast<size_t>(i)] =
-        1.0f / std::pow(static_cast<float>(c.rope.theta), static_cast<float>(2 * i) / static_cast<float>(rope_dim));
-  if (c.rope.type == "linear") {
-    for (auto& f : inv_freq_) f /= static_cast<float>(c.rope.factor);
-  } else if (c.rope.type == "yarn") {
-    const double D = static_cast<double>(rope_dim), theta = c.rope.theta;
-    const double L0 = c.rope.original_max_position_embeddings > 0 ? c.rope.original_max_position_embeddings
-                                                                  : static_cast<double>(c.max_position_embeddings);
-    auto cd = [&](double r) { return D * std::log(L0 / (2 * M_PI * r)) / (2 * std::log(theta)); };
-    double lo = std::max(0.0, std::floor(cd(c.rope.beta_fast)));
-    double hi = std::min(D - 1, std::ceil(cd(c.rope.beta_slow)));
-    if (lo == hi) hi += 0.001;
-    for (int64_t i = 0; i < rope_dim / 2; ++i) {
-      float extra = inv_freq_[static_cast<size_t>(i)];
-      float inter = extra / static_cast<float>(c.rope.factor);
-      float ramp = static_cast<float>(std::clamp((static_cast<double>(i) - lo) / (hi - lo), 0.0, 1.0));
-      // MODELS.md: inv_freq = inv_inter·ramp + inv_extra·(1−ramp)
-      inv_freq_[static_cast<size_t>(i)] = inter * ramp + extra * (1 - ramp);
-    }
-    if (c.rope.attention_factor) {
-      rope_attention_factor_ = static_cast<float>(*c.rope.attention_factor);
-    } else if (c.rope.mscale != 0 && c.rope.mscale_all_dim != 0) {
-      rope_attention_factor_ = YarnMscale(c.rope.factor, c.rope.mscale) / YarnMscale(c.rope.factor, c.rope.mscale_all_dim);
-    } else {
-      rope_attention_factor_ = YarnMscale(c.rope.factor, 1.0);
-    }
-  }
-  if (mla) {
-    attn_scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.qk_nope_head_dim + c.qk_rope_head_dim)));
-    if (c.rope.type != "default" && c.rope.mscale_all_dim != 0) {
-      float m = YarnMscale(c.rope.factor, c.rope.mscale_all_dim);
-      attn_scale_ *= m * m;
-    }
-  } else {
-    attn_scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-  }
+  // RoPE (MODELS.md §3): inv_freq in f32 as transformers computes it (model/rope.h).
+  RopeParams rope = ComputeRopeParams(c);
+  inv_freq_ = std::move(rope.inv_freq);
+  rope_attention_factor_ = rope.attention_factor;
+  attn_scale_ = rope.attn_scale;
 
   if (options.load_experts && !moe_layer_ids_.empty()) {
     local_experts_ = std::make_unique<LocalExperts>(

@@ -7,6 +7,7 @@
 // in one that dispatches tokens to other ranks. The model code never indexes experts itself.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -56,6 +57,12 @@ class LocalExperts : public MoeExecutor {
                  const void* down);
   // Replaces the map (after a rebalance); the caller has filled the slots that changed.
   void SetMap(ExpertMap map) { map_ = std::move(map); }
+  // Re-numbers the held slots as [slot_begin, slot_end) under `map` (a membership change):
+  // local slot i keeps what it held; slots past the old count start empty, slots past the
+  // new count are dropped. The caller then fills the slots that changed.
+  void Relayout(ExpertMap map, int64_t slot_begin, int64_t slot_end);
+  int64_t slot_begin() const { return slot_begin_; }
+  int64_t slot_end() const { return slot_end_; }
   const ExpertMap& map() const { return map_; }
   bool Holds(int64_t slot) const { return slot >= slot_begin_ && slot < slot_end_; }
   ExpertWeights& Slot(int64_t moe_layer, int64_t slot);
@@ -78,6 +85,8 @@ class KvCache {
  public:
   int64_t length() const { return length_; }
   void Clear() { length_ = 0; }
+  // Forgets positions from n on (rolls back a step that was aborted part-way).
+  void Truncate(int64_t n) { length_ = std::min(length_, std::max<int64_t>(0, n)); }
 
  private:
   friend class Model;

@@ -5,7 +5,7 @@
 namespace {
 
 struct RankWorkerCli {
-  std::string control, session;
+  std::string control, heartbeat, session;
   int rank = 0;
 };
 
@@ -14,9 +14,10 @@ EEP_REGISTER_COMMAND(rank_worker, "rank-worker", "internal: one expert-parallel 
                        auto o = std::make_shared<RankWorkerCli>();
                        app->group("");  // hidden from --help
                        app->add_option("--control", o->control, "coordinator control endpoint")->required();
+                       app->add_option("--heartbeat", o->heartbeat, "coordinator heartbeat endpoint")->required();
                        app->add_option("--rank", o->rank, "rank id")->required();
                        app->add_option("--session", o->session, "engine session name")->required();
-                       return [o] { return eep::ep::RunRankWorker(o->control, o->rank, o->session); };
+                       return [o] { return eep::ep::RunRankWorker(o->control, o->heartbeat, o->rank, o->session); };
                      });
 
 }  // namespace

@@ -25,13 +25,18 @@ inline void AddEpFlags(CLI::App* app, EpFlags* f) {
       ->check(CLI::IsMember({"min-move", "deepseek"}));
   app->add_option("--peer-timeout-ms", f->options.peer_timeout_ms, "deadline of data-plane exchanges between ranks")
       ->check(CLI::PositiveNumber);
+  app->add_option("--heartbeat-interval-ms", f->options.heartbeat_interval_ms, "rank heartbeats to the coordinator")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--expert-slot-headroom", f->options.expert_slot_headroom,
+                  "spare expert slots per rank for a dead rank's experts (-1 = allocate on demand)")
+      ->check(CLI::Range(int64_t{-1}, int64_t{1} << 30));
   app->add_flag("--eplb-async", f->options.eplb_async, "EPLB exchange in the background; only the switch blocks");
   app->add_option("--expert-backup-endpoints", f->options.backup_endpoints,
                   "DRAM backup managers (eep backup-manager endpoints), comma-separated")
       ->delimiter(',');
   app->add_option("--eplb-source", f->options.eplb_source, "where moved experts come from: peers | backup")
       ->check(CLI::IsMember({"peers", "backup"}));
-  app->add_option("--inject-fault", f->options.inject_fault, "fault injection: rank=R,after-steps=N,mode=kill|hang|slow");
+  app->add_option("--inject-fault", f->options.inject_fault, "fault injection: rank=R,after-steps=N,mode=kill|hang|slow[,at=step|eplb]");
 }
 
 // Options for EpEngine::Start, with the process's log level passed on to the ranks.

@@ -216,9 +216,13 @@ class ShmCommunicator : public Communicator {
       const double left_s = deadline - NowSeconds();
       if (left_s <= 0) {
         std::string peers;
+        silent_peers_.clear();
         for (int p = 0; p < world_; ++p)
           if (!send_done[static_cast<size_t>(p)] || !recv_done[static_cast<size_t>(p)])
+          {
             peers += (peers.empty() ? "" : ", ") + std::to_string(p);
+            silent_peers_.push_back(p);
+          }
         return Status::Timeout(fmt::format("rank {}: no answer from rank(s) {} within {} ms", rank_, peers, timeout_ms_));
       }
       FutexWait(&me->header()->doorbell, bell, std::max<int64_t>(1, static_cast<int64_t>(left_s * 1000)));

@@ -203,8 +203,12 @@ class UcxCommunicator : public Communicator {
       const double left = deadline - NowSeconds();
       if (left <= 0) {
         std::string peers;
+        silent_peers_.clear();
         for (int p = 0; p < world_; ++p)
-          if (!sdone[static_cast<size_t>(p)] || !rdone[static_cast<size_t>(p)]) peers += (peers.empty() ? "" : ", ") + std::to_string(p);
+          if (!sdone[static_cast<size_t>(p)] || !rdone[static_cast<size_t>(p)]) {
+            peers += (peers.empty() ? "" : ", ") + std::to_string(p);
+            silent_peers_.push_back(p);
+          }
         CancelAll(&sreq, &rreq);
         return Status::Timeout(fmt::format("rank {}: no answer from rank(s) {} within {} ms", rank_, peers, timeout_ms_));
       }
