@@ -177,6 +177,18 @@ struct ExpertParamInfo {
   std::string manager;  // endpoint that would serve it
 };
 
+// A selected tensor read in place: where it lies in this process's mapping of its manager's
+// region (the shm transport maps it; others do not).
+struct MappedExpertParam {
+  std::string name;
+  const uint8_t* data = nullptr;
+  uint64_t num_bytes = 0;
+  DType dtype = DType::kBF16;
+  const uint8_t* region_base = nullptr;  // the whole mapping, e.g. to register it with CUDA once
+  uint64_t region_bytes = 0;
+  uint64_t region_generation = 0;  // changes whenever the mapping is replaced (reconnect)
+};
+
 // Connects to managers and fetches experts from them. All public methods are thread-safe
 // (serialised by one mutex); a fetch blocks its caller until done or the deadline.
 class ExpertBackupClient {
@@ -215,6 +227,16 @@ class ExpertBackupClient {
   // until Connect() succeeds again). On error the destinations' contents are unspecified.
   Status FetchLogicalExperts(int64_t layer_id, const std::vector<int64_t>& logical_expert_ids,
                              const std::string& name_filter, const FetchDestinations& destinations);
+
+  // The selected tensors' addresses in this process's mappings of the managers' regions, for a
+  // reader that copies them itself (e.g. a GPU DMA straight out of the mirror: see
+  // cuda::CudaModel::RestoreExperts). kUnimplemented when a holder's transport does not map
+  // its region here (ucx); errors as ListExpertParams otherwise. The pointers stay valid until
+  // the manager is marked failed or reconnected (Connect() after a failure; region_generation
+  // changes then), so use them only while no other thread fetches or connects.
+  Result<std::vector<MappedExpertParam>> MapExpertParams(int64_t layer_id,
+                                                         const std::vector<int64_t>& logical_expert_ids,
+                                                         const std::string& name_filter) const;
 
  private:
   struct Manager;

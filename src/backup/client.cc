@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <atomic>
 #include <regex>
 #include <set>
 
@@ -19,6 +20,7 @@ struct ExpertBackupClient::Manager {
   BackupDescriptor descriptor;
   transfer::Engine* engine = nullptr;  // owned by the client's engines_
   std::unique_ptr<transfer::RemoteRegion> region;
+  uint64_t generation = 0;  // bumped whenever `region` is (re)imported
   // (layer, expert) -> its tensors in gate, up, down order; points into descriptor.params.
   std::map<std::pair<int64_t, int64_t>, std::vector<const ParamLocation*>> by_expert;
   std::set<int64_t> layers;
@@ -36,6 +38,12 @@ struct ExpertBackupClient::Selection {
 };
 
 namespace {
+
+// Process-wide, so that a (base address, generation) pair never repeats across clients.
+uint64_t NextRegionGeneration() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1);
+}
 int RoleOrder(const std::string& role) {
   return role == "gate" ? 0 : role == "up" ? 1 : 2;
 }
@@ -129,6 +137,7 @@ Status ExpertBackupClient::Connect() {
     m.descriptor = std::move(descriptor).value();
     m.engine = engine_it->second.get();
     m.region = std::move(region).value();
+    m.generation = NextRegionGeneration();
     m.by_expert.clear();
     m.layers.clear();
     for (const auto& [name, p] : m.descriptor.params) {
@@ -371,6 +380,26 @@ Status ExpertBackupClient::FetchLogicalExperts(int64_t layer_id,
       selection.size(), total_bytes / double(1 << 20), layer_id, batches.size(), elapsed_s * 1e3,
       total_bytes / 1e9 / std::max(elapsed_s, 1e-9));
   return Status::Ok();
+}
+
+Result<std::vector<MappedExpertParam>> ExpertBackupClient::MapExpertParams(
+    int64_t layer_id, const std::vector<int64_t>& logical_expert_ids, const std::string& name_filter) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  EEP_ASSIGN_OR_RETURN(std::vector<Selection> selection, Select(layer_id, logical_expert_ids, name_filter));
+  std::vector<MappedExpertParam> out;
+  out.reserve(selection.size());
+  for (const Selection& s : selection) {
+    const Manager& m = *s.manager;
+    const uint8_t* base = m.region ? m.region->mapped_data() : nullptr;
+    if (base == nullptr)
+      return Status::Unimplemented(fmt::format(
+          "backup manager {}: transport '{}' does not map its region into this process", m.Label(),
+          m.engine != nullptr ? m.engine->name() : "?"));
+    const ParamLocation& p = *s.param;
+    out.push_back({p.name, base + p.offset, p.num_bytes, p.dtype, base, m.region->descriptor().num_bytes,
+                   m.generation});
+  }
+  return out;
 }
 
 }  // namespace eep::backup

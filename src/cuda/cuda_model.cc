@@ -3,13 +3,17 @@
 #include "cuda/cuda_model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <random>
 
+#include "backup/backup.h"
 #include "core/logging.h"
 #include "cuda/cuda_util.h"
 #include "kernels/cuda/ops.h"
+#include "model/rope.h"
 #include "model/safetensors.h"
 #include "model/sampling.h"
 
@@ -83,9 +87,20 @@ std::vector<uint16_t> ToBf16Host(DType dtype, const void* src, size_t n, Status*
   return out;
 }
 
-float YarnMscale(double factor, double mscale) {
-  if (factor <= 1) return 1.0f;
-  return static_cast<float>(0.1 * mscale * std::log(factor) + 1.0);
+struct PinnedFree {
+  void operator()(void* p) const { cudaFreeHost(p); }
+};
+using PinnedPtr = std::unique_ptr<uint8_t, PinnedFree>;
+
+struct EventDestroy {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+using EventPtr = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDestroy>;
+
+Result<EventPtr> NewEvent(unsigned flags = cudaEventDisableTiming) {
+  cudaEvent_t e = nullptr;
+  EEP_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, flags));
+  return EventPtr(e);
 }
 
 }  // namespace
@@ -115,7 +130,36 @@ struct CudaModel::Impl {
   // Per-forward scratch.
   DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
       b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_pos, b_tok, b_head16, b_out;
+  DeviceBuffer b_hsel, b_selrows, b_argmax;
   std::vector<int32_t> h_ids, h_src, h_rows;
+
+  // Restore: a side stream, a pinned staging buffer of two halves, one event per half
+  // (its last copy), and one recorded on the compute stream before the first copy.
+  StreamPtr restore_stream;
+  PinnedPtr staging;
+  uint64_t staging_bytes = 0, staging_request_bytes = 256ull << 20;
+  EventPtr half_done[2], compute_done;
+  bool restore_direct = true;
+  // Managers' regions mapped here and registered with CUDA for the direct path.
+  struct MirrorRegistration {
+    const uint8_t* base = nullptr;
+    uint64_t generation = 0;
+    std::unique_ptr<HostRegistration> registration;
+  };
+  std::vector<MirrorRegistration> mirrors;
+  // Registers the mapping of `p`'s region unless already done; false if CUDA refuses it.
+  bool EnsureMirrorRegistered(const backup::MappedExpertParam& p) {
+    for (const auto& m : mirrors)
+      if (m.base == p.region_base && m.generation == p.region_generation) return m.registration != nullptr;
+    // A region replaced since (reconnect) at the same address: forget the old registration.
+    std::erase_if(mirrors, [&](const MirrorRegistration& m) { return m.base == p.region_base; });
+    auto reg = HostRegistration::Register(const_cast<uint8_t*>(p.region_base), p.region_bytes, /*read_only=*/true);
+    if (!reg.ok())
+      EEP_LOG_WARN("restore: cannot register the backup mirror mapping ({:.2f} GiB) with CUDA, staging instead: {}",
+                   p.region_bytes / double(1ull << 30), reg.status().ToString());
+    mirrors.push_back({p.region_base, p.region_generation, reg.ok() ? std::move(*reg) : nullptr});
+    return mirrors.back().registration != nullptr;
+  }
   std::vector<int64_t> bucket_count, bucket_off;
 
   cudaStream_t s() const { return stream.get(); }
@@ -156,7 +200,6 @@ struct CudaModel::Impl {
     return Status::Ok();
   }
   Status LoadWeights();
-  void RopeSetup(std::vector<float>* inv);
 
   // --- compute ---
   // y[rows, m.out] = x16[rows, m.in] · Wᵀ (BF16 in, f32 out and accumulation).
@@ -200,49 +243,6 @@ struct CudaModel::Impl {
   Status TraceHidden(const float* x, int64_t T0, CudaForwardTrace* trace);
   CudaForwardTrace* trace = nullptr;  // set for the duration of a traced Forward
 };
-
-void CudaModel::Impl::RopeSetup(std::vector<float>* inv_out) {
-  const bool mla = c.arch == Arch::kDeepseekV3;
-  const int64_t rope_dim = mla ? c.qk_rope_head_dim : c.head_dim;
-  std::vector<float>& inv = *inv_out;
-  inv.resize(static_cast<size_t>(rope_dim / 2));
-  for (int64_t i = 0; i < rope_dim / 2; ++i)
-    inv[static_cast<size_t>(i)] =
-        1.0f / std::pow(static_cast<float>(c.rope.theta), static_cast<float>(2 * i) / static_cast<float>(rope_dim));
-  if (c.rope.type == "linear") {
-    for (auto& f : inv) f /= static_cast<float>(c.rope.factor);
-  } else if (c.rope.type == "yarn") {
-    const double D = static_cast<double>(rope_dim), theta = c.rope.theta;
-    const double L0 = c.rope.original_max_position_embeddings > 0 ? c.rope.original_max_position_embeddings
-                                                                  : static_cast<double>(c.max_position_embeddings);
-    auto cd = [&](double r) { return D * std::log(L0 / (2 * M_PI * r)) / (2 * std::log(theta)); };
-    double lo = std::max(0.0, std::floor(cd(c.rope.beta_fast)));
-    double hi = std::min(D - 1, std::ceil(cd(c.rope.beta_slow)));
-    if (lo == hi) hi += 0.001;
-    for (int64_t i = 0; i < rope_dim / 2; ++i) {
-      float extra = inv[static_cast<size_t>(i)];
-      float inter = extra / static_cast<float>(c.rope.factor);
-      float ramp = static_cast<float>(std::clamp((static_cast<double>(i) - lo) / (hi - lo), 0.0, 1.0));
-      inv[static_cast<size_t>(i)] = inter * ramp + extra * (1 - ramp);
-    }
-    if (c.rope.attention_factor) {
-      rope_factor = static_cast<float>(*c.rope.attention_factor);
-    } else if (c.rope.mscale != 0 && c.rope.mscale_all_dim != 0) {
-      rope_factor = YarnMscale(c.rope.factor, c.rope.mscale) / YarnMscale(c.rope.factor, c.rope.mscale_all_dim);
-    } else {
-      rope_factor = YarnMscale(c.rope.factor, 1.0);
-    }
-  }
-  if (mla) {
-    attn_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.qk_nope_head_dim + c.qk_rope_head_dim)));
-    if (c.rope.type != "default" && c.rope.mscale_all_dim != 0) {
-      float m = YarnMscale(c.rope.factor, c.rope.mscale_all_dim);
-      attn_scale *= m * m;
-    }
-  } else {
-    attn_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-  }
-}
 
 Status CudaModel::Impl::LoadWeights() {
   const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
@@ -320,8 +320,10 @@ Status CudaModel::Impl::LoadWeights() {
       }
     }
   }
-  std::vector<float> inv;
-  RopeSetup(&inv);
+  const RopeParams rope = ComputeRopeParams(c);
+  rope_factor = rope.attention_factor;
+  attn_scale = rope.attn_scale;
+  const std::vector<float>& inv = rope.inv_freq;
   EEP_ASSIGN_OR_RETURN(inv_freq, DeviceAlloc<float>(inv.size()));
   EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq.get(), inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
 
@@ -647,29 +649,61 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     tr->hidden.pop_back();
     EEP_RETURN_IF_ERROR(TraceHidden(hf, T0, tr));
   }
+  // LM head once for the whole batch: gather the rows any sequence wants (its last token, or
+  // all of them), one GEMM over them, then argmax on the device and/or logits to the host.
   const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
-  Status status;
-  int64_t t = 0;
-  for (CudaSeqStep& st : batch) {
-    const int64_t T = static_cast<int64_t>(st.ids.size());
-    if (st.logits != nullptr && status.ok()) {
-      const int64_t first = st.all_logits ? t : t + T - 1, rows = st.all_logits ? T : 1;
-      status = R(b_head16, S * rows * H * 2);
-      if (status.ok()) status = R(b_out, rows * V * 4);
-      if (status.ok() && SplitBf16(hf + first * H, rows, H, splits, b_head16.as<bf16_t>(), s()) != cudaSuccess)
-        status = Status::Internal("SplitBf16 of the final hidden state failed");
-      if (status.ok()) status = Linear(b_head16.as<bf16_t>(), rows, head, V, H, nullptr, b_out.as<float>());
-      if (status.ok()) {
-        st.logits->resize(static_cast<size_t>(rows * V));
-        cudaError_t e = cudaMemcpyAsync(st.logits->data(), b_out.as<float>(), static_cast<size_t>(rows * V) * 4,
-                                        cudaMemcpyDeviceToHost, s());
-        if (e == cudaSuccess) e = cudaStreamSynchronize(s());
-        if (e != cudaSuccess) status = Status::Internal(fmt::format("copying logits: {}", cudaGetErrorString(e)));
+  std::vector<int32_t> sel;
+  std::vector<int64_t> sel_first(batch.size(), -1);
+  {
+    int64_t t = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const CudaSeqStep& st = batch[i];
+      const int64_t T = static_cast<int64_t>(st.ids.size());
+      if (st.logits != nullptr || st.greedy_token != nullptr) {
+        const bool all = st.all_logits && st.logits != nullptr;
+        sel_first[i] = static_cast<int64_t>(sel.size());
+        for (int64_t r = all ? 0 : T - 1; r < T; ++r) sel.push_back(static_cast<int32_t>(t + r));
       }
+      t += T;
     }
-    t += T;
   }
-  EEP_RETURN_IF_ERROR(status);
+  const int64_t M = static_cast<int64_t>(sel.size());
+  if (M > 0) {
+    EEP_RETURN_IF_ERROR(R(b_selrows, M * 4));
+    EEP_RETURN_IF_ERROR(R(b_hsel, M * H * 4));
+    EEP_RETURN_IF_ERROR(R(b_head16, S * M * H * 2));
+    EEP_RETURN_IF_ERROR(R(b_out, M * V * 4));
+    EEP_RETURN_IF_ERROR(R(b_argmax, M * 4));
+    EEP_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(b_selrows.as<int32_t>(), sel.data(), sel.size() * 4, cudaMemcpyHostToDevice, s()));
+    EEP_CUDA_RETURN_IF_ERROR(GatherRowsF32(hf, b_selrows.as<int32_t>(), M, H, b_hsel.as<float>(), s()));
+    EEP_CUDA_RETURN_IF_ERROR(SplitBf16(b_hsel.as<float>(), M, H, splits, b_head16.as<bf16_t>(), s()));
+    EEP_RETURN_IF_ERROR(Linear(b_head16.as<bf16_t>(), M, head, V, H, nullptr, b_out.as<float>()));
+    bool any_greedy = false;
+    for (const CudaSeqStep& st : batch) any_greedy |= st.greedy_token != nullptr;
+    std::vector<int32_t> argmax;
+    if (any_greedy) {
+      EEP_CUDA_RETURN_IF_ERROR(ArgmaxRows(b_out.as<float>(), M, V, b_argmax.as<int32_t>(), s()));
+      argmax.resize(static_cast<size_t>(M));
+      EEP_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(argmax.data(), b_argmax.as<int32_t>(), argmax.size() * 4, cudaMemcpyDeviceToHost, s()));
+    }
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const CudaSeqStep& st = batch[i];
+      if (st.logits == nullptr || sel_first[i] < 0) continue;
+      const int64_t rows = st.all_logits ? static_cast<int64_t>(st.ids.size()) : 1;
+      st.logits->resize(static_cast<size_t>(rows * V));
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(st.logits->data(), b_out.as<float>() + sel_first[i] * V,
+                                               static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s()));
+    }
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const CudaSeqStep& st = batch[i];
+      if (st.greedy_token == nullptr) continue;
+      const int64_t rows = st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
+      *st.greedy_token = argmax[static_cast<size_t>(sel_first[i] + rows - 1)];
+    }
+  }
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
   return Status::Ok();
 }
@@ -700,6 +734,7 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   // follow the same values as on the CPU; BF16 GEMMs still use the tensor cores.
   EEP_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
   EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
+  im.ckpt.reset();  // everything is on the GPU; drop the shards' mappings
   EEP_LOG_INFO("CUDA model {} on {}: {:.1f} MiB of weights on the GPU", dir, DeviceDescription(),
                static_cast<double>(im.bytes) / (1 << 20));
   return m;
@@ -740,26 +775,265 @@ Status CudaModel::SetExpertMap(ExpertMap map) {
   return Status::Ok();
 }
 
+int64_t CudaModel::slot_bytes() const { return impl_->ExpertElems() * 2; }
+
+int64_t CudaModel::MoeLayerId(int64_t moe_layer) const {
+  const Impl& im = *impl_;
+  if (moe_layer < 0 || moe_layer >= static_cast<int64_t>(im.moe_layer_ids.size())) return -1;
+  return im.moe_layer_ids[static_cast<size_t>(moe_layer)];
+}
+
+void CudaModel::set_restore_staging_bytes(uint64_t bytes) { impl_->staging_request_bytes = bytes; }
+void CudaModel::set_restore_direct(bool direct) { impl_->restore_direct = direct; }
+
+Status CudaModel::ReadSlot(int64_t moe_layer, int64_t slot, std::vector<uint16_t>* bf16) const {
+  const Impl& im = *impl_;
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || slot < 0 || slot >= im.map.num_physical())
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} does not exist", slot, moe_layer));
+  bf16->resize(static_cast<size_t>(im.ExpertElems()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(bf16->data(), im.slots[static_cast<size_t>(moe_layer)].get() + slot * im.ExpertElems(),
+                                      bf16->size() * 2, cudaMemcpyDeviceToHost));
+  return Status::Ok();
+}
+
+Status CudaModel::ClearSlot(int64_t moe_layer, int64_t slot) {
+  Impl& im = *impl_;
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || slot < 0 || slot >= im.map.num_physical())
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} does not exist", slot, moe_layer));
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.slots[static_cast<size_t>(moe_layer)].get() + slot * im.ExpertElems(), 0,
+                                      static_cast<size_t>(im.ExpertElems()) * 2));
+  return Status::Ok();  // still "filled": a zero expert is a valid (if useless) one
+}
+
+Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<const SlotRestore> slots,
+                                 RestoreStats* stats) {
+  Impl& im = *impl_;
+  const auto t_start = std::chrono::steady_clock::now();
+  double fetch_s = 0;
+  uint64_t copied_bytes = 0;
+  const int64_t ML = im.map.num_moe_layers();
+  for (const SlotRestore& r : slots) {
+    if (r.moe_layer < 0 || r.moe_layer >= ML || r.slot < 0 || r.slot >= im.map.num_physical())
+      return Status::OutOfRange(fmt::format("restore: slot {} of MoE layer {} does not exist", r.slot, r.moe_layer));
+    if (r.logical_expert < 0 || r.logical_expert >= im.c.num_experts)
+      return Status::OutOfRange(fmt::format("restore: logical expert {} (of {}) for slot {} of MoE layer {}",
+                                            r.logical_expert, im.c.num_experts, r.slot, r.moe_layer));
+  }
+  if (slots.empty()) return Status::Ok();
+  const uint64_t mat_elems = static_cast<uint64_t>(im.I() * im.c.hidden_size);
+  const uint64_t expert_bytes = 3 * mat_elems * 2;  // BF16 [gate | up | down], as a slot
+  // Lazily set up the side stream, events and the staging buffer (reused across calls).
+  if (!im.restore_stream) {
+    cudaStream_t st = nullptr;
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    im.restore_stream.reset(st);
+    for (auto& e : im.half_done) {
+      EEP_ASSIGN_OR_RETURN(e, NewEvent());
+    }
+    EEP_ASSIGN_OR_RETURN(im.compute_done, NewEvent());
+  }
+  const uint64_t want = std::max<uint64_t>(im.staging_request_bytes, 2 * expert_bytes);
+  if (!im.staging || im.staging_bytes != want) {
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.restore_stream.get()));
+    im.staging.reset();
+    void* p = nullptr;
+    EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, want, cudaHostAllocDefault));
+    im.staging.reset(static_cast<uint8_t*>(p));
+    im.staging_bytes = want;
+  }
+  const uint64_t experts_per_half = (im.staging_bytes / 2) / expert_bytes;
+  cudaStream_t side = im.restore_stream.get();
+  // No slot is overwritten while queued forward work may still read it.
+  EEP_CUDA_RETURN_IF_ERROR(cudaEventRecord(im.compute_done.get(), im.s()));
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side, im.compute_done.get(), 0));
+
+  // Per MoE layer (ascending): the distinct experts, each with the slots that take it.
+  std::map<int64_t, std::map<int64_t, std::vector<int64_t>>> plan;  // [moe_layer][expert] -> slots
+  for (const SlotRestore& r : slots) plan[r.moe_layer][r.logical_expert].push_back(r.slot);
+  int half = 0;
+  bool half_used[2] = {false, false};
+  bool all_direct = true;
+  for (const auto& [ml, experts] : plan) {
+    const int64_t layer_id = im.moe_layer_ids[static_cast<size_t>(ml)];
+    std::vector<int64_t> ids;
+    for (const auto& [e, unused] : experts) ids.push_back(e);
+    if (im.restore_direct) {
+      // Direct: every tensor BF16 of a slot's size, in a mapping CUDA accepted.
+      auto mapped = client.MapExpertParams(layer_id, ids, "");
+      bool ok = mapped.ok() && mapped->size() == 3 * ids.size();
+      if (ok)
+        for (const auto& p : *mapped)
+          ok = ok && p.dtype == DType::kBF16 && p.num_bytes == mat_elems * 2 && im.EnsureMirrorRegistered(p);
+      if (ok) {
+        std::map<std::string, const backup::MappedExpertParam*> by_name;
+        for (const auto& p : *mapped) by_name[p.name] = &p;
+        for (size_t i = 0; i < ids.size(); ++i) {
+          const auto names = im.c.ExpertTensorNames(layer_id, ids[i]);  // gate, up, down
+          for (int64_t slot : experts.at(ids[i])) {
+            bf16_t* dst = im.slots[static_cast<size_t>(ml)].get() + slot * im.ExpertElems();
+            for (size_t k = 0; k < 3; ++k) {
+              auto it = by_name.find(names[k]);
+              if (it == by_name.end())
+                return Status::NotFound(fmt::format("restore: no backup manager lists '{}'", names[k]));
+              EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst + k * mat_elems, it->second->data, it->second->num_bytes,
+                                                       cudaMemcpyHostToDevice, side));
+            }
+            copied_bytes += expert_bytes;
+          }
+        }
+        for (const auto& [e, ss] : experts)
+          for (int64_t slot : ss) im.filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)] = true;
+        continue;
+      }
+    }
+    all_direct = false;
+    EEP_ASSIGN_OR_RETURN(auto params, client.ListExpertParams(layer_id, ids, ""));
+    std::map<std::string, const backup::ExpertParamInfo*> by_name;
+    for (const auto& p : params) by_name[p.name] = &p;
+    for (size_t begin = 0; begin < ids.size(); begin += experts_per_half) {
+      const size_t end = std::min(ids.size(), begin + static_cast<size_t>(experts_per_half));
+      const std::vector<int64_t> chunk(ids.begin() + static_cast<std::ptrdiff_t>(begin),
+                                       ids.begin() + static_cast<std::ptrdiff_t>(end));
+      uint8_t* base = im.staging.get() + static_cast<uint64_t>(half) * (im.staging_bytes / 2);
+      // The previous copies out of this half must be done before the fetch overwrites it.
+      if (half_used[half]) EEP_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(im.half_done[half].get()));
+      // Destinations: expert i of the chunk at base + i·expert_bytes, gate | up | down.
+      backup::FetchDestinations dests;
+      std::vector<std::pair<const backup::ExpertParamInfo*, uint8_t*>> to_convert;
+      std::vector<std::vector<uint8_t>> raw;  // non-BF16 tensors land here first
+      for (size_t i = 0; i < chunk.size(); ++i) {
+        const auto names = im.c.ExpertTensorNames(layer_id, chunk[i]);
+        for (size_t k = 0; k < 3; ++k) {
+          auto it = by_name.find(names[k]);
+          if (it == by_name.end())
+            return Status::NotFound(fmt::format("restore: no backup manager lists '{}'", names[k]));
+          const backup::ExpertParamInfo& p = *it->second;
+          uint8_t* dst = base + i * expert_bytes + k * mat_elems * 2;
+          if (p.dtype == DType::kBF16 && p.num_bytes == mat_elems * 2) {
+            dests[p.name] = {dst, p.num_bytes, transfer::MemoryKind::kPinnedHost};
+          } else {
+            if (static_cast<uint64_t>(p.num_bytes) != mat_elems * DTypeSize(p.dtype))
+              return Status::InvalidArgument(fmt::format("restore: '{}' has {} bytes of {}, a slot needs {} values",
+                                                         p.name, p.num_bytes, DTypeName(p.dtype), mat_elems));
+            raw.emplace_back(p.num_bytes);
+            dests[p.name] = {raw.back().data(), p.num_bytes, transfer::MemoryKind::kHost};
+            to_convert.emplace_back(&p, dst);
+          }
+        }
+      }
+      const auto t_fetch = std::chrono::steady_clock::now();
+      EEP_RETURN_IF_ERROR_CTX(client.FetchLogicalExperts(layer_id, chunk, "", dests),
+                              fmt::format("restoring {} experts of layer {}", chunk.size(), layer_id));
+      fetch_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_fetch).count();
+      for (auto& [p, dst] : to_convert) {
+        Status st;
+        auto host = ToBf16Host(p->dtype, dests[p->name].data, static_cast<size_t>(mat_elems), &st);
+        EEP_RETURN_IF_ERROR_CTX(st, p->name);
+        std::memcpy(dst, host.data(), mat_elems * 2);
+      }
+      for (size_t i = 0; i < chunk.size(); ++i)
+        for (int64_t slot : experts.at(chunk[i])) {
+          bf16_t* dst = im.slots[static_cast<size_t>(ml)].get() + slot * im.ExpertElems();
+          EEP_CUDA_RETURN_IF_ERROR(
+              cudaMemcpyAsync(dst, base + i * expert_bytes, expert_bytes, cudaMemcpyHostToDevice, side));
+          copied_bytes += expert_bytes;
+        }
+      EEP_CUDA_RETURN_IF_ERROR(cudaEventRecord(im.half_done[half].get(), side));
+      half_used[half] = true;
+      half ^= 1;
+    }
+    for (const auto& [e, ss] : experts)
+      for (int64_t slot : ss) im.filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)] = true;
+  }
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side));
+  if (stats != nullptr) {
+    stats->bytes = copied_bytes;
+    stats->fetch_s = fetch_s;
+    stats->direct = all_direct;
+    stats->total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------
+// Host registration and bandwidth ceilings
+
+Result<std::unique_ptr<HostRegistration>> HostRegistration::Register(void* data, uint64_t num_bytes, bool read_only) {
+  if (!Available()) return Status::Unavailable("no CUDA device is visible");
+  const cudaError_t e = cudaHostRegister(data, num_bytes, read_only ? cudaHostRegisterReadOnly : cudaHostRegisterDefault);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: later launches must not report it
+    return Status::Internal(fmt::format("cudaHostRegister of {} bytes at {}{} failed: {}", num_bytes, data,
+                                        read_only ? " (read-only)" : "", cudaGetErrorString(e)));
+  }
+  return std::unique_ptr<HostRegistration>(new HostRegistration(data));
+}
+
+HostRegistration::~HostRegistration() {
+  if (data_ != nullptr) cudaHostUnregister(data_);
+}
+
+namespace {
+
+// Median seconds of `repeat` timed runs of `copy` on `stream`, after one warm-up.
+template <typename F>
+Result<double> TimeCopies(int repeat, cudaStream_t stream, F&& copy) {
+  EEP_ASSIGN_OR_RETURN(EventPtr a, NewEvent(cudaEventDefault));
+  EEP_ASSIGN_OR_RETURN(EventPtr b, NewEvent(cudaEventDefault));
+  std::vector<double> times;
+  for (int r = 0; r < repeat + 1; ++r) {
+    EEP_CUDA_RETURN_IF_ERROR(cudaEventRecord(a.get(), stream));
+    EEP_CUDA_RETURN_IF_ERROR(copy());
+    EEP_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.get(), stream));
+    EEP_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.get()));
+    float ms = 0;
+    EEP_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, a.get(), b.get()));
+    if (r > 0) times.push_back(ms * 1e-3);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
+
+Result<double> MeasurePinnedH2DGBps(uint64_t num_bytes, int repeat) {
+  if (!Available()) return Status::Unavailable("no CUDA device is visible");
+  void* host = nullptr;
+  EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&host, num_bytes, cudaHostAllocDefault));
+  PinnedPtr owner(static_cast<uint8_t*>(host));
+  std::memset(host, 1, num_bytes);
+  EEP_ASSIGN_OR_RETURN(auto dev, DeviceAlloc<uint8_t>(num_bytes));
+  cudaStream_t st = nullptr;
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  StreamPtr stream(st);
+  EEP_ASSIGN_OR_RETURN(double s, TimeCopies(std::max(1, repeat), st, [&] {
+                         return cudaMemcpyAsync(dev.get(), host, num_bytes, cudaMemcpyHostToDevice, st);
+                       }));
+  return num_bytes / 1e9 / s;
+}
+
+Result<double> MeasureDeviceCopyGBps(uint64_t num_bytes, int repeat) {
+  if (!Available()) return Status::Unavailable("no CUDA device is visible");
+  EEP_ASSIGN_OR_RETURN(auto a, DeviceAlloc<uint8_t>(num_bytes));
+  EEP_ASSIGN_OR_RETURN(auto b, DeviceAlloc<uint8_t>(num_bytes));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(a.get(), 1, num_bytes));
+  cudaStream_t st = nullptr;
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  StreamPtr stream(st);
+  EEP_ASSIGN_OR_RETURN(double s, TimeCopies(std::max(1, repeat), st, [&] {
+                         return cudaMemcpyAsync(b.get(), a.get(), num_bytes, cudaMemcpyDeviceToDevice, st);
+                       }));
+  return 2.0 * num_bytes / 1e9 / s;  // read + write
+}
+
+// ---------------------------------------------------------------------------------------
+// Generate
+
 Result<std::vector<int64_t>> Generate(CudaModel& model, const std::vector<int64_t>& prompt_ids,
                                       const GenerateOptions& options) {
-  if (prompt_ids.empty()) return Status::InvalidArgument("prompt is empty");
-  EEP_RETURN_IF_ERROR(ValidateSamplingParams(options.sampling));
-  std::mt19937_64 rng(options.sampling.seed);
-  auto cache = model.NewCache();
-  std::vector<int64_t> out, next = prompt_ids;
-  std::vector<float> logits;
-  const int64_t V = model.config().vocab_size;
-  while (static_cast<int64_t>(out.size()) < options.max_new_tokens) {
-    CudaSeqStep step{cache.get(), next, false, &logits};
-    EEP_RETURN_IF_ERROR(model.Forward(std::span<CudaSeqStep>(&step, 1)));
-    const int64_t tok = SampleToken(logits.data(), V, options.sampling, &rng);
-    out.push_back(tok);
-    if (options.on_token && !options.on_token(tok)) break;
-    if (std::find(options.stop_token_ids.begin(), options.stop_token_ids.end(), tok) != options.stop_token_ids.end())
-      break;
-    next.assign(1, tok);
-  }
-  return out;
+  return GenerateOneSequence<CudaSeqStep>(model, prompt_ids, options);
 }
 
 }  // namespace eep::cuda

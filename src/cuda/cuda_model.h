@@ -18,6 +18,10 @@
 #include "model/expert_map.h"
 #include "model/generate.h"
 
+namespace eep::backup {
+class ExpertBackupClient;
+}  // namespace eep::backup
+
 namespace eep::cuda {
 
 // True when eep was built with CUDA and a CUDA device is visible.
@@ -49,6 +53,9 @@ struct CudaSeqStep {
   std::span<const int64_t> ids;
   bool all_logits = false;               // logits for every new token, else the last one only
   std::vector<float>* logits = nullptr;  // may be null
+  // May be null. Receives the argmax (lowest index on ties) of the last token's logits, computed
+  // on the device: greedy decoding without copying [vocab] floats to the host.
+  int64_t* greedy_token = nullptr;
 };
 
 // Per-layer hidden states and routing decisions of a forward, for tests and debugging.
@@ -81,6 +88,46 @@ class CudaModel {
   Status SetExpertMap(ExpertMap map);
   // Device bytes held by weights and expert slots.
   int64_t weight_bytes() const;
+  // Bytes of one expert slot ([gate | up | down] BF16).
+  int64_t slot_bytes() const;
+  // Checkpoint layer id of MoE layer `moe_layer` (what the backup client calls layer_id).
+  int64_t MoeLayerId(int64_t moe_layer) const;
+
+  // Restores logical experts from the DRAM backup managers straight into device slots, by one
+  // of two paths, both copying with cudaMemcpyAsync on a side stream:
+  //   direct  (default, when the managers' regions are mapped into this process, i.e. shm):
+  //           the mapping is registered with CUDA once (cudaHostRegister, kept for later
+  //           calls) and each tensor is DMA'd from the mirror into its slot: no CPU copy;
+  //   staged  (ucx, a failed registration, or set_restore_direct(false)): each chunk of a
+  //           layer's experts is fetched (FetchLogicalExperts) into a pinned staging buffer,
+  //           whose two halves alternate so that the copies of chunk k overlap the fetch of
+  //           chunk k+1. Copies start after the
+  // model's queued forward work (no slot is overwritten under a running forward) and are
+  // complete when this returns. Several slots may take the same expert (fetched once).
+  // Checkpoint dtypes other than BF16 are converted on the host. The map is not changed: the
+  // caller sets it (SetExpertMap) so that each slot's logical expert matches what was restored.
+  // Not thread-safe with Forward or other calls on this model.
+  struct SlotRestore {
+    int64_t moe_layer = 0;
+    int64_t slot = 0;
+    int64_t logical_expert = 0;
+  };
+  struct RestoreStats {
+    uint64_t bytes = 0;   // bytes written to device slots
+    double fetch_s = 0;   // time inside FetchLogicalExperts (staged path)
+    bool direct = false;  // every layer took the direct path
+    double total_s = 0;   // the whole call
+  };
+  Status RestoreExperts(backup::ExpertBackupClient& client, std::span<const SlotRestore> slots,
+                        RestoreStats* stats = nullptr);
+  // Size of the reused pinned staging buffer (two halves); takes effect at the next restore.
+  void set_restore_staging_bytes(uint64_t bytes);
+  // false: always take the staged path.
+  void set_restore_direct(bool direct);
+  // Copies slot `slot` of MoE layer `moe_layer` back to the host (tests, checks).
+  Status ReadSlot(int64_t moe_layer, int64_t slot, std::vector<uint16_t>* bf16) const;
+  // Fills a slot's device bytes with zeros (tests: proves a restore wrote it).
+  Status ClearSlot(int64_t moe_layer, int64_t slot);
 
   struct Impl;
 
@@ -88,6 +135,28 @@ class CudaModel {
   CudaModel();
   std::unique_ptr<Impl> impl_;
 };
+
+// Page-locks host memory for the CUDA driver (cudaHostRegister) for the object's lifetime, so
+// that device copies from it run at full DMA speed. read_only: the mapping is PROT_READ (e.g. a
+// client's view of a backup mirror; cudaHostRegisterReadOnly). kUnavailable without CUDA or a GPU.
+class HostRegistration {
+ public:
+  static Result<std::unique_ptr<HostRegistration>> Register(void* data, uint64_t num_bytes, bool read_only = false);
+  ~HostRegistration();
+  HostRegistration(const HostRegistration&) = delete;
+  HostRegistration& operator=(const HostRegistration&) = delete;
+
+ private:
+  HostRegistration(void* data) : data_(data) {}
+  void* data_ = nullptr;
+};
+
+// Bandwidth ceilings measured on device 0, medians of `repeat` timed copies (events) after one
+// warm-up: pinned host → device (cudaMemcpyAsync from cudaHostAlloc memory), and device →
+// device counted as bytes read plus bytes written (the memory roofline of MODELS/METHOD).
+// GB/s (1e9 bytes).
+Result<double> MeasurePinnedH2DGBps(uint64_t num_bytes, int repeat);
+Result<double> MeasureDeviceCopyGBps(uint64_t num_bytes, int repeat);
 
 // eep::Generate over a CudaModel: prefill, then decode token by token with the device cache.
 Result<std::vector<int64_t>> Generate(CudaModel& model, const std::vector<int64_t>& prompt_ids,

@@ -30,6 +30,20 @@ const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
 Status CudaModel::SetSlot(int64_t, int64_t, DType, const void*, const void*, const void*) { return NoCuda(); }
 Status CudaModel::SetExpertMap(ExpertMap) { return NoCuda(); }
 int64_t CudaModel::weight_bytes() const { return 0; }
+int64_t CudaModel::slot_bytes() const { return 0; }
+int64_t CudaModel::MoeLayerId(int64_t) const { return -1; }
+Status CudaModel::RestoreExperts(backup::ExpertBackupClient&, std::span<const SlotRestore>, RestoreStats*) {
+  return NoCuda();
+}
+void CudaModel::set_restore_staging_bytes(uint64_t) {}
+void CudaModel::set_restore_direct(bool) {}
+Status CudaModel::ReadSlot(int64_t, int64_t, std::vector<uint16_t>*) const { return NoCuda(); }
+Status CudaModel::ClearSlot(int64_t, int64_t) { return NoCuda(); }
+
+Result<std::unique_ptr<HostRegistration>> HostRegistration::Register(void*, uint64_t, bool) { return NoCuda(); }
+HostRegistration::~HostRegistration() = default;
+Result<double> MeasurePinnedH2DGBps(uint64_t, int) { return NoCuda(); }
+Result<double> MeasureDeviceCopyGBps(uint64_t, int) { return NoCuda(); }
 
 Result<std::vector<int64_t>> Generate(CudaModel&, const std::vector<int64_t>&, const GenerateOptions&) {
   return NoCuda();

@@ -208,6 +208,8 @@ class EpEngine::Impl {
       std::string why;
       if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
         p.pid = -1;
+        // A leaving rank exits by itself once it has handed its experts over.
+        if (p.state == "draining" && WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
         why = WIFSIGNALED(status) ? fmt::format("rank {} exited on signal {}", p.id, WTERMSIG(status))
                                   : fmt::format("rank {} exited with code {}", p.id, WEXITSTATUS(status));
       } else if (p.hb_seen && now - p.last_hb > HeartbeatTimeout()) {
@@ -308,7 +310,7 @@ class EpEngine::Impl {
       }
       const int id = it->second;
       Proc& p = procs[static_cast<size_t>(id)];
-      if (p.state == "joining") {
+      if (p.state == "joining" && !p.ready) {
         if (type == "ready") {
           p.ready = true;
           EEP_LOG_INFO("ep: rank {} loaded and ready to join", id);
@@ -642,11 +644,14 @@ class EpEngine::Impl {
   Status Scale(int n, bool wait) {
     if (shut_down) return Status::Unavailable("engine is shut down");
     if (n < 1) return Status::InvalidArgument(fmt::format("ep_size must be >= 1, got {}", n));
-    if (!joining.empty() || !leaving.empty())
+    const bool in_progress = !joining.empty() || !leaving.empty();
+    if (in_progress && n != target_size)
       return Status::Unavailable(fmt::format("a scaling step to {} rank(s) is in progress", target_size));
     target_size = n;
     const int cur = static_cast<int>(members.size());
-    if (n > cur) {
+    if (in_progress) {
+      // Already on its way: only wait for it (below) if asked.
+    } else if (n > cur) {
       for (int i = 0; i < n - cur; ++i) {
         const int id = static_cast<int>(procs.size());
         EEP_RETURN_IF_ERROR(Spawn(id, "joining"));
@@ -830,7 +835,7 @@ class EpEngine::Impl {
         st = Broadcast({{"type", "commit"}, {"comm", same ? "ex" : "serve"}, {"members", next_members}, {"slots_per_rank", S},
                         {"phy2log", plan.next}},
                        participants);
-      if (st.ok()) st = Gather({"committed", "bye"}, participants, opts.step_timeout_ms).status();
+      if (st.ok()) st = Gather({"committed"}, next_members, opts.step_timeout_ms).status();
       if (!st.ok()) {
         if (failure) continue;
         return st;
@@ -874,7 +879,8 @@ class EpEngine::Impl {
       ev.requeued_seqs = requeued;
       LogEvent(ev, plan.moved);
       events.push_back(ev);
-      awaiting_resume = events.size() - 1;
+      // With sequences in flight, the next step tells how long serving took to resume.
+      if (!seqs.empty()) awaiting_resume = events.size() - 1;
       switch_done_at = NowSeconds();
       return Status::Ok();
     }

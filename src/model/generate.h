@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <vector>
 
 #include "core/status.h"
@@ -24,5 +25,29 @@ struct GenerateOptions {
 // Returns the generated ids (prompt excluded).
 Result<std::vector<int64_t>> Generate(Model& model, const std::vector<int64_t>& prompt_ids,
                                       const GenerateOptions& options);
+
+// One step of a single sequence on any backend: runs `ids` (the prompt, then one token at a
+// time) through the model with its cache and returns the last token's logits [vocab_size],
+// valid until the next call.
+using ForwardLastLogits = std::function<Result<const float*>(std::span<const int64_t> ids)>;
+// The prefill/decode/sample loop of Generate, shared by the backends (cuda::Generate).
+Result<std::vector<int64_t>> GenerateWith(const ForwardLastLogits& forward, int64_t vocab_size,
+                                          const std::vector<int64_t>& prompt_ids, const GenerateOptions& options);
+
+// GenerateWith over a backend's model M (Model, cuda::CudaModel) and its step type Step
+// (SeqStep, cuda::CudaSeqStep): one cache, last-token logits to the host each step.
+template <typename Step, typename M>
+Result<std::vector<int64_t>> GenerateOneSequence(M& model, const std::vector<int64_t>& prompt_ids,
+                                                 const GenerateOptions& options) {
+  auto cache = model.NewCache();
+  std::vector<float> logits;
+  return GenerateWith(
+      [&](std::span<const int64_t> ids) -> Result<const float*> {
+        Step step{cache.get(), ids, false, &logits};
+        EEP_RETURN_IF_ERROR(model.Forward(std::span<Step>(&step, 1)));
+        return static_cast<const float*>(logits.data());
+      },
+      model.config().vocab_size, prompt_ids, options);
+}
 
 }  // namespace eep

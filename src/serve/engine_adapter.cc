@@ -28,6 +28,8 @@ class EpStepEngine : public StepEngine {
   }
   const ModelConfig& config() const override { return engine_->config(); }
   void Shutdown() override { engine_->Shutdown(); }
+  Status Poll() override { return engine_->Poll(); }
+  Status Scale(int ep_size) override { return engine_->Scale(ep_size, /*wait=*/false); }
 
  private:
   std::unique_ptr<ep::EpEngine> engine_;

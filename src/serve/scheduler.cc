@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <utility>
 #include <unordered_map>
 
 #include "core/logging.h"
@@ -168,6 +169,18 @@ void Scheduler::Stop(Status reason) {
   for (auto& h : left) h->Finish(FinishReason::kAborted, stop_reason_);
 }
 
+Status Scheduler::RequestScale(int ep_size) {
+  if (ep_size < 1) return Status::InvalidArgument(fmt::format("ep_size must be >= 1, got {}", ep_size));
+  {
+    std::lock_guard lk(mu_);
+    if (stopping_) return Status::Unavailable("server is shutting down");
+    if (!engine_status_.ok()) return Status::Unavailable("engine failed: " + engine_status_.message());
+    pending_scale_ = ep_size;
+  }
+  cv_.notify_all();
+  return Status::Ok();
+}
+
 SchedulerStats Scheduler::Stats() const {
   SchedulerStats s;
   {
@@ -181,6 +194,7 @@ SchedulerStats Scheduler::Stats() const {
   s.prompt_tokens = prompt_tokens_;
   s.generation_tokens = generation_tokens_;
   s.engine_status = engine_status_;
+  s.scale_error = scale_error_;
   return s;
 }
 
@@ -250,14 +264,21 @@ void Scheduler::Loop() {
   const int64_t ctx = engine_->config().max_position_embeddings;
   while (true) {
     std::vector<std::shared_ptr<RequestHandle>> cancelled;
+    int scale_to = 0;
+    bool idle = false;
     {
       std::unique_lock lk(mu_);
-      cv_.wait(lk, [&] {
-        return stopping_ || wake_ ||
+      // While idle the engine is still polled now and then, so that a rank failure is
+      // recovered (and shown in /v1/cluster) before the next request, and joins complete.
+      constexpr auto kIdlePoll = std::chrono::milliseconds(100);
+      cv_.wait_for(lk, kIdlePoll, [&] {
+        return stopping_ || wake_ || pending_scale_ > 0 ||
                (engine_status_.ok() && (!waiting_.empty() || !running.empty()));
       });
       if (stopping_) break;
       wake_ = false;
+      scale_to = std::exchange(pending_scale_, 0);
+      idle = waiting_.empty() && running.empty();
       for (auto it = waiting_.begin(); it != waiting_.end();) {
         if ((*it)->cancel_requested()) {
           cancelled.push_back(*it);
@@ -287,6 +308,24 @@ void Scheduler::Loop() {
     if (!engine_status_.ok()) {  // failed earlier: only cancellations are served
       std::lock_guard lk(mu_);
       running_count_ = 0;
+      continue;
+    }
+    if (scale_to > 0) {
+      Status st = engine_->Scale(scale_to);
+      if (!st.ok()) EEP_LOG_WARN("serve: cannot scale to {} rank(s): {}", scale_to, st.ToString());
+      {
+        std::lock_guard lk(mu_);
+        scale_error_ = st.ok() ? "" : st.ToString();
+      }
+      RefreshSnapshot();
+    }
+    if (idle) {
+      Status st = engine_->Poll();
+      if (!st.ok()) {
+        EEP_LOG_ERROR("serve: engine failed while idle: {}", st.ToString());
+        FailAll(&running, st);
+      }
+      RefreshSnapshot();
       continue;
     }
     std::vector<size_t> step = Plan(&running);

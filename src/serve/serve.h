@@ -64,6 +64,13 @@ class StepEngine {
   virtual const ModelConfig& config() const = 0;
   // Stops the engine (rank processes). Idempotent.
   virtual void Shutdown() = 0;
+  // Handles what happened while idle (rank failures, ranks ready to join); see ep::EpEngine::Poll.
+  virtual Status Poll() { return Status::Ok(); }
+  // Starts growing or shrinking to `ep_size` ranks; the switch happens at a step boundary.
+  virtual Status Scale(int ep_size) {
+    (void)ep_size;
+    return Status::Unimplemented("this engine cannot scale");
+  }
 };
 
 // Adapts a started ep::EpEngine.
@@ -164,6 +171,7 @@ struct SchedulerStats {
   int64_t num_moe_layers = 0;
   int64_t num_experts = 0;
   EplbTotals eplb;
+  std::string scale_error;  // why the last scaling request failed, if it did
 };
 
 class Scheduler {
@@ -179,6 +187,9 @@ class Scheduler {
   // Queues a request. InvalidArgument for an empty prompt, max_tokens < 1 or a prompt plus
   // max_tokens past the context; Unavailable once stopped or after an engine failure.
   Result<std::shared_ptr<RequestHandle>> Submit(GenerationRequest request);
+  // Asks the engine to scale to `ep_size` ranks (done by the step thread; requests keep being
+  // queued and served meanwhile). InvalidArgument for ep_size < 1.
+  Status RequestScale(int ep_size);
   // Stops the step thread after its current step; everything queued or running finishes as
   // kAborted with `reason`. Idempotent.
   void Stop(Status reason = Status::Unavailable("server is shutting down"));
@@ -212,6 +223,8 @@ class Scheduler {
   Status stop_reason_;
   Status engine_status_;
   int64_t next_id_ = 1;
+  int pending_scale_ = 0;  // 0: none
+  std::string scale_error_;
   int64_t steps_ = 0, prompt_tokens_ = 0, generation_tokens_ = 0;
   bool last_step_solo_ = false;  // scheduler thread only
   mutable std::mutex snap_mu_;
@@ -236,6 +249,7 @@ struct ServerOptions {
 // Endpoints:
 //   POST /v1/completions, POST /v1/chat/completions   (OpenAI; SSE when "stream": true)
 //   GET  /v1/models, /health, /metrics (Prometheus text), /v1/cluster (engine JSON)
+//   POST /scale {"ep_size": N}                        (202; progress in /v1/cluster)
 // Errors are OpenAI-style {"error": {"message", "type", "param", "code"}} with 4xx/5xx.
 class Server {
  public:

@@ -386,14 +386,58 @@ class Server::Impl {
     res.set_content(Dump(Json{{"object", "list"}, {"data", Json::array({m})}}), "application/json");
   }
 
-  // Why the server cannot serve, or "" when it can.
+  // Why the server cannot serve, or "" when it can. Dead ranks do not count: the survivors
+  // serve (the engine says when they cannot, e.g. too few expert slots left).
   std::string Unhealthy(const SchedulerStats& s) const {
     if (draining) return "the server is shutting down";
     if (!s.engine_status.ok()) return "engine failed: " + s.engine_status.message();
-    // Joining or draining ranks (scaling) still serve; a dead one means steps fail.
-    for (const auto& r : s.cluster.ranks)
-      if (r.state == "dead") return fmt::format("rank {} is dead", r.rank);
+    if (s.cluster.health != "ok") return s.cluster.health;
     return "";
+  }
+
+  // POST /scale {"ep_size": N}: accepted at once (202); the step thread starts the new ranks
+  // (or drains some) and switches at a step boundary while requests keep flowing.
+  void HandleScale(const httplib::Request& req, httplib::Response& res) {
+    auto bad = [&](const std::string& message, const std::string& param) {
+      ApiError e;
+      e.message = message;
+      e.param = param;
+      res.status = e.status;
+      res.set_content(Dump(e.ToJson()), "application/json");
+    };
+    Json body;
+    try {
+      body = Json::parse(req.body);
+    } catch (const Json::exception& e) {
+      return bad(fmt::format("request body is not valid JSON: {}", e.what()), "");
+    }
+    if (!body.is_object()) return bad("request body must be a JSON object", "");
+    for (const auto& [k, v] : body.items())
+      if (k != "ep_size") return bad(fmt::format("unknown field '{}' (expected ep_size)", k), k);
+    if (!body.contains("ep_size") || !body["ep_size"].is_number_integer())
+      return bad("'ep_size' must be an integer", "ep_size");
+    const int64_t n = body["ep_size"].get<int64_t>();
+    constexpr int64_t kMaxRanks = 1024;
+    if (n < 1 || n > kMaxRanks) return bad(fmt::format("'ep_size' must be in [1, {}], got {}", kMaxRanks, n), "ep_size");
+    const SchedulerStats s = scheduler->Stats();
+    int64_t serving = 0;
+    for (const auto& r : s.cluster.ranks) {
+      if (r.state == "joining" || r.state == "draining") {
+        ApiError e = ServerError(409, fmt::format("a scaling step to {} rank(s) is in progress", s.cluster.target_size));
+        e.type = "conflict_error";
+        res.status = e.status;
+        return res.set_content(Dump(e.ToJson()), "application/json");
+      }
+      serving += r.state == "alive";
+    }
+    Status st = scheduler->RequestScale(static_cast<int>(n));
+    if (!st.ok()) {
+      ApiError e = ServerError(st.code() == StatusCode::kInvalidArgument ? 400 : 503, st.message());
+      res.status = e.status;
+      return res.set_content(Dump(e.ToJson()), "application/json");
+    }
+    res.status = 202;
+    res.set_content(Dump(Json{{"status", "accepted"}, {"ep_size", n}, {"from", serving}}), "application/json");
   }
 
   void HandleHealth(httplib::Response& res) {
@@ -412,10 +456,32 @@ class Server::Impl {
     for (const auto& r : s.cluster.ranks)
       ranks.push_back(
           {{"id", r.rank}, {"pid", r.pid}, {"state", r.state}, {"num_seqs", r.num_seqs}});
+    Json events = Json::array();
+    for (const auto& e : s.cluster.events)
+      events.push_back({{"epoch", e.epoch},
+                        {"kind", e.kind},
+                        {"reason", e.reason},
+                        {"dead_ranks", e.dead_ranks},
+                        {"members", e.members},
+                        {"detect_ms", e.detect_seconds * 1000},
+                        {"abort_ms", e.abort_seconds * 1000},
+                        {"plan_ms", e.plan_seconds * 1000},
+                        {"restore_ms", e.restore_seconds * 1000},
+                        {"blocking_ms", e.blocking_seconds * 1000},
+                        {"resume_ms", e.resume_seconds * 1000},
+                        {"experts", {{"peers", e.experts_from_peers}, {"backup", e.experts_from_backup}, {"disk", e.experts_from_disk}}},
+                        {"bytes", {{"peers", e.bytes_from_peers}, {"backup", e.bytes_from_backup}, {"disk", e.bytes_from_disk}}},
+                        {"requeued_seqs", e.requeued_seqs},
+                        {"attempts", e.attempts}});
     Json j{{"epoch", s.cluster.epoch},
            {"steps", s.cluster.steps},
            {"map_version", s.cluster.map_version},
+           {"health", s.cluster.health},
+           {"target_size", s.cluster.target_size},
+           {"scale_error", s.scale_error},
+           {"backup", {{"ready", s.cluster.backup_ready}, {"health", s.cluster.backup_health}}},
            {"ranks", ranks},
+           {"events", events},
            {"eplb", {{"rebalances", s.eplb.rebalances}, {"moved_experts", s.eplb.moved_experts}}},
            {"scheduler", {{"running", s.running}, {"waiting", s.waiting}, {"steps", s.steps}}}};
     res.set_content(Dump(j), "application/json");
@@ -467,7 +533,7 @@ class Server::Impl {
       AppendSample(&out, "eep_rank_up", fmt::format("rank=\"{}\"", r.rank),
                    r.state == "alive" ? 1 : 0);
     head("eep_rank_state", "gauge",
-         "1 for the rank's current state (alive, joining, draining, dead)");
+         "1 for the rank's current state (alive, joining, draining, dead, left)");
     for (const auto& r : s.cluster.ranks)
       AppendSample(&out, "eep_rank_state", fmt::format("rank=\"{}\",state=\"{}\"", r.rank, r.state),
                    1);
@@ -489,6 +555,45 @@ class Server::Impl {
                        static_cast<double>(s.expert_load[i]));
         }
       }
+    }
+    {
+      // Membership changes: failovers and scaling steps, with where restored experts came from.
+      std::map<std::string, int64_t> count, experts, bytes;
+      std::map<std::string, double> blocking;
+      for (const auto& e : s.cluster.events) {
+        ++count[e.kind];
+        blocking[e.kind] += e.blocking_seconds;
+        experts["peers"] += e.experts_from_peers;
+        experts["backup"] += e.experts_from_backup;
+        experts["disk"] += e.experts_from_disk;
+        bytes["peers"] += e.bytes_from_peers;
+        bytes["backup"] += e.bytes_from_backup;
+        bytes["disk"] += e.bytes_from_disk;
+      }
+      head("eep_recoveries_total", "counter", "Rank failures recovered (failovers)");
+      AppendSample(&out, "eep_recoveries_total", "", static_cast<double>(count["failover"]));
+      head("eep_scaling_events_total", "counter", "Scaling steps completed, by direction");
+      for (const char* d : {"up", "down"})
+        AppendSample(&out, "eep_scaling_events_total", fmt::format("direction=\"{}\"", d),
+                     static_cast<double>(count[std::string("scale-") + d]));
+      head("eep_membership_blocking_seconds_total", "counter",
+           "Time no step could run because of a membership change, by kind");
+      for (const char* k : {"failover", "scale-up", "scale-down"})
+        AppendSample(&out, "eep_membership_blocking_seconds_total", fmt::format("kind=\"{}\"", k), blocking[k]);
+      head("eep_restored_experts_total", "counter",
+           "Experts moved by membership changes, by source (peers, backup = DRAM mirror, disk = checkpoint)");
+      for (const char* src : {"peers", "backup", "disk"})
+        AppendSample(&out, "eep_restored_experts_total", fmt::format("source=\"{}\"", src),
+                     static_cast<double>(experts[src]));
+      head("eep_restore_bytes_total", "counter", "Bytes of expert weights moved by membership changes, by source");
+      for (const char* src : {"peers", "backup", "disk"})
+        AppendSample(&out, "eep_restore_bytes_total", fmt::format("source=\"{}\"", src), static_cast<double>(bytes[src]));
+      head("eep_restore_seconds_total", "counter", "Time spent restoring experts in membership changes");
+      double restore = 0;
+      for (const auto& e : s.cluster.events) restore += e.restore_seconds;
+      AppendSample(&out, "eep_restore_seconds_total", "", restore);
+      head("eep_backup_ready", "gauge", "1 when every rank reached the DRAM backup managers");
+      AppendSample(&out, "eep_backup_ready", "", s.cluster.backup_ready ? 1 : 0);
     }
     head("eep_eplb_rebalances_total", "counter", "Expert rebalances applied");
     AppendSample(&out, "eep_eplb_rebalances_total", "", static_cast<double>(s.eplb.rebalances));
@@ -578,6 +683,7 @@ class Server::Impl {
     http.Get("/health", [this](const httplib::Request&, httplib::Response& r) { HandleHealth(r); });
     http.Get("/metrics",
              [this](const httplib::Request&, httplib::Response& r) { HandleMetrics(r); });
+    http.Post("/scale", [this](const httplib::Request& q, httplib::Response& r) { HandleScale(q, r); });
     http.Get("/v1/cluster",
              [this](const httplib::Request&, httplib::Response& r) { HandleCluster(r); });
 

@@ -9,6 +9,8 @@
 
 #include "backup/backup.h"
 #include "command.h"
+#include "core/logging.h"
+#include "cuda/cuda_model.h"
 #include "transfer/transfer.h"
 
 namespace {
@@ -64,7 +66,8 @@ EEP_REGISTER_COMMAND(
                       "each expert e is held by nodes (e+j) mod N, j < R")
           ->default_val(1);
       app->add_flag("--pin-memory", opts->pin_memory,
-                    "lock the backup region in RAM (needs ulimit -l)");
+                    "lock the backup region in RAM (needs ulimit -l) and, in a CUDA build with a "
+                    "GPU, register it with CUDA (cudaHostRegister)");
       app->footer(
           "Prints `listening ENDPOINT` on stdout once the experts are loaded and served. "
           "SIGINT/SIGTERM stop it "
@@ -75,10 +78,27 @@ EEP_REGISTER_COMMAND(
         opts->cancel = &g_stop;
         auto manager = eep::backup::ExpertBackupManager::Create(*opts);
         if (!manager.ok()) return eep::cli::Fail(manager.status().WithContext("backup-manager"));
+        // --pin-memory: the transport locked the region (mlock); a CUDA build with a GPU also
+        // registers it, so GPU copies out of it in this process run as DMA at full speed.
+        std::unique_ptr<eep::cuda::HostRegistration> cuda_registration;
+        if (opts->pin_memory) {
+          const auto& region = (*manager)->descriptor().region;
+          auto reg = eep::cuda::HostRegistration::Register(reinterpret_cast<void*>(region.base_address),
+                                                           region.num_bytes);
+          if (reg.ok()) {
+            cuda_registration = std::move(*reg);
+            EEP_LOG_INFO("backup: --pin-memory: region of {:.2f} GiB locked and registered with CUDA on {}",
+                         region.num_bytes / double(1ull << 30), eep::cuda::DeviceDescription());
+          } else {
+            EEP_LOG_INFO("backup: --pin-memory: region locked in RAM (mlock) only, not registered with CUDA: {}",
+                         reg.status().message());
+          }
+        }
         std::fprintf(out, "listening %s\n", (*manager)->endpoint().c_str());
         std::fflush(out);
         eep::Status s = (*manager)->Serve(g_stop);
-        manager->reset();  // closes the socket, releases the region
+        cuda_registration.reset();  // before the region goes
+        manager->reset();           // closes the socket, releases the region
         return s.ok() ? 0 : eep::cli::Fail(s);
       };
     });

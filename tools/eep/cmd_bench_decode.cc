@@ -1,6 +1,10 @@
 // `eep bench decode`: KV-cached greedy decode tokens/s of the CUDA backend against the CPU
-// reference backend, both measured in this run on the same checkpoint and prompt. Prints one
-// line per configuration and the ratio cuda / cpu; --json adds a machine-readable line.
+// reference backend and against the memory roofline, all measured in this run on the same
+// checkpoint and prompt. Roofline of a step at batch B: bytes of weights it touches (every
+// dense weight, the LM head, and the distinct experts the step's routing chose, counted from a
+// traced step) over the device-copy bandwidth (cudaMemcpy D2D, read + write) measured here;
+// KV-cache and activation bytes are left out. Greedy tokens come from the device argmax
+// (CudaSeqStep::greedy_token), so no logits cross PCIe. --json adds a machine-readable line.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -22,7 +26,8 @@ struct DecodeBenchFlags {
   int64_t prompt_len = 32;
   int64_t tokens = 32;      // decode steps timed on the GPU
   int64_t cpu_tokens = 16;  // decode steps timed on the CPU (slower)
-  std::vector<int64_t> batches = {1, 8, 32};
+  std::vector<int64_t> batches = {1, 16, 64, 256};
+  std::string mode = "both";  // split | bf16 | both
   bool skip_cpu = false, json = false;
   uint64_t seed = 1;
 };
@@ -59,27 +64,52 @@ eep::Result<double> CpuDecode(eep::Model& m, const std::vector<int64_t>& prompt,
   return static_cast<double>(steps) / (Now() - t0);
 }
 
-// Tokens/s (summed over the batch) of `steps` decode steps of `batch` sequences on the GPU.
-eep::Result<double> CudaDecode(eep::cuda::CudaModel& m, const std::vector<int64_t>& prompt, int64_t steps,
-                               int64_t batch) {
-  const int64_t V = m.config().vocab_size;
+struct CudaDecodeResult {
+  double tokens_per_s = 0;
+  double step_ms = 0;
+  int64_t experts_touched = 0;  // distinct (MoE layer, slot) pairs of one traced step
+};
+
+// Tokens/s (summed over the batch) of `steps` decode steps of `batch` sequences on the GPU,
+// then one traced step (untimed) that counts the experts a step touches.
+// Sequence b starts from its own random prompt (seed + b), so that the batch routes like
+// independent requests rather than B copies of one.
+eep::Result<CudaDecodeResult> CudaDecode(eep::cuda::CudaModel& m, int64_t prompt_len, uint64_t seed, int64_t steps,
+                                         int64_t batch) {
   std::vector<std::unique_ptr<eep::cuda::CudaKvCache>> caches;
-  std::vector<std::vector<float>> logits(static_cast<size_t>(batch));
-  std::vector<std::vector<int64_t>> next(static_cast<size_t>(batch), prompt);
-  for (int64_t b = 0; b < batch; ++b) caches.push_back(m.NewCache());
+  std::vector<int64_t> greedy(static_cast<size_t>(batch));
+  std::vector<std::vector<int64_t>> next;
+  for (int64_t b = 0; b < batch; ++b) {
+    caches.push_back(m.NewCache());
+    next.push_back(RandomPrompt(prompt_len, m.config().vocab_size, seed + static_cast<uint64_t>(b)));
+  }
   double t0 = 0;
-  const int64_t warmup = 2;
-  for (int64_t s = 0; s < steps + warmup; ++s) {
-    if (s == warmup) t0 = Now();
+  const int64_t warmup = 2;  // the prefill and one decode step
+  auto step = [&](eep::cuda::CudaForwardTrace* trace) -> eep::Status {
     std::vector<eep::cuda::CudaSeqStep> steps_in;
     for (int64_t b = 0; b < batch; ++b)
-      steps_in.push_back({caches[static_cast<size_t>(b)].get(), next[static_cast<size_t>(b)], false,
-                          &logits[static_cast<size_t>(b)]});
-    EEP_RETURN_IF_ERROR(m.Forward(steps_in));
-    for (int64_t b = 0; b < batch; ++b)
-      next[static_cast<size_t>(b)].assign(1, Argmax(logits[static_cast<size_t>(b)], 0, V));
+      steps_in.push_back({caches[static_cast<size_t>(b)].get(), next[static_cast<size_t>(b)], false, nullptr,
+                          &greedy[static_cast<size_t>(b)]});
+    EEP_RETURN_IF_ERROR(m.Forward(steps_in, trace));
+    for (int64_t b = 0; b < batch; ++b) next[static_cast<size_t>(b)].assign(1, greedy[static_cast<size_t>(b)]);
+    return eep::Status::Ok();
+  };
+  for (int64_t s = 0; s < steps + warmup; ++s) {
+    if (s == warmup) t0 = Now();
+    EEP_RETURN_IF_ERROR(step(nullptr));
   }
-  return static_cast<double>(steps * batch) / (Now() - t0);
+  const double elapsed = Now() - t0;
+  CudaDecodeResult r;
+  r.tokens_per_s = static_cast<double>(steps * batch) / elapsed;
+  r.step_ms = elapsed / static_cast<double>(steps) * 1e3;
+  eep::cuda::CudaForwardTrace trace;
+  EEP_RETURN_IF_ERROR(step(&trace));
+  for (const auto& ids : trace.route_ids) {
+    std::vector<int32_t> u(ids);
+    std::sort(u.begin(), u.end());
+    r.experts_touched += std::unique(u.begin(), u.end()) - u.begin();
+  }
+  return r;
 }
 
 int RunDecodeBench(const DecodeBenchFlags& f) {
@@ -105,23 +135,56 @@ int RunDecodeBench(const DecodeBenchFlags& f) {
   }
   j["device"] = eep::cuda::DeviceDescription();
   fmt::print("cuda device: {}\n", eep::cuda::DeviceDescription());
-  for (bool split : {true, false}) {
+  auto bw = eep::cuda::MeasureDeviceCopyGBps(1ull << 30, 10);
+  if (!bw.ok()) return eep::cli::Fail(bw.status());
+  fmt::print("device copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): {:.0f} GB/s\n", *bw);
+  j["device_copy_gbps"] = *bw;
+  std::vector<bool> modes;
+  if (f.mode == "split" || f.mode == "both") modes.push_back(true);
+  if (f.mode == "bf16" || f.mode == "both") modes.push_back(false);
+  if (modes.empty()) return eep::cli::Fail(eep::Status::InvalidArgument("--mode must be split, bf16 or both"));
+  for (bool split : modes) {
     auto m = eep::cuda::CudaModel::Load(f.model_dir, {.split_activations = split});
     if (!m.ok()) return eep::cli::Fail(m.status());
     const char* mode = split ? "split-bf16" : "bf16";
+    const eep::ModelConfig& c = (*m)->config();
+    const eep::ExpertMap& map = (*m)->expert_map();
+    const int64_t slot_bytes = (*m)->slot_bytes();
+    const int64_t all_slots = map.num_moe_layers() * map.num_physical() * slot_bytes;
+    // Dense bytes a step reads: all weights but the expert slots and, when the LM head is
+    // separate, the embedding table (a step reads B of its rows).
+    const int64_t dense = (*m)->weight_bytes() - all_slots - (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * 2);
+    fmt::print("{}: {:.2f} GiB on the GPU, {:.2f} GiB of it expert slots ({} MoE layers x {} slots x {:.1f} MiB)\n",
+               mode, (*m)->weight_bytes() / double(1ull << 30), all_slots / double(1ull << 30), map.num_moe_layers(),
+               map.num_physical(), slot_bytes / double(1 << 20));
     for (int64_t b : f.batches) {
-      auto r = CudaDecode(**m, prompt, f.tokens, b);
+      auto r = CudaDecode(**m, f.prompt_len, f.seed, f.tokens, b);
       if (!r.ok()) return eep::cli::Fail(r.status());
-      const double ratio = cpu_tps > 0 ? *r / cpu_tps : 0;
-      fmt::print("cuda batch {:3} ({:10}): {:9.1f} tokens/s  ratio vs cpu batch 1: {:.1f}x\n", b, mode, *r, ratio);
-      j["cuda"].push_back({{"mode", mode}, {"batch", b}, {"tokens_per_s", *r}, {"ratio_vs_cpu", ratio}});
+      const double ratio = cpu_tps > 0 ? r->tokens_per_s / cpu_tps : 0;
+      const double step_bytes = static_cast<double>(dense + r->experts_touched * slot_bytes);
+      const double roofline_tps = static_cast<double>(b) / (step_bytes / (*bw * 1e9));
+      fmt::print(
+          "cuda batch {:3} ({:10}): {:9.1f} tokens/s, {:7.2f} ms/step | weights/step {:6.2f} GB ({:4} experts) -> "
+          "roofline {:9.1f} tokens/s: {:5.1f}% of roofline{}\n",
+          b, mode, r->tokens_per_s, r->step_ms, step_bytes / 1e9, r->experts_touched, roofline_tps,
+          100.0 * r->tokens_per_s / roofline_tps,
+          cpu_tps > 0 ? fmt::format(" | {:.1f}x cpu batch 1", ratio) : std::string());
+      j["cuda"].push_back({{"mode", mode},
+                           {"batch", b},
+                           {"tokens_per_s", r->tokens_per_s},
+                           {"step_ms", r->step_ms},
+                           {"weight_bytes_per_step", step_bytes},
+                           {"experts_touched", r->experts_touched},
+                           {"roofline_tokens_per_s", roofline_tps},
+                           {"fraction_of_roofline", r->tokens_per_s / roofline_tps},
+                           {"ratio_vs_cpu", ratio}});
     }
   }
   if (f.json) fmt::print("{}\n", j.dump());
   return 0;
 }
 
-EEP_REGISTER_BENCH(decode, "decode", "decode tokens/s: CUDA backend vs the CPU backend, same run",
+EEP_REGISTER_BENCH(decode, "decode", "decode tokens/s: CUDA backend vs its memory roofline and the CPU backend, same run",
                    [](CLI::App* app) -> std::function<int()> {
                      auto f = std::make_shared<DecodeBenchFlags>();
                      app->add_option("--model", f->model_dir, "checkpoint directory")->required();
@@ -130,6 +193,8 @@ EEP_REGISTER_BENCH(decode, "decode", "decode tokens/s: CUDA backend vs the CPU b
                      app->add_option("--cpu-tokens", f->cpu_tokens, "decode steps timed on the CPU");
                      app->add_option("--batch", f->batches, "GPU batch sizes (sequences decoded together)");
                      app->add_flag("--skip-cpu", f->skip_cpu, "no CPU reference (no ratio)");
+                     app->add_option("--mode", f->mode,
+                                     "GPU activations: split (hi+lo BF16, f32-level), bf16, or both");
                      app->add_flag("--json", f->json, "also print one JSON line");
                      app->add_option("--seed", f->seed, "prompt seed");
                      return [f] { return RunDecodeBench(*f); };

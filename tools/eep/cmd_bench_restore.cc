@@ -17,6 +17,15 @@
 //             uses), the floor of any reload.
 //             warm: page cache warm; cold: after posix_fadvise(DONTNEED) on every shard, with
 //             the share of pages still resident reported (a VM host may cache behind us).
+//
+// --backend cuda: the same share restored into a CudaModel's device expert slots by
+// CudaModel::RestoreExperts from an `eep backup-manager --pin-memory` child (shm), both paths:
+// direct (DMA out of the client's CUDA-registered mapping of the mirror) and staged
+// (FetchLogicalExperts into a pinned staging buffer, double-buffered, cudaMemcpyAsync on a
+// side stream); against
+//   ceiling   pinned cudaMemcpy H2D of the same number of bytes (cudaHostAlloc buffer, events)
+//   reload    Checkpoint::Open + per expert CudaModel::SetSlot (read the mmapped shard, convert
+//             to BF16 on the host, pageable cudaMemcpy), warm and after DONTNEED (cold).
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
@@ -39,6 +48,7 @@
 #include "backup/backup.h"
 #include "command.h"
 #include "core/util.h"
+#include "cuda/cuda_model.h"
 #include "model/config.h"
 #include "model/make_model.h"
 #include "model/safetensors.h"
@@ -61,6 +71,8 @@ struct RestoreFlags {
   int node_rank = 0;
   int repeat = 3;
   bool cold = true;
+  std::string backend = "cpu";
+  uint64_t staging_mib = 256;
 };
 
 constexpr uint64_t kGiB = 1ull << 30;
@@ -217,7 +229,8 @@ Result<double> Reload(const std::string& dir, const Share& share, uint8_t* dst, 
 class ManagerChild {
  public:
   static Result<std::unique_ptr<ManagerChild>> Start(const std::string& model, int node_rank,
-                                                     int num_nodes, const std::string& transport) {
+                                                     int num_nodes, const std::string& transport,
+                                                     bool pin_memory = false) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) return Status::Internal("pipe failed");
     std::vector<std::string> args = {"/proc/self/exe", "--log-level",
@@ -227,6 +240,7 @@ class ManagerChild {
                                      "--num-nodes",    std::to_string(num_nodes),
                                      "--listen",       "tcp://127.0.0.1:0",
                                      "--transport",    transport};
+    if (pin_memory) args.push_back("--pin-memory");
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -482,6 +496,118 @@ std::string Fmt(const Stats& s, uint64_t bytes) {
                      bytes / 1e9 / s.median_s);
 }
 
+// ---- --backend cuda ----
+
+Result<int> RunCudaBench(const RestoreFlags& f, const std::string& model, const std::string& fingerprint,
+                         const Share& share) {
+  if (!eep::cuda::Available())
+    return Status::Unavailable("no GPU: " + eep::cuda::DeviceDescription());
+  std::printf("backend cuda: %s\n", eep::cuda::DeviceDescription().c_str());
+  EEP_ASSIGN_OR_RETURN(auto gpu, eep::cuda::CudaModel::Load(model));
+  eep::cuda::CudaModel& m = *gpu;
+  m.set_restore_staging_bytes(f.staging_mib << 20);
+  // The share's experts into the slots that hold them under the identity map.
+  std::vector<eep::cuda::CudaModel::SlotRestore> slots;
+  for (int64_t ml = 0; ml < m.expert_map().num_moe_layers(); ++ml)
+    for (int64_t e : share.experts) slots.push_back({ml, e, e});
+  const uint64_t n = slots.size() * static_cast<uint64_t>(m.slot_bytes());
+
+  EEP_ASSIGN_OR_RETURN(auto manager, ManagerChild::Start(model, f.node_rank, f.num_nodes, "shm", true));
+  eep::backup::BackupClientOptions o;
+  o.endpoints = {manager->endpoint()};
+  o.expected_fingerprint = fingerprint;
+  o.timeout_ms = 120000;
+  eep::backup::ExpertBackupClient client(o);
+  EEP_RETURN_IF_ERROR(client.Connect());
+
+  // Ceiling and both restore paths alternate round by round; the first round warms up (and
+  // registers the mirror mapping with CUDA for the direct path).
+  std::vector<double> restore_times, fetch_times, direct_times, ceiling_gbs;
+  bool direct_taken = true;
+  for (int r = 0; r < f.repeat + 1; ++r) {
+    eep::cuda::CudaModel::RestoreStats st, dt;
+    m.set_restore_direct(false);
+    EEP_RETURN_IF_ERROR(m.RestoreExperts(client, slots, &st));
+    m.set_restore_direct(true);
+    EEP_RETURN_IF_ERROR(m.RestoreExperts(client, slots, &dt));
+    EEP_ASSIGN_OR_RETURN(double gbs, eep::cuda::MeasurePinnedH2DGBps(n, 3));
+    if (r == 0) continue;
+    direct_taken = direct_taken && dt.direct;
+    restore_times.push_back(st.total_s);
+    fetch_times.push_back(st.fetch_s);
+    direct_times.push_back(dt.total_s);
+    ceiling_gbs.push_back(gbs);
+  }
+  // What the restore wrote is the checkpoint's bytes (first and last slot).
+  {
+    EEP_ASSIGN_OR_RETURN(auto ckpt, eep::Checkpoint::Open(model));
+    for (const auto* r : {&slots.front(), &slots.back()}) {
+      std::vector<uint16_t> got;
+      EEP_RETURN_IF_ERROR(m.ReadSlot(r->moe_layer, r->slot, &got));
+      size_t off = 0;
+      for (const auto& name : m.config().ExpertTensorNames(m.MoeLayerId(r->moe_layer), r->logical_expert)) {
+        EEP_ASSIGN_OR_RETURN(const eep::TensorInfo* t, ckpt->Get(name));
+        if (t->dtype != eep::DType::kBF16 || off * 2 + t->nbytes > got.size() * 2 ||
+            std::memcmp(got.data() + off, t->data, t->nbytes) != 0)
+          return Status::Internal("restored slot differs from the checkpoint at " + name);
+        off += t->nbytes / 2;
+      }
+    }
+  }
+  // Reload: safetensors -> host BF16 -> GPU slot, as CudaModel loads experts.
+  auto reload = [&]() -> Result<double> {
+    double t0 = eep::NowSeconds();
+    EEP_ASSIGN_OR_RETURN(auto ckpt, eep::Checkpoint::Open(model));
+    for (const auto& r : slots) {
+      const auto names = m.config().ExpertTensorNames(m.MoeLayerId(r.moe_layer), r.logical_expert);
+      const eep::TensorInfo* t[3];
+      for (int k = 0; k < 3; ++k) {
+        EEP_ASSIGN_OR_RETURN(t[k], ckpt->Get(names[static_cast<size_t>(k)]));
+      }
+      EEP_RETURN_IF_ERROR(m.SetSlot(r.moe_layer, r.slot, t[0]->dtype, t[0]->data, t[1]->data, t[2]->data));
+    }
+    return eep::NowSeconds() - t0;
+  };
+  std::vector<double> warm_times, cold_times;
+  double resident = 0;
+  for (int r = 0; r < f.repeat + 1; ++r) {
+    EEP_ASSIGN_OR_RETURN(double s, reload());
+    if (r > 0) warm_times.push_back(s);
+  }
+  if (f.cold)
+    for (int r = 0; r < f.repeat; ++r) {
+      resident = std::max(resident, DropPageCache(ShardFiles(model)));
+      EEP_ASSIGN_OR_RETURN(double s, reload());
+      cold_times.push_back(s);
+    }
+  std::sort(ceiling_gbs.begin(), ceiling_gbs.end());
+  const double ceiling = ceiling_gbs[ceiling_gbs.size() / 2];
+  const Stats restore = Summarize(restore_times), fetch = Summarize(fetch_times), warm = Summarize(warm_times);
+  const Stats direct = Summarize(direct_times);
+  const double restore_gbs = n / 1e9 / restore.median_s, direct_gbs = n / 1e9 / direct.median_s;
+  std::printf("%zu slots x %.1f MiB = %.2f GiB into GPU slots; staging %llu MiB (two halves); %d runs, median\n",
+              slots.size(), m.slot_bytes() / double(1 << 20), n / double(kGiB),
+              static_cast<unsigned long long>(f.staging_mib), f.repeat);
+  std::printf("  ceiling  pinned cudaMemcpy H2D (same bytes)   %6.2f GB/s\n", ceiling);
+  std::printf("  restore  direct: DMA from the registered mirror %s%s\n", Fmt(direct, n).c_str(),
+              direct_taken ? "" : "  (fell back to staging: see the log)");
+  std::printf("  restore  staged: fetch->pinned staging->H2D  %s  (fetch into staging: %.1f ms)\n",
+              Fmt(restore, n).c_str(), fetch.median_s * 1e3);
+  std::printf("  reload   warm: open+read+BF16+cudaMemcpy     %s\n", Fmt(warm, n).c_str());
+  if (f.cold)
+    std::printf("  reload   cold: DONTNEED + the same           %s  (%.0f%% of pages still resident)\n",
+                Fmt(Summarize(cold_times), n).c_str(), resident * 100);
+  std::printf("  direct / ceiling: %.0f%% (target >= 90%%); staged / ceiling: %.0f%%\n", 100.0 * direct_gbs / ceiling,
+              100.0 * restore_gbs / ceiling);
+  std::printf("  direct vs warm reload: %s (target >= 10x); staged vs warm reload: %s\n",
+              Compare(warm.median_s, direct.median_s).c_str(), Compare(warm.median_s, restore.median_s).c_str());
+  if (f.cold)
+    std::printf("  direct vs cold reload: %s; staged vs cold reload: %s\n",
+                Compare(Summarize(cold_times).median_s, direct.median_s).c_str(),
+                Compare(Summarize(cold_times).median_s, restore.median_s).c_str());
+  return 0;
+}
+
 int RunBench(RestoreFlags f) {
   if (f.repeat < 1) return eep::cli::Fail(Status::InvalidArgument("--repeat must be >= 1"));
   if (Status s = eep::backup::ValidateAssignment(f.node_rank, f.num_nodes, 1); !s.ok())
@@ -510,6 +636,12 @@ int RunBench(RestoreFlags f) {
   std::printf("cpu: %s, %u hardware threads; %d timed runs each, median [best]\n\n",
               CpuName().c_str(), std::thread::hardware_concurrency(), f.repeat);
   std::fflush(stdout);
+  if (f.backend == "cuda") {
+    auto r = RunCudaBench(f, *model, fingerprint, share);
+    return r.ok() ? *r : eep::cli::Fail(r.status().WithContext("bench restore --backend cuda"));
+  }
+  if (f.backend != "cpu")
+    return eep::cli::Fail(Status::InvalidArgument("--backend must be cpu or cuda, not " + f.backend));
 
   Buffer bf16(share.num_bytes);
   Buffer f32(2 * share.num_bytes);
@@ -606,5 +738,11 @@ EEP_REGISTER_BENCH(
       app->add_option("--node-rank", f->node_rank, "whose share to restore")->default_val(0);
       app->add_option("--repeat", f->repeat, "timed runs per measurement")->default_val(5);
       app->add_flag("!--no-cold", f->cold, "skip the cold (page cache dropped) reload");
+      app->add_option("--backend", f->backend,
+                      "cpu: into host buffers; cuda: into GPU expert slots (pinned mirror, vs pinned "
+                      "cudaMemcpy and safetensors-to-GPU reload)")
+          ->default_val("cpu");
+      app->add_option("--staging-mib", f->staging_mib, "--backend cuda: pinned staging buffer size")
+          ->default_val(256);
       return [f] { return RunBench(*f); };
     });

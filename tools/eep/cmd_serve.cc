@@ -13,6 +13,8 @@
 #include <thread>
 
 #include "command.h"
+#include "backup/sidecar.h"
+#include "core/logging.h"
 #include "ep_flags.h"
 #include "serve/serve.h"
 
@@ -21,6 +23,8 @@ namespace {
 struct ServeCliOptions {
   eep::serve::ServerOptions server;
   eep::cli::EpFlags ep;
+  std::string expert_backup = "auto";  // on | off | auto (on when --ep > 1)
+  std::string backup_transport = "shm";
 };
 
 // Self-pipe of the stop signals: the handler only writes the signal number.
@@ -85,7 +89,20 @@ int RunServe(const ServeCliOptions& o) {
   if (o.server.port != 0) {
     if (auto st = CheckPortFree(o.server.host, o.server.port); !st.ok()) return eep::cli::Fail(st);
   }
-  auto engine = eep::ep::EpEngine::Start(o.server.model_dir, eep::cli::EpOptionsFor(o.ep));
+  // The node's DRAM backup of the expert weights: started here unless managers are given.
+  eep::ep::EpOptions ep_options = eep::cli::EpOptionsFor(o.ep);
+  std::unique_ptr<eep::backup::BackupSidecar> sidecar;
+  const bool backup = o.expert_backup == "on" || (o.expert_backup == "auto" && o.ep.ep > 1);
+  if (backup && ep_options.backup_endpoints.empty()) {
+    constexpr int64_t kBackupStartMs = 600000;  // loading every expert of a large checkpoint
+    auto started = eep::backup::BackupSidecar::Start("/proc/self/exe", o.server.model_dir, 0, 1, o.backup_transport, {},
+                                                     kBackupStartMs);
+    if (!started.ok()) return eep::cli::Fail(started.status().WithContext("--expert-backup on"));
+    sidecar = std::move(*started);
+    ep_options.backup_endpoints = {sidecar->endpoint()};
+    EEP_LOG_INFO("serve: DRAM expert backup manager (pid {}) at {}", sidecar->pid(), sidecar->endpoint());
+  }
+  auto engine = eep::ep::EpEngine::Start(o.server.model_dir, ep_options);
   if (!engine.ok()) return eep::cli::Fail(engine.status());
   auto started = eep::serve::Server::Start(o.server, eep::serve::WrapEpEngine(std::move(*engine)));
   if (!started.ok()) return eep::cli::Fail(started.status());
@@ -142,6 +159,11 @@ EEP_REGISTER_COMMAND(
                       "HTTP handler threads (default 2 * max-num-seqs + 16)")
           ->check(CLI::NonNegativeNumber);
       eep::cli::AddEpFlags(app, &o->ep);
+      app->add_option("--expert-backup", o->expert_backup,
+                      "keep a DRAM backup of the expert weights in a backup manager started here: on | off | auto "
+                      "(on when --ep > 1; ignored when --expert-backup-endpoints is given)")
+          ->check(CLI::IsMember({"on", "off", "auto"}));
+      app->add_option("--backup-transport", o->backup_transport, "transfer backend of that backup manager (shm | ucx)");
       return [o] { return RunServe(*o); };
     });
 

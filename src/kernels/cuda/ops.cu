@@ -322,6 +322,48 @@ unsigned GridFor(int64_t n) {
   return static_cast<unsigned>(b < 4096 ? (b > 0 ? b : 1) : 4096);
 }
 
+
+__global__ void GatherF32Kernel(const float* in, const int32_t* src, int64_t dim, float* out) {
+  const int64_t r = blockIdx.x;
+  const float* row = in + static_cast<int64_t>(src[r]) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = row[i];
+}
+
+// One block per row: each thread scans a strided share (strict > keeps its lowest index), then
+// a shared-memory tree keeps the larger value, the lower index on ties.
+constexpr int kArgmaxThreads = 512;
+__global__ void ArgmaxKernel(const float* x, int64_t cols, int32_t* out) {
+  __shared__ float sv[kArgmaxThreads];
+  __shared__ int32_t si[kArgmaxThreads];
+  const float* row = x + static_cast<int64_t>(blockIdx.x) * cols;
+  constexpr int32_t kNone = 0x7fffffff;
+  float best = -INFINITY;
+  int32_t idx = kNone;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float v = row[i];
+    if (!isnan(v) && (v > best || idx == kNone)) {
+      best = v;
+      idx = static_cast<int32_t>(i);
+    }
+  }
+  sv[threadIdx.x] = best;
+  si[threadIdx.x] = idx;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) {
+      const float ov = sv[threadIdx.x + w];
+      const int32_t oi = si[threadIdx.x + w];
+      const int32_t mi = si[threadIdx.x];
+      if (oi != kNone && (mi == kNone || ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < mi))) {
+        sv[threadIdx.x] = ov;
+        si[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = si[0] == kNone ? 0 : si[0];
+}
+
 }  // namespace
 
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st) {
@@ -408,6 +450,20 @@ cudaError_t GatherRows(const bf16_t* in, const int32_t* src, int64_t rows, int64
                        cudaStream_t st) {
   if (rows == 0) return cudaSuccess;
   GatherKernel<<<static_cast<unsigned>(rows), 128, 0, st>>>(in, src, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, float* out,
+                          cudaStream_t st) {
+  if (rows == 0) return cudaSuccess;
+  GatherF32Kernel<<<static_cast<unsigned>(rows), 256, 0, st>>>(in, src, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t st) {
+  if (rows == 0) return cudaSuccess;
+  if (cols <= 0 || cols > 0x7ffffffe) return cudaErrorInvalidValue;
+  ArgmaxKernel<<<static_cast<unsigned>(rows), kArgmaxThreads, 0, st>>>(x, cols, out);
   return cudaGetLastError();
 }
 

@@ -73,6 +73,14 @@ cudaError_t Route(const float* logits, int64_t num_tokens, int64_t num_experts, 
 cudaError_t GatherRows(const bf16_t* in, const int32_t* src, int64_t rows, int64_t dim, bf16_t* out,
                        cudaStream_t stream);
 
+// out[r,:] = in[src[r],:] for r < rows (f32 rows of `dim`): picks the rows the LM head needs.
+cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, float* out,
+                          cudaStream_t stream);
+
+// out[r] = argmax of row r of x [rows, cols] (f32), the lowest index on ties, as
+// std::max_element; NaN never wins over a number.
+cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
+
 // Weighted combine in top-k order: out[t,:] = Σ_j w[t,j]·Σ_s y[rows[(t·k + j)·splits + s],:],
 // terms added in j order like the CPU LocalExperts.
 cudaError_t MoeCombine(const float* y, const int32_t* rows, const float* weights, int64_t num_tokens,
