@@ -61,8 +61,18 @@ class Communicator {
   // coordinator to confirm); empty otherwise.
   const std::vector<int>& silent_peers() const { return silent_peers_; }
 
+  // Called on the exchanging thread when peers stay silent for the peer timeout. Returning
+  // true keeps waiting (the owner has reported them as suspects and waits to be aborted if
+  // they are confirmed dead: a slow peer is not a dead one); false fails the exchange with
+  // kTimeout. Without a handler the exchange fails.
+  void SetSilenceHandler(std::function<bool(const std::vector<int>& peers)> handler) {
+    on_silence_ = std::move(handler);
+  }
+
  protected:
+  bool KeepWaiting() { return on_silence_ && on_silence_(silent_peers_); }
   std::vector<int> silent_peers_;
+  std::function<bool(const std::vector<int>&)> on_silence_;
 };
 
 using CommunicatorFactory =

@@ -128,6 +128,8 @@ class EpEngine::Impl {
   bool shut_down = false;
   std::optional<Failure> failure;
   double op_started = 0;  // start of the step / exchange a failure interrupts
+  double last_drain = 0;  // last time heartbeats were read
+  std::set<int> reported_silent;  // suspects already logged this step
   // An async rebalance whose exchange runs on the ranks; the next step switches to it.
   struct PendingSwitch {
     ExpertMap next;
@@ -232,6 +234,12 @@ class EpEngine::Impl {
   }
 
   void DrainHeartbeats() {
+    const double now = NowSeconds();
+    // If this thread was away (not polling) for a while, heartbeats queued meanwhile say
+    // nothing about when they were sent: give every rank the benefit of the doubt.
+    if (now - last_drain > HeartbeatTimeout() / 2)
+      for (Proc& p : procs) p.last_hb = std::max(p.last_hb, now);
+    last_drain = now;
     while (true) {
       std::string who;
       auto m = RecvControl(hb, &who, 0);
@@ -242,6 +250,12 @@ class EpEngine::Impl {
       if (!p.Live()) continue;
       p.hb_seen = true;
       p.last_hb = NowSeconds();
+      if (m->header.value("type", "") == "suspect" && m->header.value("epoch", int64_t{-1}) == epoch)
+        for (int s : m->header.value("suspects", std::vector<int>{}))
+          if (s >= 0 && s < static_cast<int>(procs.size()) && procs[static_cast<size_t>(s)].Live() &&
+              reported_silent.insert(s).second)
+            EEP_LOG_WARN("ep: rank {} reports rank {} silent for {} ms; confirming (a slow rank is waited for)", id, s,
+                         opts.peer_timeout_ms);
     }
   }
 
@@ -360,6 +374,13 @@ class EpEngine::Impl {
       for (int r : group)
         if (!out.count(r)) who += (who.empty() ? "" : ", ") + std::to_string(r);
       auto m = Recv(deadline, fmt::format("'{}' (rank(s) {})", types[0], who));
+      if (!m.ok() && m.status().code() == StatusCode::kTimeout) {
+        // Alive (heartbeating) but not done in the bound: wedged. Fenced like a dead rank.
+        for (int r : group)
+          if (!out.count(r))
+            NoteDead(r, fmt::format("rank {} did not answer '{}' within {} ms (wedged)", r, types[0], timeout_ms));
+        return Status::Unavailable(failure->what);
+      }
       if (!m.ok()) return m.status();
       auto& [id, msg] = *m;
       if (msg.header.value("epoch", int64_t{-1}) != epoch || !Contains(group, id)) continue;  // stale
@@ -523,6 +544,7 @@ class EpEngine::Impl {
 
   Result<std::vector<SeqOutput>> TryStep(const std::vector<SeqInput>& inputs) {
     op_started = NowSeconds();
+    reported_silent.clear();
     std::map<int, nlohmann::json> per_rank, release;
     for (int id : members) {
       per_rank[id] = nlohmann::json::array();

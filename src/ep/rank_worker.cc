@@ -137,6 +137,13 @@ class RankWorker {
       double next = 0;
       while (!hb_stop_.load()) {
         const double now = NowSeconds();
+        std::vector<int> suspects;
+        {
+          std::lock_guard<std::mutex> lock(outbox_mu_);
+          suspects.swap(suspects_out_);
+        }
+        if (!suspects.empty())
+          (void)SendControl(hb, "", {{{"type", "suspect"}, {"rank", id_}, {"epoch", epoch_.load()}, {"suspects", suspects}}, ""});
         if (now >= next) {
           (void)SendControl(hb, "", {{{"type", "hb"}, {"rank", id_}, {"epoch", epoch_.load()}}, ""});
           next = now + static_cast<double>(interval_ms) / 1000.0;
@@ -169,6 +176,14 @@ class RankWorker {
     co.peer_timeout_ms = peer_timeout_ms_;
     ControlBootstrap boot(socket_, epoch, &deferred_);
     EEP_ASSIGN_OR_RETURN(auto comm, CreateCommunicator(communicator_, co, &boot));
+    // A silent peer is reported to the coordinator (heartbeat channel) and waited for: only the
+    // coordinator decides it is dead (process gone, stopped, heartbeats lost) and aborts us.
+    comm->SetSilenceHandler([this, members](const std::vector<int>& peers) {
+      std::lock_guard<std::mutex> lock(outbox_mu_);
+      for (int p : peers)
+        if (p >= 0 && p < static_cast<int>(members.size())) suspects_out_.push_back(members[static_cast<size_t>(p)]);
+      return true;
+    });
     std::shared_ptr<Communicator> shared(std::move(comm));
     std::lock_guard<std::mutex> lock(comm_mu_);
     live_comms_.emplace_back(shared, epoch);
@@ -726,6 +741,8 @@ class RankWorker {
   std::deque<ControlMessage> deferred_;
   std::thread hb_thread_;
   std::atomic<bool> hb_stop_{false};
+  std::mutex outbox_mu_;
+  std::vector<int> suspects_out_;  // GUARDED_BY(outbox_mu_): silent peers to report
   std::mutex comm_mu_;
   std::vector<std::pair<std::shared_ptr<Communicator>, int64_t>> live_comms_;  // GUARDED_BY(comm_mu_)
   std::unique_ptr<Model> model_;

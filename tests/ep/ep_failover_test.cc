@@ -117,17 +117,17 @@ TEST(EpFailover, HungRankIsDetectedFencedAndItsWakeUpHarmless) {
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 60.0);
 }
 
-TEST(EpFailover, SlowRankIsRetriedNotDeclaredDead) {
+TEST(EpFailover, SlowRankIsWaitedForNotDeclaredDead) {
+  // A slow rank (a long prefill, a GC pause) is silent in the exchange but keeps its heartbeats:
+  // peers report it, the coordinator confirms it is alive, and everyone waits.
   auto o = Options(4);
-  o.peer_timeout_ms = 500;
+  o.peer_timeout_ms = 300;
   o.inject_fault = "rank=1,after-steps=5,mode=slow";  // sleeps 3 × the peer timeout once
   auto run = Generate("qwen3moe-tiny", o);
   ASSERT_TRUE(run.ok()) << run.status().ToString();
   ExpectSameTokens(*run, "qwen3moe-tiny");
-  const auto f = Failovers(run->cluster);
-  ASSERT_GE(f.size(), 1u);
-  for (const auto* e : f) EXPECT_TRUE(e->dead_ranks.empty());
-  EXPECT_EQ(f.back()->members, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_TRUE(run->cluster.events.empty());
+  EXPECT_EQ(StateOf(run->cluster, 1), "alive");
 }
 
 class WithBackup : public ::testing::Test {

@@ -223,6 +223,10 @@ class ShmCommunicator : public Communicator {
             peers += (peers.empty() ? "" : ", ") + std::to_string(p);
             silent_peers_.push_back(p);
           }
+        if (KeepWaiting()) {
+          deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+          continue;
+        }
         return Status::Timeout(fmt::format("rank {}: no answer from rank(s) {} within {} ms", rank_, peers, timeout_ms_));
       }
       FutexWait(&me->header()->doorbell, bell, std::max<int64_t>(1, static_cast<int64_t>(left_s * 1000)));

@@ -209,6 +209,10 @@ class UcxCommunicator : public Communicator {
             peers += (peers.empty() ? "" : ", ") + std::to_string(p);
             silent_peers_.push_back(p);
           }
+        if (KeepWaiting()) {
+          deadline = NowSeconds() + static_cast<double>(timeout_ms_) / 1000.0;
+          continue;
+        }
         CancelAll(&sreq, &rreq);
         return Status::Timeout(fmt::format("rank {}: no answer from rank(s) {} within {} ms", rank_, peers, timeout_ms_));
       }
