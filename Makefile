@@ -21,8 +21,9 @@ build: configure
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 900
 
+# Serve on 4 ranks with the DRAM backup, send traffic, kill a rank, scale back up; timeline + summary.
 demo: build
-	@$(BUILD_DIR)/bin/eep generate --model $(DEMO_MODEL) --prompt "Expert parallelism places experts on many GPUs." --max-new-tokens 16 --json
+	@scripts/demo.sh $(BUILD_DIR)/bin/eep $(DEMO_MODEL)
 
 format:
 	@clang-format -i $$(git ls-files '*.cc' '*.h' '*.cu' '*.cuh')

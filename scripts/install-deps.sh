@@ -14,6 +14,7 @@ PACKAGES=(
   libpcre2-dev            # tokenizer pre-tokenizer regex (\p{L}, lookahead)
   libopenblas-dev         # CPU GEMM
   libgtest-dev libgmock-dev libbenchmark-dev  # tests and micro-benchmarks
+  curl python3            # `make demo` drives the HTTP server and reads its JSON
 )
 
 missing=()

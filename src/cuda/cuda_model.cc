@@ -24,6 +24,11 @@ bool Available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+int DeviceCount() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
 std::string DeviceDescription() {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
@@ -47,6 +52,7 @@ CudaKvCache::CudaKvCache() : impl_(std::make_unique<Impl>()) {}
 CudaKvCache::~CudaKvCache() = default;
 int64_t CudaKvCache::length() const { return impl_->length; }
 void CudaKvCache::Clear() { impl_->length = 0; }
+void CudaKvCache::Truncate(int64_t n) { impl_->length = std::min(impl_->length, std::max<int64_t>(0, n)); }
 
 // ---------------------------------------------------------------------------------------
 // Weights
@@ -123,9 +129,25 @@ struct CudaModel::Impl {
   float rope_factor = 1.0f, attn_scale = 1.0f;
 
   // Experts: [moe_layer] → [num_slots][gate (I×H) | up (I×H) | down (H×I)] BF16.
+  // Only slots [slot_begin, slot_end) of the map are held (all of them unless an EP rank
+  // configured its share): slots[ml] is [slot_end - slot_begin][expert elems].
   ExpertMap map;
+  int64_t slot_begin = 0, slot_end = 0;
   std::vector<DevicePtr<bf16_t>> slots;
   std::vector<std::vector<bool>> filled;
+  bool HoldsSlot(int64_t slot) const { return slot >= slot_begin && slot < slot_end; }
+  bf16_t* SlotPtr(int64_t ml, int64_t slot) const {
+    return slots[static_cast<size_t>(ml)].get() + (slot - slot_begin) * ExpertElems();
+  }
+  std::vector<bool>::reference Filled(int64_t ml, int64_t slot) {
+    return filled[static_cast<size_t>(ml)][static_cast<size_t>(slot - slot_begin)];
+  }
+  // Host-side MoE executor (expert parallelism) and routing observer; null: none.
+  MoeExecutor* moe_executor = nullptr;
+  CudaModel::RouteObserver route_observer;
+  std::vector<float> h_x, h_w, h_out;
+  // Scratch of RunExpertRows (separate from the forward's: it runs inside a forward).
+  DeviceBuffer e_x, e_x16, e_g16, e_gu, e_act16, e_y, e_src, e_rows, e_w, e_out;
 
   // Per-forward scratch.
   DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
@@ -329,8 +351,10 @@ Status CudaModel::Impl::LoadWeights() {
 
   // Routed experts: every slot of the identity map, straight from the checkpoint's bytes.
   const int64_t ML = static_cast<int64_t>(moe_layer_ids.size());
-  if (ML > 0) {
-    map = ExpertMap::Identity(ML, c.num_experts);
+  if (ML > 0) map = ExpertMap::Identity(ML, c.num_experts);
+  if (ML > 0 && opt.load_experts) {
+    slot_begin = 0;
+    slot_end = map.num_physical();
     slots.resize(static_cast<size_t>(ML));
     filled.assign(static_cast<size_t>(ML), std::vector<bool>(static_cast<size_t>(c.num_experts), false));
     const auto shapes = c.ExpertTensorShapes();
@@ -346,6 +370,10 @@ Status CudaModel::Impl::LoadWeights() {
         filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)] = true;
       }
     }
+  } else if (ML > 0) {
+    // Slots come later (ConfigureExpertSlots): an EP rank holds only its share.
+    slots.resize(static_cast<size_t>(ML));
+    filled.assign(static_cast<size_t>(ML), {});
   }
   return Status::Ok();
 }
@@ -455,6 +483,27 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
     EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
     trace->route_ids[static_cast<size_t>(ml)] = h_ids;
   }
+  if (route_observer) route_observer(ml, h_ids.data(), A);
+  if (moe_executor != nullptr) {
+    // Expert parallelism: the routed part runs through the host-side executor (dispatch to
+    // the ranks holding the experts, combine in top-k order); shared experts stay here.
+    h_x.resize(static_cast<size_t>(N * H));
+    h_w.resize(static_cast<size_t>(A));
+    h_out.resize(static_cast<size_t>(N * H));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_x.data(), b_hf.as<float>(), h_x.size() * 4, cudaMemcpyDeviceToHost, s()));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_w.data(), w, h_w.size() * 4, cudaMemcpyDeviceToHost, s()));
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+    EEP_RETURN_IF_ERROR(moe_executor->Run(ml, h_x.data(), N, k, h_ids.data(), h_w.data(), h_out.data()));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, h_out.data(), h_out.size() * 4, cudaMemcpyHostToDevice, s()));
+    // h_out is reused by the next layer: the copy must be done before it returns.
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+    if (ly.shared.inter > 0) {
+      float* o2 = b_o2.as<float>();
+      EEP_RETURN_IF_ERROR(RunMlp(ly.shared, N, o2));
+      EEP_CUDA_RETURN_IF_ERROR(Add(out, o2, N * H, s()));
+    }
+    return Status::Ok();
+  }
   const int64_t P = map.num_physical();
   std::vector<int32_t> slot_of(static_cast<size_t>(A));
   bucket_count.assign(static_cast<size_t>(P), 0);
@@ -466,7 +515,7 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
       if (reps.empty()) return Status::NotFound(fmt::format("MoE layer {}: no slot holds expert {}", ml, e));
       // The same fixed spread over replicas as LocalExperts::Run.
       const int32_t slot = reps[static_cast<size_t>(t % static_cast<int64_t>(reps.size()))];
-      if (!filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)])
+      if (!HoldsSlot(slot) || !Filled(ml, slot))
         return Status::Internal(fmt::format("MoE layer {}: slot {} has no weights", ml, slot));
       slot_of[static_cast<size_t>(t * k + j)] = slot;
       ++bucket_count[static_cast<size_t>(slot)];
@@ -497,18 +546,17 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
   bf16_t* act16 = b_act16.as<bf16_t>();
   float* y = b_y.as<float>();
   EEP_CUDA_RETURN_IF_ERROR(GatherRows(b_h16.as<bf16_t>(), src, S * A, H, g16, s()));
-  const bf16_t* base = slots[static_cast<size_t>(ml)].get();
   for (int64_t b = 0; b < P; ++b) {
     const int64_t n = bucket_count[static_cast<size_t>(b)], off = bucket_off[static_cast<size_t>(b)];
     if (n == 0) continue;
-    EEP_RETURN_IF_ERROR(Gemm(g16 + off * H, n, base + b * ExpertElems(), 2 * inter, H, gu + off * 2 * inter,
+    EEP_RETURN_IF_ERROR(Gemm(g16 + off * H, n, SlotPtr(ml, b), 2 * inter, H, gu + off * 2 * inter,
                              static_cast<int>(S), A * H, A * 2 * inter));
   }
   EEP_CUDA_RETURN_IF_ERROR(SiluMul(gu, A, inter, splits, nullptr, act16, s()));
   for (int64_t b = 0; b < P; ++b) {
     const int64_t n = bucket_count[static_cast<size_t>(b)], off = bucket_off[static_cast<size_t>(b)];
     if (n == 0) continue;
-    EEP_RETURN_IF_ERROR(Gemm(act16 + off * inter, n, base + b * ExpertElems() + 2 * inter * H, H, inter,
+    EEP_RETURN_IF_ERROR(Gemm(act16 + off * inter, n, SlotPtr(ml, b) + 2 * inter * H, H, inter,
                              y + off * H, static_cast<int>(S), A * inter, A * H));
   }
   EEP_CUDA_RETURN_IF_ERROR(MoeCombine(y, rows, w, N, k, H, splits, out, s()));
@@ -547,7 +595,13 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     }
     N += static_cast<int64_t>(st.ids.size());
   }
-  if (N == 0) return Status::Ok();
+  if (N == 0) {
+    // A rank with no tokens still takes part in every MoE layer's exchange.
+    if (moe_executor != nullptr)
+      for (int64_t ml = 0; ml < static_cast<int64_t>(moe_layer_ids.size()); ++ml)
+        EEP_RETURN_IF_ERROR(moe_executor->Run(ml, nullptr, 0, c.num_experts_per_tok, nullptr, nullptr, nullptr));
+    return Status::Ok();
+  }
   // Grow caches (doubling), copying what they hold.
   for (CudaSeqStep& st : batch) {
     CudaKvCache::Impl& kc = *st.cache->impl_;
@@ -746,14 +800,15 @@ Status CudaModel::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace)
 }
 const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
 int64_t CudaModel::weight_bytes() const { return impl_->bytes; }
+int CudaModel::device() const { return impl_->opt.device; }
 
 Status CudaModel::SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const void* gate, const void* up,
                           const void* down) {
   Impl& im = *impl_;
-  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || slot < 0 || slot >= im.map.num_physical())
-    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} does not exist", slot, moe_layer));
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
   const size_t mat = static_cast<size_t>(im.I() * im.c.hidden_size);
-  bf16_t* dst = im.slots[static_cast<size_t>(moe_layer)].get() + slot * im.ExpertElems();
+  bf16_t* dst = im.SlotPtr(moe_layer, slot);
   const void* srcs[3] = {gate, up, down};
   for (int i = 0; i < 3; ++i) {
     Status st;
@@ -761,7 +816,7 @@ Status CudaModel::SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const vo
     EEP_RETURN_IF_ERROR(st);
     EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst + i * mat, host.data(), mat * 2, cudaMemcpyHostToDevice));
   }
-  im.filled[static_cast<size_t>(moe_layer)][static_cast<size_t>(slot)] = true;
+  im.Filled(moe_layer, slot) = true;
   return Status::Ok();
 }
 
@@ -772,6 +827,112 @@ Status CudaModel::SetExpertMap(ExpertMap map) {
                                                map.num_moe_layers(), map.num_physical(), im.map.num_moe_layers(),
                                                im.map.num_physical()));
   im.map = std::move(map);
+  return Status::Ok();
+}
+
+Status CudaModel::ConfigureExpertSlots(ExpertMap map, int64_t slot_begin, int64_t slot_end) {
+  Impl& im = *impl_;
+  const int64_t ML = static_cast<int64_t>(im.moe_layer_ids.size());
+  if (map.num_moe_layers() != ML)
+    return Status::InvalidArgument(fmt::format("expert map has {} MoE layers, the model {}", map.num_moe_layers(), ML));
+  if (slot_begin < 0 || slot_end < slot_begin || slot_end > map.num_physical())
+    return Status::InvalidArgument(fmt::format("slots [{}, {}) do not fit a map of {} slots", slot_begin, slot_end,
+                                               map.num_physical()));
+  if (slot_begin == im.slot_begin && slot_end == im.slot_end && im.slots.size() == static_cast<size_t>(ML)) {
+    im.map = std::move(map);  // same slots held: nothing moves
+    return Status::Ok();
+  }
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
+  if (im.restore_stream) EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.restore_stream.get()));
+  const int64_t old_count = im.slot_end - im.slot_begin, count = slot_end - slot_begin;
+  const int64_t keep = std::min(old_count, count);
+  const size_t elems = static_cast<size_t>(im.ExpertElems());
+  for (int64_t ml = 0; ml < ML; ++ml) {
+    auto& dev = im.slots[static_cast<size_t>(ml)];
+    DevicePtr<bf16_t> next;
+    if (count > 0) {
+      EEP_ASSIGN_OR_RETURN(next, DeviceAlloc<bf16_t>(static_cast<size_t>(count) * elems));
+      if (keep > 0)
+        EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(next.get(), dev.get(), static_cast<size_t>(keep) * elems * 2,
+                                            cudaMemcpyDeviceToDevice));
+    }
+    dev = std::move(next);
+    auto& f = im.filled[static_cast<size_t>(ml)];
+    f.resize(static_cast<size_t>(count), false);
+  }
+  im.bytes += (count - old_count) * ML * im.ExpertElems() * 2;
+  im.map = std::move(map);
+  im.slot_begin = slot_begin;
+  im.slot_end = slot_end;
+  return Status::Ok();
+}
+
+void CudaModel::SetMoeExecutor(MoeExecutor* executor) { impl_->moe_executor = executor; }
+void CudaModel::SetRouteObserver(RouteObserver observer) { impl_->route_observer = std::move(observer); }
+
+Status CudaModel::RunExpertRows(int64_t moe_layer, const int32_t* slot_ids, const float* x, int64_t n, float* y) {
+  Impl& im = *impl_;
+  if (n == 0) return Status::Ok();
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers())
+    return Status::OutOfRange(fmt::format("MoE layer {} does not exist", moe_layer));
+  for (int64_t i = 0; i < n; ++i)
+    if (!im.HoldsSlot(slot_ids[i]) || !im.Filled(moe_layer, slot_ids[i]))
+      return Status::Internal(fmt::format("MoE layer {}: slot {} is not held here or has no weights", moe_layer,
+                                          slot_ids[i]));
+  const int64_t H = im.c.hidden_size, inter = im.I(), S = im.splits;
+  // Rows grouped by slot (stable): position a of the grouped order holds row order[a].
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return slot_ids[a] < slot_ids[b]; });
+  std::vector<int32_t> src(static_cast<size_t>(S * n)), rows(static_cast<size_t>(n * S));
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t sp = 0; sp < S; ++sp) {
+      src[static_cast<size_t>(sp * n + a)] = static_cast<int32_t>(sp * n + order[static_cast<size_t>(a)]);
+      rows[static_cast<size_t>(order[static_cast<size_t>(a)] * S + sp)] = static_cast<int32_t>(sp * n + a);
+    }
+  const std::vector<float> ones(static_cast<size_t>(n), 1.0f);
+  auto R = [](DeviceBuffer& b, int64_t bytes) { return b.Reserve(static_cast<size_t>(std::max<int64_t>(bytes, 16))); };
+  EEP_RETURN_IF_ERROR(R(im.e_x, n * H * 4));
+  EEP_RETURN_IF_ERROR(R(im.e_x16, S * n * H * 2));
+  EEP_RETURN_IF_ERROR(R(im.e_g16, S * n * H * 2));
+  EEP_RETURN_IF_ERROR(R(im.e_gu, S * n * 2 * inter * 4));
+  EEP_RETURN_IF_ERROR(R(im.e_act16, S * n * inter * 2));
+  EEP_RETURN_IF_ERROR(R(im.e_y, S * n * H * 4));
+  EEP_RETURN_IF_ERROR(R(im.e_src, S * n * 4));
+  EEP_RETURN_IF_ERROR(R(im.e_rows, S * n * 4));
+  EEP_RETURN_IF_ERROR(R(im.e_w, n * 4));
+  EEP_RETURN_IF_ERROR(R(im.e_out, n * H * 4));
+  cudaStream_t st = im.s();
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(im.e_x.as<float>(), x, static_cast<size_t>(n * H) * 4, cudaMemcpyHostToDevice, st));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(im.e_src.as<int32_t>(), src.data(), src.size() * 4, cudaMemcpyHostToDevice, st));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(im.e_rows.as<int32_t>(), rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, st));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(im.e_w.as<float>(), ones.data(), ones.size() * 4, cudaMemcpyHostToDevice, st));
+  EEP_CUDA_RETURN_IF_ERROR(SplitBf16(im.e_x.as<float>(), n, H, static_cast<int>(S), im.e_x16.as<bf16_t>(), st));
+  EEP_CUDA_RETURN_IF_ERROR(GatherRows(im.e_x16.as<bf16_t>(), im.e_src.as<int32_t>(), S * n, H, im.e_g16.as<bf16_t>(), st));
+  bf16_t* g16 = im.e_g16.as<bf16_t>();
+  float* gu = im.e_gu.as<float>();
+  bf16_t* act16 = im.e_act16.as<bf16_t>();
+  float* yd = im.e_y.as<float>();
+  std::vector<std::pair<int64_t, int64_t>> buckets;  // (offset, count) in grouped order
+  for (int64_t a = 0; a < n;) {
+    int64_t e = a;
+    while (e < n && slot_ids[order[static_cast<size_t>(e)]] == slot_ids[order[static_cast<size_t>(a)]]) ++e;
+    buckets.emplace_back(a, e - a);
+    a = e;
+  }
+  for (const auto& [off, cnt] : buckets)
+    EEP_RETURN_IF_ERROR(im.Gemm(g16 + off * H, cnt, im.SlotPtr(moe_layer, slot_ids[order[static_cast<size_t>(off)]]),
+                                2 * inter, H, gu + off * 2 * inter, static_cast<int>(S), n * H, n * 2 * inter));
+  EEP_CUDA_RETURN_IF_ERROR(SiluMul(gu, n, inter, static_cast<int>(S), nullptr, act16, st));
+  for (const auto& [off, cnt] : buckets)
+    EEP_RETURN_IF_ERROR(im.Gemm(act16 + off * inter, cnt,
+                                im.SlotPtr(moe_layer, slot_ids[order[static_cast<size_t>(off)]]) + 2 * inter * H, H,
+                                inter, yd + off * H, static_cast<int>(S), n * inter, n * H));
+  // Un-permute and add the split halves (weight 1: exact).
+  EEP_CUDA_RETURN_IF_ERROR(MoeCombine(yd, im.e_rows.as<int32_t>(), im.e_w.as<float>(), n, 1, H, static_cast<int>(S),
+                                      im.e_out.as<float>(), st));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(y, im.e_out.as<float>(), static_cast<size_t>(n * H) * 4, cudaMemcpyDeviceToHost, st));
+  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st));
   return Status::Ok();
 }
 
@@ -788,21 +949,21 @@ void CudaModel::set_restore_direct(bool direct) { impl_->restore_direct = direct
 
 Status CudaModel::ReadSlot(int64_t moe_layer, int64_t slot, std::vector<uint16_t>* bf16) const {
   const Impl& im = *impl_;
-  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || slot < 0 || slot >= im.map.num_physical())
-    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} does not exist", slot, moe_layer));
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
   bf16->resize(static_cast<size_t>(im.ExpertElems()));
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(bf16->data(), im.slots[static_cast<size_t>(moe_layer)].get() + slot * im.ExpertElems(),
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(bf16->data(), im.SlotPtr(moe_layer, slot),
                                       bf16->size() * 2, cudaMemcpyDeviceToHost));
   return Status::Ok();
 }
 
 Status CudaModel::ClearSlot(int64_t moe_layer, int64_t slot) {
   Impl& im = *impl_;
-  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || slot < 0 || slot >= im.map.num_physical())
-    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} does not exist", slot, moe_layer));
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.slots[static_cast<size_t>(moe_layer)].get() + slot * im.ExpertElems(), 0,
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.SlotPtr(moe_layer, slot), 0,
                                       static_cast<size_t>(im.ExpertElems()) * 2));
   return Status::Ok();  // still "filled": a zero expert is a valid (if useless) one
 }
@@ -815,8 +976,8 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
   uint64_t copied_bytes = 0;
   const int64_t ML = im.map.num_moe_layers();
   for (const SlotRestore& r : slots) {
-    if (r.moe_layer < 0 || r.moe_layer >= ML || r.slot < 0 || r.slot >= im.map.num_physical())
-      return Status::OutOfRange(fmt::format("restore: slot {} of MoE layer {} does not exist", r.slot, r.moe_layer));
+    if (r.moe_layer < 0 || r.moe_layer >= ML || !im.HoldsSlot(r.slot))
+      return Status::OutOfRange(fmt::format("restore: slot {} of MoE layer {} is not held here", r.slot, r.moe_layer));
     if (r.logical_expert < 0 || r.logical_expert >= im.c.num_experts)
       return Status::OutOfRange(fmt::format("restore: logical expert {} (of {}) for slot {} of MoE layer {}",
                                             r.logical_expert, im.c.num_experts, r.slot, r.moe_layer));
@@ -872,7 +1033,7 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
         for (size_t i = 0; i < ids.size(); ++i) {
           const auto names = im.c.ExpertTensorNames(layer_id, ids[i]);  // gate, up, down
           for (int64_t slot : experts.at(ids[i])) {
-            bf16_t* dst = im.slots[static_cast<size_t>(ml)].get() + slot * im.ExpertElems();
+            bf16_t* dst = im.SlotPtr(ml, slot);
             for (size_t k = 0; k < 3; ++k) {
               auto it = by_name.find(names[k]);
               if (it == by_name.end())
@@ -884,7 +1045,7 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
           }
         }
         for (const auto& [e, ss] : experts)
-          for (int64_t slot : ss) im.filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)] = true;
+          for (int64_t slot : ss) im.Filled(ml, slot) = true;
         continue;
       }
     }
@@ -935,7 +1096,7 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
       }
       for (size_t i = 0; i < chunk.size(); ++i)
         for (int64_t slot : experts.at(chunk[i])) {
-          bf16_t* dst = im.slots[static_cast<size_t>(ml)].get() + slot * im.ExpertElems();
+          bf16_t* dst = im.SlotPtr(ml, slot);
           EEP_CUDA_RETURN_IF_ERROR(
               cudaMemcpyAsync(dst, base + i * expert_bytes, expert_bytes, cudaMemcpyHostToDevice, side));
           copied_bytes += expert_bytes;
@@ -945,7 +1106,7 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
       half ^= 1;
     }
     for (const auto& [e, ss] : experts)
-      for (int64_t slot : ss) im.filled[static_cast<size_t>(ml)][static_cast<size_t>(slot)] = true;
+      for (int64_t slot : ss) im.Filled(ml, slot) = true;
   }
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side));
   if (stats != nullptr) {

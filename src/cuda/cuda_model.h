@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -17,6 +18,7 @@
 #include "model/config.h"
 #include "model/expert_map.h"
 #include "model/generate.h"
+#include "model/model.h"
 
 namespace eep::backup {
 class ExpertBackupClient;
@@ -26,6 +28,8 @@ namespace eep::cuda {
 
 // True when eep was built with CUDA and a CUDA device is visible.
 bool Available();
+// Visible CUDA devices (0 without CUDA).
+int DeviceCount();
 // "NVIDIA H100 80GB HBM3 (sm_90)" or why there is none.
 std::string DeviceDescription();
 
@@ -34,6 +38,9 @@ struct CudaLoadOptions {
   // Split each activation row into hi + lo BF16 rows before GEMMs (see kernels/cuda/ops.h):
   // f32-level accuracy for one extra GEMM column per token. Off: plain BF16 activations.
   bool split_activations = true;
+  // Load every routed expert into the slots of the identity map. An EP rank turns this off
+  // and holds only its share (ConfigureExpertSlots, then SetSlot).
+  bool load_experts = true;
 };
 
 // Per-sequence attention cache in device memory (f32, [position][kv_head][dim] per layer).
@@ -43,6 +50,8 @@ class CudaKvCache {
   ~CudaKvCache();
   int64_t length() const;
   void Clear();
+  // Forgets positions from n on (rolls back a step that was aborted part-way).
+  void Truncate(int64_t n);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
@@ -86,6 +95,24 @@ class CudaModel {
   Status SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const void* gate, const void* up, const void* down);
   // Replaces the map; slots whose logical expert changed must be refilled by the caller.
   Status SetExpertMap(ExpertMap map);
+  // Holds device slots [slot_begin, slot_end) of `map` (a map of any slot count with the
+  // model's MoE layers): local slot i keeps what it held (its device bytes are copied), slots
+  // past the old count start empty and must be filled (SetSlot) before a forward uses them.
+  // Waits for queued forward work. Not thread-safe with Forward.
+  Status ConfigureExpertSlots(ExpertMap map, int64_t slot_begin, int64_t slot_end);
+  // The MoE layers' routed experts run through `executor` (host rows in and out: expert
+  // parallelism) instead of the local slots; shared experts stay on the GPU. Null: local.
+  // Not owned; it may call RunExpertRows on this model from inside Forward.
+  void SetMoeExecutor(MoeExecutor* executor);
+  // Called inside Forward with each MoE layer's routed logical expert ids (num_tokens × top_k).
+  using RouteObserver = std::function<void(int64_t moe_layer, const int32_t* ids, int64_t count)>;
+  void SetRouteObserver(RouteObserver observer);
+  // y[i,:] = expert in slot slots[i] applied to x[i,:] (host f32 rows of hidden_size, n rows,
+  // no routing weight): one upload, per-slot grouped GEMMs, one download. Every slot must be
+  // held and filled. Rows of one slot may be anywhere; their results do not depend on order.
+  Status RunExpertRows(int64_t moe_layer, const int32_t* slots, const float* x, int64_t n, float* y);
+  // The CUDA device the model lives on.
+  int device() const;
   // Device bytes held by weights and expert slots.
   int64_t weight_bytes() const;
   // Bytes of one expert slot ([gate | up | down] BF16).

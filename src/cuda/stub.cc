@@ -9,6 +9,7 @@ Status NoCuda() { return Status::Unavailable("eep was built without CUDA (EEP_EN
 }  // namespace
 
 bool Available() { return false; }
+int DeviceCount() { return 0; }
 std::string DeviceDescription() { return "none (built without CUDA)"; }
 
 struct CudaKvCache::Impl {};
@@ -16,6 +17,7 @@ CudaKvCache::CudaKvCache() = default;
 CudaKvCache::~CudaKvCache() = default;
 int64_t CudaKvCache::length() const { return 0; }
 void CudaKvCache::Clear() {}
+void CudaKvCache::Truncate(int64_t) {}
 
 struct CudaModel::Impl {
   ModelConfig config;
@@ -30,6 +32,11 @@ const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
 Status CudaModel::SetSlot(int64_t, int64_t, DType, const void*, const void*, const void*) { return NoCuda(); }
 Status CudaModel::SetExpertMap(ExpertMap) { return NoCuda(); }
 int64_t CudaModel::weight_bytes() const { return 0; }
+int CudaModel::device() const { return 0; }
+Status CudaModel::ConfigureExpertSlots(ExpertMap, int64_t, int64_t) { return NoCuda(); }
+void CudaModel::SetMoeExecutor(MoeExecutor*) {}
+void CudaModel::SetRouteObserver(RouteObserver) {}
+Status CudaModel::RunExpertRows(int64_t, const int32_t*, const float*, int64_t, float*) { return NoCuda(); }
 int64_t CudaModel::slot_bytes() const { return 0; }
 int64_t CudaModel::MoeLayerId(int64_t) const { return -1; }
 Status CudaModel::RestoreExperts(backup::ExpertBackupClient&, std::span<const SlotRestore>, RestoreStats*) {

@@ -23,6 +23,7 @@ void RegisterBuiltins() {
   std::call_once(once, [] {
     RegisterShmCommunicator();
     RegisterUcxCommunicator();
+    RegisterNcclCommunicator();
   });
 }
 }  // namespace

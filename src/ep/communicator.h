@@ -1,5 +1,5 @@
 // Communicators: how ranks exchange tokens (dispatch/combine) and expert weights. One
-// abstract interface, backends registered by name (`--ep-communicator shm|ucx`); adding one
+// abstract interface, backends registered by name (`--ep-communicator shm|ucx|nccl`); adding one
 // is a folder plus one EEP_REGISTER_COMMUNICATOR line.
 //
 // The one data-plane primitive is AllToAllV, a collective: every rank calls it the same
@@ -36,6 +36,8 @@ struct CommunicatorOptions {
   int64_t peer_timeout_ms = 1000;
   // shm: bytes of one mailbox (per ordered pair of ranks); larger messages go in chunks.
   int64_t mailbox_bytes = 8 << 20;
+  // nccl: the CUDA device of this rank; -1 = rank % visible devices.
+  int device = -1;
 };
 
 class Communicator {

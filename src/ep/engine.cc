@@ -78,6 +78,9 @@ class EpEngine::Impl {
     std::string identity;  // zmq identity of its control socket
     std::string state;     // starting | alive | joining | draining | dead | left
     bool ready = false;    // joining: loaded, waiting for the switch
+    bool prefetching = false, prefetched = false;  // joining: reading its planned experts
+    std::vector<std::pair<int64_t, int32_t>> cached;  // (moe_layer, expert) prefetched, from the last hold
+    nlohmann::json prefetch_report;                    // what the prefetch read, and from where
     bool hb_seen = false;
     double last_hb = 0;
     int suspicions = 0;
@@ -138,6 +141,13 @@ class EpEngine::Impl {
     bool ready = false;  // every rank reported its exchange complete
   };
   std::unique_ptr<PendingSwitch> pending;
+  // A scale-up planned ahead, whose joining ranks prefetch their experts.
+  struct PrefetchPlan {
+    std::vector<int> members;
+    int64_t slots_per_rank = 0;
+    std::vector<std::vector<int32_t>> next;
+  };
+  std::optional<PrefetchPlan> prefetch_plan;
 
   ~Impl() { Shutdown(); }
 
@@ -271,6 +281,7 @@ class EpEngine::Impl {
             {"members", members},
             {"slots_per_rank", layout.slots_per_rank},
             {"communicator", opts.communicator},
+            {"backend", opts.backend},
             {"peer_timeout_ms", opts.peer_timeout_ms},
             {"heartbeat_interval_ms", opts.heartbeat_interval_ms},
             {"phy2log", map.phy2log()},
@@ -324,6 +335,14 @@ class EpEngine::Impl {
       }
       const int id = it->second;
       Proc& p = procs[static_cast<size_t>(id)];
+      if (p.state == "joining" && p.prefetching && !p.prefetched && (type == "prefetched" || type == "error")) {
+        // Background prefetch of a joining rank finished (an error only costs the switch more).
+        p.prefetched = true;
+        p.prefetch_report = m->header.value("restore", nlohmann::json::object());
+        if (type == "error") EEP_LOG_WARN("ep: rank {}: prefetch failed: {}", id, m->header.value("message", ""));
+        else EEP_LOG_INFO("ep: rank {} prefetched its experts in {:.1f} ms", id, m->header["restore"].value("seconds", 0.0) * 1000);
+        continue;
+      }
       if (p.state == "joining" && !p.ready) {
         if (type == "ready") {
           p.ready = true;
@@ -653,9 +672,16 @@ class EpEngine::Impl {
       break;
     }
     if (!joining.empty()) {
-      bool all_ready = true;
-      for (int id : joining) all_ready = all_ready && procs[static_cast<size_t>(id)].ready;
-      if (all_ready) EEP_RETURN_IF_ERROR(ChangeMembers("scale-up", "scale to " + std::to_string(target_size), -1));
+      bool all_ready = true, all_prefetched = true;
+      for (int id : joining) {
+        all_ready = all_ready && procs[static_cast<size_t>(id)].ready;
+        all_prefetched = all_prefetched && procs[static_cast<size_t>(id)].prefetched;
+      }
+      if (all_ready && backup_ready && !prefetch_plan) {
+        EEP_RETURN_IF_ERROR(StartPrefetch());
+      } else if (all_ready && (!prefetch_plan || all_prefetched)) {
+        EEP_RETURN_IF_ERROR(ChangeMembers("scale-up", "scale to " + std::to_string(target_size), -1));
+      }
     }
     if (!leaving.empty()) EEP_RETURN_IF_ERROR(ChangeMembers("scale-down", "scale to " + std::to_string(target_size), -1));
     return Status::Ok();
@@ -705,7 +731,9 @@ class EpEngine::Impl {
   };
 
   bool Holds(int id, int64_t l, int32_t e) const {
-    const auto& h = procs[static_cast<size_t>(id)].holdings;
+    const Proc& p = procs[static_cast<size_t>(id)];
+    if (std::find(p.cached.begin(), p.cached.end(), std::make_pair(l, e)) != p.cached.end()) return true;
+    const auto& h = p.holdings;
     if (l >= static_cast<int64_t>(h.size())) return false;
     const auto& row = h[static_cast<size_t>(l)];
     return std::find(row.begin(), row.end(), e) != row.end();
@@ -714,7 +742,8 @@ class EpEngine::Impl {
   // EPLB over the new members' slots, starting from what they hold, so that experts move as
   // little as possible; then a source for every slot that changes.
   Result<Plan> PlanMembers(const std::vector<int>& next_members, const std::vector<int>& participants, int64_t S,
-                           bool prefer_backup, bool restore_only) {
+                           bool prefer_backup, bool restore_only,
+                           const std::vector<std::vector<int32_t>>* forced_next = nullptr) {
     Plan plan;
     plan.slots_per_rank = S;
     const int64_t P = S * static_cast<int64_t>(next_members.size());
@@ -739,7 +768,12 @@ class EpEngine::Impl {
     // A failover only restores what is missing (fewest moves, shortest interruption); the
     // periodic EPLB balances later. Scaling re-spreads the load over the new ranks.
     mo.tolerance = restore_only ? 0.999 : 0.05;
-    EEP_ASSIGN_OR_RETURN(auto res, eplb::RebalanceMinMove(weight, topo, carried, mo));
+    eplb::MinMoveResult res;
+    if (forced_next != nullptr) {
+      for (const auto& row : *forced_next) res.plan.phy2log.insert(res.plan.phy2log.end(), row.begin(), row.end());
+    } else {
+      EEP_ASSIGN_OR_RETURN(res, eplb::RebalanceMinMove(weight, topo, carried, mo));
+    }
     std::map<int, int64_t> sends;
     for (int64_t l = 0; l < num_moe_layers; ++l) {
       plan.next.emplace_back(res.plan.phy2log.begin() + l * P, res.plan.phy2log.begin() + (l + 1) * P);
@@ -801,8 +835,10 @@ class EpEngine::Impl {
         failure.reset();
       }
       std::vector<int> participants = members;
-      for (int id : joining)
-        if (procs[static_cast<size_t>(id)].ready) participants.push_back(id);
+      for (int id : joining) {
+        const Proc& p = procs[static_cast<size_t>(id)];
+        if (p.ready && (!p.prefetching || p.prefetched)) participants.push_back(id);
+      }
       std::vector<int> next_members;
       for (int id : participants)
         if (!Contains(leaving, id)) next_members.push_back(id);
@@ -836,9 +872,12 @@ class EpEngine::Impl {
                              opts.expert_slot_headroom);
         return Status::ResourceExhausted(health);
       }
+      // A scale-up whose new ranks prefetched their experts follows the plan they prefetched for.
+      const bool use_prefetch = prefetch_plan && ev.dead_ranks.empty() && prefetch_plan->members == next_members &&
+                                prefetch_plan->slots_per_rank == S;
       EEP_ASSIGN_OR_RETURN(Plan plan, PlanMembers(next_members, participants, S,
                                                   kind != "failover" && opts.eplb_source == "backup",
-                                                  kind == "failover"));
+                                                  kind == "failover", use_prefetch ? &prefetch_plan->next : nullptr));
       ev.plan_seconds = NowSeconds() - t_plan;
       const double t_restore = NowSeconds();
       const bool same = next_members == participants;
@@ -885,8 +924,13 @@ class EpEngine::Impl {
       layout.slots_per_rank = S;
       layout.num_physical = S * static_cast<int64_t>(members.size());
       EEP_ASSIGN_OR_RETURN(map, ExpertMap::FromPhy2Log(plan.next, config.num_experts));
-      for (const auto& [id, m] : staged) {
-        const auto& r = m.header["restore"];
+      std::vector<nlohmann::json> reports;
+      for (const auto& [id, m] : staged) reports.push_back(m.header["restore"]);
+      // Experts prefetched in the background count too (not in the blocking window).
+      if (use_prefetch)
+        for (int id : participants)
+          if (procs[static_cast<size_t>(id)].prefetched) reports.push_back(procs[static_cast<size_t>(id)].prefetch_report);
+      for (const auto& r : reports) {
         ev.experts_from_peers += r.value("experts_peers", int64_t{0});
         ev.experts_from_backup += r.value("experts_backup", int64_t{0});
         ev.experts_from_disk += r.value("experts_disk", int64_t{0});
@@ -894,8 +938,14 @@ class EpEngine::Impl {
         ev.bytes_from_backup += r.value("bytes_backup", int64_t{0});
         ev.bytes_from_disk += r.value("bytes_disk", int64_t{0});
       }
+      prefetch_plan.reset();
+      for (Proc& p : procs) {
+        p.prefetching = p.prefetched = false;
+        p.prefetch_report = nlohmann::json::object();
+      }
       ev.restore_seconds = NowSeconds() - t_restore;
-      ev.blocking_seconds = NowSeconds() - t_start;
+      // For a failover the window starts at the failure (detection included): no token came out.
+      ev.blocking_seconds = NowSeconds() - t_start + ev.detect_seconds;
       ev.epoch = epoch;
       ev.members = members;
       ev.requeued_seqs = requeued;
@@ -908,11 +958,57 @@ class EpEngine::Impl {
     }
   }
 
+  // Plans the scale-up now (from the placement in force) and has each joining rank read its
+  // future experts from the DRAM backup in the background; the switch waits for them.
+  Status StartPrefetch() {
+    std::vector<int> next_members = members;
+    next_members.insert(next_members.end(), joining.begin(), joining.end());
+    EEP_ASSIGN_OR_RETURN(auto l, MakeSlotLayout(config.num_experts, opts.num_redundant_experts, static_cast<int>(next_members.size())));
+    const int64_t S = std::max(l.slots_per_rank, (config.num_experts + static_cast<int64_t>(next_members.size()) - 1) /
+                                                     static_cast<int64_t>(next_members.size()));
+    // What the serving ranks hold, as a hold would report it.
+    for (size_t p = 0; p < members.size(); ++p) {
+      Proc& proc = procs[static_cast<size_t>(members[p])];
+      proc.holdings.assign(static_cast<size_t>(num_moe_layers), {});
+      proc.cached.clear();
+      for (int64_t ml = 0; ml < num_moe_layers; ++ml)
+        for (int64_t i = 0; i < layout.slots_per_rank; ++i)
+          proc.holdings[static_cast<size_t>(ml)].push_back(map.LogicalAt(ml, static_cast<int64_t>(p) * layout.slots_per_rank + i));
+    }
+    for (int id : joining) {
+      procs[static_cast<size_t>(id)].holdings.clear();
+      procs[static_cast<size_t>(id)].cached.clear();
+    }
+    EEP_ASSIGN_OR_RETURN(Plan plan, PlanMembers(next_members, members, S, true, false));
+    prefetch_plan = PrefetchPlan{next_members, S, plan.next};
+    for (size_t p = members.size(); p < next_members.size(); ++p) {
+      std::set<std::pair<int64_t, int32_t>> want;
+      for (int64_t ml = 0; ml < num_moe_layers; ++ml)
+        for (int64_t i = 0; i < S; ++i) {
+          const int32_t e = plan.next[static_cast<size_t>(ml)][static_cast<size_t>(static_cast<int64_t>(p) * S + i)];
+          if (e >= 0) want.emplace(ml, e);
+        }
+      nlohmann::json experts = nlohmann::json::array();
+      for (const auto& [ml, e] : want) experts.push_back({ml, e});
+      Proc& proc = procs[static_cast<size_t>(next_members[p])];
+      proc.prefetching = true;
+      EEP_RETURN_IF_ERROR(Send(proc.id, {{"type", "prefetch"}, {"experts", experts}}));
+    }
+    EEP_LOG_INFO("ep: scale-up planned; rank(s) {} prefetch their experts from the DRAM backup while serving goes on",
+                 fmt::join(joining, ","));
+    return Status::Ok();
+  }
+
   Status Hold(const std::vector<int>& group, int64_t rollback_step) {
     EEP_RETURN_IF_ERROR(Broadcast({{"type", "hold"}, {"rollback_step", rollback_step}}, group));
     EEP_ASSIGN_OR_RETURN(auto replies, Gather({"holding"}, group, opts.step_timeout_ms));
-    for (auto& [id, m] : replies)
-      procs[static_cast<size_t>(id)].holdings = m.header["holdings"].get<std::vector<std::vector<int32_t>>>();
+    for (auto& [id, m] : replies) {
+      Proc& p = procs[static_cast<size_t>(id)];
+      p.holdings = m.header["holdings"].get<std::vector<std::vector<int32_t>>>();
+      p.cached.clear();
+      for (const auto& c : m.header.value("cached", nlohmann::json::array()))
+        p.cached.emplace_back(c[0].get<int64_t>(), c[1].get<int32_t>());
+    }
     return Status::Ok();
   }
 

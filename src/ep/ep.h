@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +33,9 @@ struct EpOptions {
   int ep_size = 1;
   int num_redundant_experts = 0;
   std::string communicator = "shm";
+  std::string backend = "cpu";            // cpu | cuda: where each rank computes (cuda: every
+                                          // rank owns a CudaModel, on GPU 0 shared by all ranks
+                                          // over shm/ucx, on GPU rank mod visible over nccl)
   int64_t eplb_interval = 0;              // steps between rebalances; 0 = off
   std::string eplb_policy = "min-move";   // min-move | deepseek
   int64_t eplb_window = 32;               // steps of load history the planner sees
@@ -82,11 +86,18 @@ Result<SlotLayout> MakeSlotLayout(int64_t num_logical, int64_t num_redundant, in
 // Initial placement: slot s holds expert s for s < E, redundant slots hold s mod E.
 ExpertMap InitialPlacement(const SlotLayout& layout, int64_t num_moe_layers);
 
+// Computes y[i,:] = expert in slots[i] applied to x[i,:] for n host rows (no routing weight);
+// every slot is held by this rank. The CUDA backend runs them on the GPU in one batch.
+using ExpertRowRunner =
+    std::function<Status(int64_t moe_layer, const int32_t* slots, const float* x, int64_t n, float* y)>;
+
 // The MoE executor of a rank: dispatch over the communicator, local compute, combine.
+// `experts` says what this rank holds (its map); the rows are computed by `runner` when
+// given (device compute, all received rows in one call), else by experts->RunSlot per slot.
 class EpMoeExecutor : public MoeExecutor {
  public:
   EpMoeExecutor(const ModelConfig& config, LocalExperts* experts, Communicator* comm,
-                const SlotLayout& layout);
+                const SlotLayout& layout, ExpertRowRunner runner = nullptr);
   Status Run(int64_t moe_layer, const float* x, int64_t num_tokens, int64_t top_k,
              const int32_t* ids, const float* weights, float* out) override;
 
@@ -95,7 +106,9 @@ class EpMoeExecutor : public MoeExecutor {
   LocalExperts* experts_;
   Communicator* comm_;
   SlotLayout layout_;
+  ExpertRowRunner runner_;
   std::vector<float> rows_, results_;
+  std::vector<int32_t> row_slots_;
 };
 
 // One sequence's part of a step.
@@ -135,7 +148,8 @@ struct MembershipEvent {
   double abort_seconds = 0;      // survivors stopped, rolled back, holdings reported
   double plan_seconds = 0;       // EPLB over the new members
   double restore_seconds = 0;    // communicator rebuilt, experts moved, switched
-  double blocking_seconds = 0;   // whole window in which no step ran
+  double blocking_seconds = 0;   // whole window in which no step completed (for a failover,
+                                 // from the failing step's start: detection included)
   double resume_seconds = 0;     // end of the switch → next step done
   int64_t experts_from_peers = 0, experts_from_backup = 0, experts_from_disk = 0;
   int64_t bytes_from_peers = 0, bytes_from_backup = 0, bytes_from_disk = 0;

@@ -4,4 +4,5 @@
 namespace eep::ep {
 void RegisterShmCommunicator();
 void RegisterUcxCommunicator();
+void RegisterNcclCommunicator();  // nccl/: the real one with CUDA, else a stub saying why not
 }  // namespace eep::ep

@@ -12,8 +12,8 @@
 namespace eep::ep {
 
 EpMoeExecutor::EpMoeExecutor(const ModelConfig& config, LocalExperts* experts, Communicator* comm,
-                             const SlotLayout& layout)
-    : config_(config), experts_(experts), comm_(comm), layout_(layout) {}
+                             const SlotLayout& layout, ExpertRowRunner runner)
+    : config_(config), experts_(experts), comm_(comm), layout_(layout), runner_(std::move(runner)) {}
 
 Status EpMoeExecutor::Run(int64_t moe_layer, const float* x, int64_t num_tokens, int64_t top_k,
                           const int32_t* ids, const float* weights, float* out) {
@@ -66,7 +66,39 @@ Status EpMoeExecutor::Run(int64_t moe_layer, const float* x, int64_t num_tokens,
 
   // 3. Compute what we received, one slot at a time (rows grouped per slot).
   std::vector<std::vector<uint8_t>> answer(static_cast<size_t>(world));
-  for (int src = 0; src < world; ++src) {
+  if (runner_) {
+    // Every received row in one batch (one device round trip), answers split back per source.
+    row_slots_.clear();
+    rows_.clear();
+    std::vector<size_t> first_row(static_cast<size_t>(world) + 1, 0);
+    for (int src = 0; src < world; ++src) {
+      const auto& buf = recv[static_cast<size_t>(src)];
+      if (buf.size() < 4) return Status::Corruption(fmt::format("dispatch from rank {}: short message", src));
+      uint32_t count;
+      std::memcpy(&count, buf.data(), 4);
+      if (buf.size() != 4 + count * 4 + count * row_bytes)
+        return Status::Corruption(fmt::format("dispatch from rank {}: {} bytes for {} rows", src, buf.size(), count));
+      const size_t at = row_slots_.size();
+      row_slots_.resize(at + count);
+      std::memcpy(row_slots_.data() + at, buf.data() + 4, count * 4);
+      const float* in = reinterpret_cast<const float*>(buf.data() + 4 + count * 4);
+      rows_.insert(rows_.end(), in, in + static_cast<size_t>(count) * static_cast<size_t>(H));
+      first_row[static_cast<size_t>(src) + 1] = row_slots_.size();
+    }
+    for (int32_t s : row_slots_)
+      if (!experts_->Holds(s)) return Status::Internal(fmt::format("dispatch names slot {}, not held here", s));
+    results_.resize(rows_.size());
+    EEP_RETURN_IF_ERROR_CTX(runner_(moe_layer, row_slots_.data(), rows_.data(),
+                                    static_cast<int64_t>(row_slots_.size()), results_.data()),
+                            fmt::format("{} dispatched rows", row_slots_.size()));
+    for (int src = 0; src < world; ++src) {
+      const size_t b = first_row[static_cast<size_t>(src)], e = first_row[static_cast<size_t>(src) + 1];
+      auto& ans = answer[static_cast<size_t>(src)];
+      ans.resize((e - b) * row_bytes);
+      if (e > b) std::memcpy(ans.data(), results_.data() + b * static_cast<size_t>(H), (e - b) * row_bytes);
+    }
+  }
+  for (int src = 0; src < world && !runner_; ++src) {
     const auto& buf = recv[static_cast<size_t>(src)];
     if (buf.size() < 4) return Status::Corruption(fmt::format("dispatch from rank {}: short message", src));
     uint32_t count;

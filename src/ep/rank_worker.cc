@@ -31,6 +31,7 @@
 #include "backup/backup.h"
 #include "core/logging.h"
 #include "core/util.h"
+#include "cuda/cuda_model.h"
 #include "ep/control.h"
 #include "ep/ep.h"
 
@@ -71,9 +72,16 @@ class ControlBootstrap : public Bootstrap {
   std::deque<ControlMessage>* deferred_;
 };
 
+// A sequence's cache lives where the rank computes: host (cpu) or device (cuda).
 struct SeqState {
   std::unique_ptr<KvCache> cache;
   std::mt19937_64 rng;
+  std::unique_ptr<cuda::CudaKvCache> device_cache;
+  int64_t length() const { return device_cache ? device_cache->length() : cache->length(); }
+  void Truncate(int64_t n) {
+    if (device_cache) device_cache->Truncate(n);
+    else cache->Truncate(n);
+  }
 };
 
 // What a step changed, so that an aborted step can be undone.
@@ -174,6 +182,7 @@ class RankWorker {
     co.world_size = static_cast<int>(members.size());
     co.session = fmt::format("{}-e{}-{}", session_, epoch, tag);
     co.peer_timeout_ms = peer_timeout_ms_;
+    if (gpu_) co.device = gpu_->device();  // nccl: the GPU this rank computes on
     ControlBootstrap boot(socket_, epoch, &deferred_);
     EEP_ASSIGN_OR_RETURN(auto comm, CreateCommunicator(communicator_, co, &boot));
     // A silent peer is reported to the coordinator (heartbeat channel) and waited for: only the
@@ -197,8 +206,44 @@ class RankWorker {
   }
 
   void InstallExecutor() {
-    executor_ = std::make_unique<EpMoeExecutor>(model_->config(), experts_.get(), comm_.get(), layout_);
+    if (gpu_) {
+      // Received rows are computed on the GPU in one batch per layer (D2H/H2D staging around
+      // the host-side exchange).
+      executor_ = std::make_unique<EpMoeExecutor>(
+          config(), experts_.get(), comm_.get(), layout_,
+          [this](int64_t ml, const int32_t* slots, const float* x, int64_t n, float* y) {
+            return gpu_->RunExpertRows(ml, slots, x, n, y);
+          });
+      gpu_->SetMoeExecutor(executor_.get());
+      return;
+    }
+    executor_ = std::make_unique<EpMoeExecutor>(config(), experts_.get(), comm_.get(), layout_);
     model_->SetMoeExecutor(executor_.get());
+  }
+
+  const ModelConfig& config() const { return gpu_ ? gpu_->config() : model_->config(); }
+  const Checkpoint& checkpoint() const { return gpu_ ? *ckpt_ : model_->checkpoint(); }
+
+  // CUDA ranks: the host LocalExperts stay the record of what each slot holds and the source
+  // of peer transfers; the device slots mirror them. Re-shapes the device slots to the held
+  // range and map (kept slots keep their bytes) and uploads the listed (layer, slot) pairs.
+  Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload) {
+    if (!gpu_) return Status::Ok();
+    EEP_RETURN_IF_ERROR_CTX(gpu_->ConfigureExpertSlots(experts_->map(), experts_->slot_begin(), experts_->slot_end()),
+                            "device expert slots");
+    for (const auto& [l, slot] : upload) {
+      const ExpertWeights& w = experts_->Slot(l, slot);
+      if (w.data.empty()) continue;
+      EEP_RETURN_IF_ERROR_CTX(gpu_->SetSlot(l, slot, DType::kF32, w.gate(), w.up(), w.down()),
+                              fmt::format("uploading slot {} of MoE layer {}", slot, l));
+    }
+    return Status::Ok();
+  }
+  std::vector<std::pair<int64_t, int64_t>> AllHeldSlots() const {
+    std::vector<std::pair<int64_t, int64_t>> all;
+    for (int64_t l = 0; l < experts_->map().num_moe_layers(); ++l)
+      for (int64_t s = experts_->slot_begin(); s < experts_->slot_end(); ++s) all.emplace_back(l, s);
+    return all;
   }
 
   // ---- commands --------------------------------------------------------------------------
@@ -211,21 +256,35 @@ class RankWorker {
     eplb_async_ = h.value("eplb_async", false);
     epoch_.store(h["epoch"].get<int64_t>());
     members_ = h["members"].get<std::vector<int>>();
-    EEP_ASSIGN_OR_RETURN(model_, Model::Load(model_dir_, {.load_experts = false, .show_progress = false}));
-    const ModelConfig& c = model_->config();
+    const std::string backend = h.value("backend", std::string("cpu"));
+    if (backend == "cuda") {
+      cuda::CudaLoadOptions lo;
+      lo.load_experts = false;
+      // nccl needs one rank per GPU: rank i on GPU i mod visible. shm/ucx ranks may share GPU 0.
+      // TODO(gpu-ep): a rank that replaces a dead one should take the freed GPU.
+      if (communicator_ == "nccl" && cuda::DeviceCount() > 0) lo.device = id_ % cuda::DeviceCount();
+      EEP_ASSIGN_OR_RETURN_CTX(gpu_, cuda::CudaModel::Load(model_dir_, lo), fmt::format("rank {}: --backend cuda", id_));
+      EEP_ASSIGN_OR_RETURN(ckpt_, Checkpoint::Open(model_dir_));
+    } else if (backend == "cpu") {
+      EEP_ASSIGN_OR_RETURN(model_, Model::Load(model_dir_, {.load_experts = false, .show_progress = false}));
+    } else {
+      return Status::InvalidArgument(fmt::format("unknown backend '{}' (cpu | cuda)", backend));
+    }
+    const ModelConfig& c = config();
     layout_ = LayoutFor(c.num_experts, members_.size(), h["slots_per_rank"].get<int64_t>());
     EEP_ASSIGN_OR_RETURN(ExpertMap map, ExpertMap::FromPhy2Log(h["phy2log"].get<std::vector<std::vector<int32_t>>>(), c.num_experts));
     // A joining rank holds no slot until its first commit.
     const int pos = PositionOf(members_, id_);
     const int64_t first = pos < 0 ? 0 : layout_.FirstSlot(pos);
-    experts_ = std::make_unique<LocalExperts>(model_->config(), std::move(map), first, pos < 0 ? 0 : first + layout_.slots_per_rank);
-    if (pos >= 0) EEP_RETURN_IF_ERROR(experts_->LoadFromCheckpoint(model_->checkpoint()));
+    experts_ = std::make_unique<LocalExperts>(config(), std::move(map), first, pos < 0 ? 0 : first + layout_.slots_per_rank);
+    if (pos >= 0) EEP_RETURN_IF_ERROR(experts_->LoadFromCheckpoint(checkpoint()));
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(AllHeldSlots()));
     // The backup is optional: without it the rank runs and says so.
     const auto backup_endpoints = h.value("backup_endpoints", std::vector<std::string>{});
     if (!backup_endpoints.empty()) {
       backup::BackupClientOptions bo;
       bo.endpoints = backup_endpoints;
-      bo.expected_fingerprint = model_->checkpoint().Fingerprint();
+      bo.expected_fingerprint = checkpoint().Fingerprint();
       backup_ = std::make_unique<backup::ExpertBackupClient>(bo);
       Status st = backup_->Connect();
       if (!st.ok()) EEP_LOG_WARN("rank {}: DRAM backup unavailable, running without it: {}", id_, st.ToString());
@@ -242,10 +301,12 @@ class RankWorker {
       EEP_ASSIGN_OR_RETURN(FaultSpec f, ParseFaultSpec(fault));
       if (f.rank == id_) fault_ = f;
     }
-    load_.assign(static_cast<size_t>(model_->num_moe_layers() * c.num_experts), 0);
-    model_->SetRouteObserver([this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
+    load_.assign(c.MoeLayers().size() * static_cast<size_t>(c.num_experts), 0);
+    auto observer = [this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
       for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
-    });
+    };
+    if (gpu_) gpu_->SetRouteObserver(observer);
+    else model_->SetRouteObserver(observer);
     return Status::Ok();
   }
 
@@ -280,10 +341,11 @@ class RankWorker {
       const int64_t id = s["seq"].get<int64_t>();
       auto it = seqs_.find(id);
       SeqSnapshot snap;
-      if (it != seqs_.end()) snap = {true, it->second.cache->length(), it->second.rng};
+      if (it != seqs_.end()) snap = {true, it->second.length(), it->second.rng};
       snapshot_[id] = std::move(snap);
     }
     std::vector<SeqStep> batch;
+    std::vector<cuda::CudaSeqStep> device_batch;
     std::vector<std::vector<int64_t>> ids;
     std::vector<std::vector<float>> logits;
     ids.reserve(in.size());
@@ -296,19 +358,26 @@ class RankWorker {
         // tokens produced so far are prefilled, and the sampler continues where it was.
         std::mt19937_64 rng(s["seed"].get<uint64_t>());
         rng.discard(s.value("rng_skip", uint64_t{0}));
-        it = seqs_.insert_or_assign(id, SeqState{model_->NewCache(), rng}).first;
+        SeqState state;
+        state.rng = rng;
+        if (gpu_) state.device_cache = gpu_->NewCache();
+        else state.cache = model_->NewCache();
+        it = seqs_.insert_or_assign(id, std::move(state)).first;
       }
       ids.push_back(s["ids"].get<std::vector<int64_t>>());
-      batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[batch.size()]});
+      const size_t i = ids.size() - 1;
+      if (gpu_) device_batch.push_back({it->second.device_cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
+      else batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
     }
-    EEP_RETURN_IF_ERROR(model_->Forward(batch));
+    if (gpu_) EEP_RETURN_IF_ERROR(gpu_->Forward(device_batch));
+    else EEP_RETURN_IF_ERROR(model_->Forward(batch));
     ++steps_done_;
     ControlMessage out;
     out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};
     if (!eplb_report.is_null()) out.header["eplb"] = eplb_report;
     // The coordinator switches only once every rank's background exchange is complete.
     if (async_.valid()) out.header["eplb_ready"] = async_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
-    const int64_t V = model_->config().vocab_size;
+    const int64_t V = config().vocab_size;
     for (size_t i = 0; i < in.size(); ++i) {
       const auto& s = in[i];
       const int64_t id = s["seq"].get<int64_t>();
@@ -339,7 +408,7 @@ class RankWorker {
       }
       auto it = seqs_.find(id);
       if (it == seqs_.end()) continue;
-      it->second.cache->Truncate(snap.length);
+      it->second.Truncate(snap.length);
       it->second.rng = snap.rng;
     }
   }
@@ -364,7 +433,27 @@ class RankWorker {
       for (int64_t s = experts_->slot_begin(); s < experts_->slot_end(); ++s) row.push_back(map.LogicalAt(l, s));
       holdings.push_back(row);
     }
-    return ControlMessage{{{"type", "holding"}, {"holdings", holdings}}, ""};
+    nlohmann::json cached = nlohmann::json::array();
+    for (const auto& [key, data] : prefetched_) cached.push_back({key.first, key.second});
+    return ControlMessage{{{"type", "holding"}, {"holdings", holdings}, {"cached", cached}}, ""};
+  }
+
+  // A joining rank reads the experts it is planned to hold from the DRAM backup (the
+  // checkpoint if the backup fails) while the others go on serving, so that the switch
+  // itself moves (almost) nothing.
+  Result<ControlMessage> Prefetch(const ControlMessage& m) {
+    std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, index, expert, source)
+    for (const auto& it : m.header["experts"])
+      fetch.emplace_back(it[0].get<int64_t>(), static_cast<int64_t>(fetch.size()), it[1].get<int32_t>(), kFromBackup);
+    const double t0 = NowSeconds();
+    Staged staged;
+    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged));
+    for (auto& slot : staged.slots) {
+      const auto& f = fetch[static_cast<size_t>(slot.slot)];
+      prefetched_[{std::get<0>(f), std::get<2>(f)}] = std::move(slot.data);
+    }
+    staged.seconds = NowSeconds() - t0;
+    return ControlMessage{{{"type", "prefetched"}, {"restore", staged.Report()}}, ""};
   }
 
   Result<ControlMessage> BuildComm(const ControlMessage& m) {
@@ -411,14 +500,17 @@ class RankWorker {
     }
     const int64_t S = m.header["slots_per_rank"].get<int64_t>();
     EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(m.header["phy2log"].get<std::vector<std::vector<int32_t>>>(),
-                                                                model_->config().num_experts));
+                                                                config().num_experts));
     const std::string tag = m.header["comm"].get<std::string>();
     auto it = next_comms_.find(tag);
     if (it == next_comms_.end()) return Status::Internal(fmt::format("commit to unknown communicator '{}'", tag));
-    layout_ = LayoutFor(model_->config().num_experts, members.size(), S);
+    layout_ = LayoutFor(config().num_experts, members.size(), S);
     experts_->Relayout(std::move(next), layout_.FirstSlot(pos), layout_.FirstSlot(pos) + S);
-    if (staged_) FillStaged(staged_.get());
+    std::vector<std::pair<int64_t, int64_t>> filled;
+    if (staged_) filled = FillStaged(staged_.get());
     staged_.reset();
+    prefetched_.clear();
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled));
     comm_ = it->second;
     auto ait = next_comms_.find(tag + "-async");
     async_comm_ = ait == next_comms_.end() ? nullptr : ait->second;
@@ -437,7 +529,7 @@ class RankWorker {
   // beside forward passes (async EPLB).
   Result<Staged> StageTransfers(const nlohmann::json& items, Communicator* comm, const std::vector<int>& ex_members,
                                 const std::vector<int>& dst_members, int64_t S) {
-    const ModelConfig& c = model_->config();
+    const ModelConfig& c = config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     const size_t expert_bytes = expert_floats * sizeof(float);
     const ExpertMap& old = experts_->map();
@@ -453,19 +545,29 @@ class RankWorker {
       }
     for (size_t d = 0; d < world; ++d) send[d].reserve(send_bytes[d]);
     std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, slot, expert, source) read here
+    std::map<std::pair<int64_t, int32_t>, int> cache_uses;  // local uses of each prefetched expert
+    for (const auto& it : items)
+      if (it[3].get<int>() == id_ && dst_of(it[1].get<int64_t>()) == id_) ++cache_uses[{it[0].get<int64_t>(), it[2].get<int32_t>()}];
     for (const auto& it : items) {
       const int64_t l = it[0].get<int64_t>(), s = it[1].get<int64_t>();
       const int32_t e = it[2].get<int32_t>();
       const int src = it[3].get<int>(), dst = dst_of(s);
       if ((src == kFromBackup || src == kFromDisk) && dst == id_) fetch.emplace_back(l, s, e, src);
       if (src != id_) continue;
-      const ExpertWeights* w = nullptr;
+      const std::vector<float>* w = nullptr;
       for (int32_t os : old.Replicas(l, e))
-        if (experts_->Holds(os)) w = &experts_->Slot(l, os);
-      if (w == nullptr || w->data.empty())
+        if (experts_->Holds(os)) w = &experts_->Slot(l, os).data;
+      auto cached = prefetched_.end();
+      if (w == nullptr) {
+        cached = prefetched_.find({l, e});  // a joining rank's prefetched expert
+        if (cached != prefetched_.end()) w = &cached->second;
+      }
+      if (w == nullptr || w->empty())
         return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", id_, e, l));
       if (dst == id_) {
-        staged.slots.push_back({l, s, w->data, nullptr});
+        // A prefetched expert moves into its slot (copied only for a further replica here).
+        if (cached != prefetched_.end() && --cache_uses[{l, e}] == 0) staged.slots.push_back({l, s, std::move(cached->second), nullptr});
+        else staged.slots.push_back({l, s, *w, nullptr});
         continue;
       }
       const int d = PositionOf(ex_members, dst);
@@ -473,8 +575,8 @@ class RankWorker {
       auto& buf = send[static_cast<size_t>(d)];
       const int32_t head[3] = {static_cast<int32_t>(l), static_cast<int32_t>(s), e};
       buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(head), reinterpret_cast<const uint8_t*>(head) + sizeof head);
-      buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data.data()),
-                 reinterpret_cast<const uint8_t*>(w->data.data()) + expert_bytes);
+      buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data()),
+                 reinterpret_cast<const uint8_t*>(w->data()) + expert_bytes);
     }
     EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged));
     std::vector<std::span<const uint8_t>> spans;
@@ -502,7 +604,7 @@ class RankWorker {
   // serve them (logged: it is the slow path).
   Status StageFetched(const std::vector<std::tuple<int64_t, int64_t, int32_t, int>>& fetch, Staged* staged) {
     if (fetch.empty()) return Status::Ok();
-    const ModelConfig& c = model_->config();
+    const ModelConfig& c = config();
     const auto moe_layers = c.MoeLayers();
     const size_t mat = static_cast<size_t>(c.ExpertIntermediate() * c.hidden_size);
     std::map<int64_t, std::vector<std::pair<int64_t, int32_t>>> from_backup;  // layer -> (slot, expert)
@@ -516,7 +618,7 @@ class RankWorker {
       std::vector<int64_t> ids;
       for (const auto& [slot, e] : list)
         if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
-      const DType dtype = model_->checkpoint().Find(c.ExpertTensorNames(layer_id, ids[0])[0])->dtype;
+      const DType dtype = checkpoint().Find(c.ExpertTensorNames(layer_id, ids[0])[0])->dtype;
       const size_t esize = DTypeSize(dtype);
       std::vector<std::vector<uint8_t>> raw(ids.size(), std::vector<uint8_t>(3 * mat * esize));
       backup::FetchDestinations dest;
@@ -524,8 +626,10 @@ class RankWorker {
         const auto names = c.ExpertTensorNames(layer_id, ids[i]);
         for (int m = 0; m < 3; ++m) dest[names[static_cast<size_t>(m)]] = {raw[i].data() + m * mat * esize, mat * esize};
       }
+      const double t_fetch = NowSeconds();
       Status st = backup_ ? backup_->FetchLogicalExperts(layer_id, ids, "", dest)
                           : Status::Unavailable("the DRAM backup is not configured");
+      const double fetch_s = NowSeconds() - t_fetch;
       if (!st.ok()) {
         EEP_LOG_WARN("rank {}: DRAM backup cannot serve layer {} ({}); reading {} expert(s) from the checkpoint", id_,
                      layer_id, st.ToString(), list.size());
@@ -540,6 +644,8 @@ class RankWorker {
         ++staged->experts_backup;
       }
       staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
+      EEP_LOG_DEBUG("rank {}: layer {}: {} expert(s) from the DRAM backup: fetch {:.1f} ms, convert {:.1f} ms", id_, layer_id,
+                   ids.size(), fetch_s * 1000, (NowSeconds() - t_fetch - fetch_s) * 1000);
     }
     if (!from_disk.empty())
       EEP_LOG_WARN("rank {}: restoring {} expert(s) from the checkpoint on disk", id_, from_disk.size());
@@ -549,9 +655,9 @@ class RankWorker {
       std::vector<float> data;
       data.reserve(3 * mat);
       for (int m = 0; m < 3; ++m) {
-        EEP_ASSIGN_OR_RETURN(auto part, model_->checkpoint().ReadF32(names[static_cast<size_t>(m)], shapes[static_cast<size_t>(m)]));
+        EEP_ASSIGN_OR_RETURN(auto part, checkpoint().ReadF32(names[static_cast<size_t>(m)], shapes[static_cast<size_t>(m)]));
         data.insert(data.end(), part.begin(), part.end());
-        staged->bytes_disk += static_cast<int64_t>(model_->checkpoint().Find(names[static_cast<size_t>(m)])->nbytes);
+        staged->bytes_disk += static_cast<int64_t>(checkpoint().Find(names[static_cast<size_t>(m)])->nbytes);
       }
       staged->slots.push_back({l, slot, std::move(data), nullptr});
       ++staged->experts_disk;
@@ -559,9 +665,11 @@ class RankWorker {
     return Status::Ok();
   }
 
-  // Staged experts go into their slots (the map was set by the caller).
-  void FillStaged(Staged* staged) {
-    const ModelConfig& c = model_->config();
+  // Staged experts go into their slots (the map was set by the caller). Returns the
+  // (layer, slot) pairs filled.
+  std::vector<std::pair<int64_t, int64_t>> FillStaged(Staged* staged) {
+    std::vector<std::pair<int64_t, int64_t>> filled;
+    const ModelConfig& c = config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     for (auto& s : staged->slots) {
       auto& data = experts_->Slot(s.layer, s.slot).data;
@@ -571,17 +679,19 @@ class RankWorker {
         data.resize(expert_floats);
         std::memcpy(data.data(), s.bytes, expert_floats * sizeof(float));
       }
+      filled.emplace_back(s.layer, s.slot);
     }
+    return filled;
   }
 
   // The switch of a rebalance (same members and layout): staged experts go into their slots
   // and the new map takes effect.
   Status ApplyStaged(Staged* staged, const nlohmann::json& phy2log) {
     EEP_ASSIGN_OR_RETURN(ExpertMap next, ExpertMap::FromPhy2Log(phy2log.get<std::vector<std::vector<int32_t>>>(),
-                                                                model_->config().num_experts));
-    FillStaged(staged);
+                                                                config().num_experts));
+    const auto filled = FillStaged(staged);
     experts_->SetMap(std::move(next));
-    return Status::Ok();
+    return SyncDeviceSlots(filled);
   }
 
   Result<Staged> StageRebalance(const nlohmann::json& items, Communicator* comm) {
@@ -696,6 +806,8 @@ class RankWorker {
         reply = BuildComm(*m);
       } else if (type == "stage") {
         reply = Stage(*m);
+      } else if (type == "prefetch") {
+        reply = Prefetch(*m);
       } else if (type == "commit") {
         ControlMessage out;
         auto stay = Commit(*m, &out);
@@ -745,13 +857,16 @@ class RankWorker {
   std::vector<int> suspects_out_;  // GUARDED_BY(outbox_mu_): silent peers to report
   std::mutex comm_mu_;
   std::vector<std::pair<std::shared_ptr<Communicator>, int64_t>> live_comms_;  // GUARDED_BY(comm_mu_)
-  std::unique_ptr<Model> model_;
+  std::unique_ptr<Model> model_;                // backend cpu
+  std::unique_ptr<cuda::CudaModel> gpu_;        // backend cuda
+  std::unique_ptr<Checkpoint> ckpt_;            // backend cuda: expert sources (disk)
   SlotLayout layout_;
   std::unique_ptr<LocalExperts> experts_;
   std::shared_ptr<Communicator> comm_;
   std::shared_ptr<Communicator> async_comm_;  // background EPLB exchange
   std::map<std::string, std::shared_ptr<Communicator>> next_comms_;  // built for a membership change
   std::unique_ptr<Staged> staged_;
+  std::map<std::pair<int64_t, int32_t>, std::vector<float>> prefetched_;  // (layer, expert), joining rank
   std::unique_ptr<backup::ExpertBackupClient> backup_;  // null when not configured
   std::future<Result<Staged>> async_;
   nlohmann::json pending_phy2log_;

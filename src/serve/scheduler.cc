@@ -114,10 +114,13 @@ Scheduler::~Scheduler() {
 
 Status Scheduler::Start() {
   EEP_RETURN_IF_ERROR(ValidateSchedulerOptions(options_));
+  {
+    std::lock_guard lk(mu_);
+    if (thread_.joinable() || stopping_)
+      return Status::InvalidArgument("scheduler already started or stopped");
+  }
+  RefreshSnapshot();  // (takes mu_ itself; the step thread does not run yet)
   std::lock_guard lk(mu_);
-  if (thread_.joinable() || stopping_)
-    return Status::InvalidArgument("scheduler already started or stopped");
-  RefreshSnapshot();
   thread_ = std::thread([this] { Loop(); });
   return Status::Ok();
 }
@@ -175,7 +178,10 @@ Status Scheduler::RequestScale(int ep_size) {
     std::lock_guard lk(mu_);
     if (stopping_) return Status::Unavailable("server is shutting down");
     if (!engine_status_.ok()) return Status::Unavailable("engine failed: " + engine_status_.message());
+    if (scale_busy_) return Status(StatusCode::kInProgress, "a scaling step is in progress");
     pending_scale_ = ep_size;
+    scale_busy_ = true;
+    scale_issued_ = false;
   }
   cv_.notify_all();
   return Status::Ok();
@@ -205,6 +211,12 @@ void Scheduler::RefreshSnapshot() {
   s.num_moe_layers = engine_->NumMoeLayers();
   s.num_experts = engine_->config().num_experts;
   s.eplb = engine_->Eplb();
+  bool changing = false;
+  for (const auto& r : s.cluster.ranks) changing = changing || r.state == "joining" || r.state == "draining";
+  {
+    std::lock_guard lk(mu_);
+    if (scale_issued_ && !changing) scale_busy_ = scale_issued_ = false;
+  }
   std::lock_guard lk(snap_mu_);
   snapshot_ = std::move(s);
 }
@@ -316,6 +328,7 @@ void Scheduler::Loop() {
       {
         std::lock_guard lk(mu_);
         scale_error_ = st.ok() ? "" : st.ToString();
+        scale_issued_ = true;
       }
       RefreshSnapshot();
     }

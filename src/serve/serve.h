@@ -188,7 +188,8 @@ class Scheduler {
   // max_tokens past the context; Unavailable once stopped or after an engine failure.
   Result<std::shared_ptr<RequestHandle>> Submit(GenerationRequest request);
   // Asks the engine to scale to `ep_size` ranks (done by the step thread; requests keep being
-  // queued and served meanwhile). InvalidArgument for ep_size < 1.
+  // queued and served meanwhile). InvalidArgument for ep_size < 1; InProgress while an earlier
+  // request is still being carried out.
   Status RequestScale(int ep_size);
   // Stops the step thread after its current step; everything queued or running finishes as
   // kAborted with `reason`. Idempotent.
@@ -224,6 +225,10 @@ class Scheduler {
   Status engine_status_;
   int64_t next_id_ = 1;
   int pending_scale_ = 0;  // 0: none
+  // From an accepted RequestScale until the engine has no joining or draining rank left, so
+  // that a second request is refused (409) instead of overwriting or racing the first.
+  bool scale_busy_ = false;
+  bool scale_issued_ = false;  // the engine's Scale was called for it
   std::string scale_error_;
   int64_t steps_ = 0, prompt_tokens_ = 0, generation_tokens_ = 0;
   bool last_step_solo_ = false;  // scheduler thread only

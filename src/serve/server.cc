@@ -431,6 +431,12 @@ class Server::Impl {
       serving += r.state == "alive";
     }
     Status st = scheduler->RequestScale(static_cast<int>(n));
+    if (st.code() == StatusCode::kInProgress) {
+      ApiError e = ServerError(409, fmt::format("{}; see /v1/cluster", st.message()));
+      e.type = "conflict_error";
+      res.status = e.status;
+      return res.set_content(Dump(e.ToJson()), "application/json");
+    }
     if (!st.ok()) {
       ApiError e = ServerError(st.code() == StatusCode::kInvalidArgument ? 400 : 503, st.message());
       res.status = e.status;

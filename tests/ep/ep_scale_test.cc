@@ -25,7 +25,9 @@ TEST(EpScale, TwoToFourToThreeToTwoUnderLoad) {
   auto run = Generate("qwen3moe-tiny", Options(2), [&](ep::EpEngine& e, int step) {
     // Scale-up starts in the background: ranks 2 and 3 load while steps go on, and join at a
     // step boundary once ready.
-    if (step == 4) ASSERT_TRUE(e.Scale(4).ok());
+    if (step == 4) {
+      ASSERT_TRUE(e.Scale(4).ok());
+    }
     if (step > 4 && switched_at_step == 0 && e.Cluster().events.size() == 1) switched_at_step = static_cast<size_t>(step);
     if (step == 24) {
       ASSERT_TRUE(e.Scale(4, /*wait=*/true).ok());  // (if it has not switched yet)
@@ -33,7 +35,9 @@ TEST(EpScale, TwoToFourToThreeToTwoUnderLoad) {
       ASSERT_TRUE(e.Scale(3, /*wait=*/true).ok());
       ASSERT_EQ(Serving(e.Cluster()), (std::vector<int>{0, 1, 2}));
     }
-    if (step == 36) ASSERT_TRUE(e.Scale(2, /*wait=*/true).ok());
+    if (step == 36) {
+      ASSERT_TRUE(e.Scale(2, /*wait=*/true).ok());
+    }
   });
   ASSERT_TRUE(run.ok()) << run.status().ToString();
   ExpectSameTokens(*run, "qwen3moe-tiny");
@@ -54,7 +58,9 @@ TEST(EpScale, TwoToFourToThreeToTwoUnderLoad) {
 
 TEST(EpScale, ScaleDownMovesTheLeavingRanksSequences) {
   auto run = Generate("deepseekv3-tiny", Options(4), [](ep::EpEngine& e, int step) {
-    if (step == 20) ASSERT_TRUE(e.Scale(2, /*wait=*/true).ok());
+    if (step == 20) {
+      ASSERT_TRUE(e.Scale(2, /*wait=*/true).ok());
+    }
   });
   ASSERT_TRUE(run.ok()) << run.status().ToString();
   ExpectSameTokens(*run, "deepseekv3-tiny");
@@ -74,7 +80,9 @@ TEST(EpScale, DeadRankIsReplacedByScalingUp) {
   o.eplb_source = "backup";
   auto run = Generate("mixtral-tiny", o, [](ep::EpEngine& e, int step) {
     if (step == 8) Signal(e, 1, SIGKILL);
-    if (step == 20) ASSERT_TRUE(e.Scale(4, /*wait=*/true).ok());
+    if (step == 20) {
+      ASSERT_TRUE(e.Scale(4, /*wait=*/true).ok());
+    }
   });
   ASSERT_TRUE(run.ok()) << run.status().ToString();
   ExpectSameTokens(*run, "mixtral-tiny");

@@ -8,8 +8,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "core/util.h"
 #include "test_util.h"
@@ -57,7 +59,7 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(const std::vector<std::strin
   if (rc != 0) {
     close(out[0]);
     p->pid_ = -1;
-    *error = "cannot start " + std::string(EEP_BIN);
+    *error = "cannot start " + std::string(EEP_BIN) + ": " + std::strerror(rc);
     return nullptr;
   }
   p->stdout_fd_ = out[0];
@@ -184,6 +186,71 @@ StreamReply PostStream(httplib::Client& client, const std::string& path,
   StreamReply s = ParseSse(r->body);
   s.status = r->status;
   return s;
+}
+
+std::vector<nlohmann::json> SseReader::Feed(const char* data, size_t len) {
+  raw_.append(data, len);
+  std::vector<nlohmann::json> out;
+  while (true) {
+    const size_t end = raw_.find("\n\n", parsed_);
+    if (end == std::string::npos) break;
+    const std::string event = raw_.substr(parsed_, end - parsed_);
+    parsed_ = end + 2;
+    if (event.rfind("data: ", 0) != 0) continue;
+    const std::string payload = event.substr(6);
+    if (payload == "[DONE]") {
+      done_ = true;
+      continue;
+    }
+    auto j = nlohmann::json::parse(payload, nullptr, false);
+    out.push_back(j.is_discarded() ? nlohmann::json(nullptr) : j);
+  }
+  return out;
+}
+
+StreamReply PostStreamWatched(httplib::Client& client, const std::string& path,
+                              const nlohmann::json& body,
+                              const std::function<void(const nlohmann::json&)>& on_event) {
+  httplib::Request req;
+  req.method = "POST";
+  req.path = path;
+  req.set_header("Content-Type", "application/json");
+  req.body = body.dump();
+  SseReader reader;
+  StreamReply s;
+  req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+    for (auto& e : reader.Feed(data, len)) {
+      if (on_event) on_event(e);
+      s.events.push_back(std::move(e));
+    }
+    return true;
+  };
+  httplib::Response res;
+  httplib::Error err;
+  if (!client.send(req, res, err)) return {};
+  s.status = res.status;
+  s.done = reader.done();
+  s.raw = reader.raw();
+  return s;
+}
+
+bool WaitForCluster(const std::string& host, int port,
+                    const std::function<bool(const nlohmann::json&)>& done,
+                    std::chrono::steady_clock::time_point deadline, nlohmann::json* last,
+                    int poll_ms) {
+  *last = nullptr;
+  while (true) {
+    httplib::Client c(host, port);
+    c.set_connection_timeout(5, 0);
+    c.set_read_timeout(10, 0);
+    HttpReply r = Get(c, "/v1/cluster");
+    if (r.status == 200 && r.json.is_object()) {
+      *last = r.json;
+      if (done(r.json)) return true;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(poll_ms));  // poll interval
+  }
 }
 
 double MetricValue(const std::string& text, const std::string& name, const std::string& labels) {

@@ -4,6 +4,8 @@
 #include <httplib.h>
 #include <sys/types.h>
 
+#include <chrono>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -58,6 +60,34 @@ StreamReply PostStream(httplib::Client& client, const std::string& path,
                        const nlohmann::json& body);
 // Parses an SSE body.
 StreamReply ParseSse(const std::string& body);
+
+// Incremental SSE parsing: Feed() takes bytes as they arrive and returns the complete `data:`
+// events they finish (JSON; `[DONE]` sets done() instead).
+class SseReader {
+ public:
+  std::vector<nlohmann::json> Feed(const char* data, size_t len);
+  bool done() const { return done_; }
+  const std::string& raw() const { return raw_; }
+
+ private:
+  std::string raw_;
+  size_t parsed_ = 0;  // raw_ bytes consumed by complete events
+  bool done_ = false;
+};
+
+// A streamed POST read as it arrives: `on_event` sees every JSON event when it comes (from the
+// client's thread). Returns all events, as PostStream does; status 0 on a connection error.
+StreamReply PostStreamWatched(httplib::Client& client, const std::string& path,
+                              const nlohmann::json& body,
+                              const std::function<void(const nlohmann::json&)>& on_event);
+
+// Polls GET /v1/cluster (a fresh connection each time, every poll_ms) until `done` holds for the
+// JSON or `deadline` passes. Returns whether it held; *last gets the last JSON seen (null if
+// none came back).
+bool WaitForCluster(const std::string& host, int port,
+                    const std::function<bool(const nlohmann::json&)>& done,
+                    std::chrono::steady_clock::time_point deadline, nlohmann::json* last,
+                    int poll_ms = 20);
 
 // The value of a Prometheus sample "name{labels}" (labels exactly as printed, "" for none), or
 // -1 if absent.

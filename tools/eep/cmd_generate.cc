@@ -1,4 +1,5 @@
-// eep generate: prompt in, tokens out, on the CPU reference runtime.
+// eep generate: prompt in, tokens out, on the CPU reference runtime or the CUDA backend, in
+// process or over --ep N rank processes.
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
@@ -25,8 +26,9 @@ struct GenerateCliOptions {
 
 // The same loop as eep::Generate, over the expert-parallel engine.
 eep::Result<std::vector<int64_t>> GenerateEp(const std::string& model_dir, const eep::cli::EpFlags& flags,
-                                             const std::vector<int64_t>& prompt, const eep::GenerateOptions& g) {
-  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(model_dir, eep::cli::EpOptionsFor(flags)));
+                                             const std::string& backend, const std::vector<int64_t>& prompt,
+                                             const eep::GenerateOptions& g) {
+  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(model_dir, eep::cli::EpOptionsFor(flags, backend)));
   std::vector<int64_t> out;
   eep::ep::SeqInput in;
   in.seq_id = 0;
@@ -83,16 +85,16 @@ int RunGenerate(const GenerateCliOptions& o) {
   if (auto st = eep::ValidateSamplingParams(g.sampling); !st.ok()) return eep::cli::Fail(st);
   if (!o.ignore_eos) g.stop_token_ids = config->eos_token_ids;
   std::vector<int64_t> out;
-  if (o.backend == "cuda" && o.ep.ep > 0)
-    return eep::cli::Fail(eep::Status::InvalidArgument("--backend cuda does not take --ep yet"));
-  if (o.max_new_tokens > 0 && o.backend == "cuda") {
+  if (o.backend == "cuda" && !eep::cuda::Available())
+    return eep::cli::Fail(eep::Status::Unavailable("--backend cuda: " + eep::cuda::DeviceDescription()));
+  if (o.max_new_tokens > 0 && o.ep.ep > 0) {
+    auto r = GenerateEp(o.model_dir, o.ep, o.backend, ids, g);
+    if (!r.ok()) return eep::cli::Fail(r.status());
+    out = *r;
+  } else if (o.max_new_tokens > 0 && o.backend == "cuda") {
     auto model = eep::cuda::CudaModel::Load(o.model_dir);
     if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
     auto r = eep::cuda::Generate(**model, ids, g);
-    if (!r.ok()) return eep::cli::Fail(r.status());
-    out = *r;
-  } else if (o.max_new_tokens > 0 && o.ep.ep > 0) {
-    auto r = GenerateEp(o.model_dir, o.ep, ids, g);
     if (!r.ok()) return eep::cli::Fail(r.status());
     out = *r;
   } else if (o.max_new_tokens > 0) {

@@ -16,7 +16,7 @@ struct LogitsOptions {
 };
 
 eep::Result<std::vector<float>> LogitsEp(const LogitsOptions& o, const std::vector<int64_t>& ids) {
-  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(o.model_dir, eep::cli::EpOptionsFor(o.ep)));
+  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(o.model_dir, eep::cli::EpOptionsFor(o.ep, o.backend)));
   eep::ep::SeqInput in;
   in.new_ids = ids;
   in.return_logits = true;
@@ -38,19 +38,19 @@ int RunLogits(const LogitsOptions& o) {
       return eep::cli::Fail(eep::Status::InvalidArgument(
           fmt::format("--prompt-ids: token id {} is out of the vocabulary [0, {})", id, V)));
   std::vector<float> logits;
-  if (o.backend == "cuda" && o.ep.ep > 0)
-    return eep::cli::Fail(eep::Status::InvalidArgument("--backend cuda does not take --ep yet"));
-  if (o.backend == "cuda") {
+  if (o.backend == "cuda" && !eep::cuda::Available())
+    return eep::cli::Fail(eep::Status::Unavailable("--backend cuda: " + eep::cuda::DeviceDescription()));
+  if (o.ep.ep > 0) {
+    auto r = LogitsEp(o, *ids);
+    if (!r.ok()) return eep::cli::Fail(r.status());
+    logits = std::move(*r);
+  } else if (o.backend == "cuda") {
     auto model = eep::cuda::CudaModel::Load(o.model_dir);
     if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
     auto cache = (*model)->NewCache();
     eep::cuda::CudaSeqStep step{cache.get(), *ids, true, &logits};
     eep::Status st = (*model)->Forward(std::span<eep::cuda::CudaSeqStep>(&step, 1));
     if (!st.ok()) return eep::cli::Fail(st.WithContext("--prompt-ids"));
-  } else if (o.ep.ep > 0) {
-    auto r = LogitsEp(o, *ids);
-    if (!r.ok()) return eep::cli::Fail(r.status());
-    logits = std::move(*r);
   } else {
     auto model = eep::Model::Load(o.model_dir);
     if (!model.ok()) return eep::cli::Fail(model.status());

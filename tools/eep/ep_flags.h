@@ -18,7 +18,7 @@ inline void AddEpFlags(CLI::App* app, EpFlags* f) {
   app->add_option("--ep", f->ep, "expert-parallel ranks (processes); 0 = in-process")->check(CLI::NonNegativeNumber);
   app->add_option("--num-redundant-experts", f->options.num_redundant_experts, "extra physical expert slots per MoE layer")
       ->check(CLI::NonNegativeNumber);
-  app->add_option("--ep-communicator", f->options.communicator, "data-plane communicator: shm | ucx");
+  app->add_option("--ep-communicator", f->options.communicator, "data-plane communicator: shm | ucx | nccl (CUDA builds, one rank per GPU)");
   app->add_option("--eplb-interval", f->options.eplb_interval, "steps between EPLB rebalances (0 = off)")
       ->check(CLI::NonNegativeNumber);
   app->add_option("--eplb-policy", f->options.eplb_policy, "min-move | deepseek")
@@ -39,10 +39,12 @@ inline void AddEpFlags(CLI::App* app, EpFlags* f) {
   app->add_option("--inject-fault", f->options.inject_fault, "fault injection: rank=R,after-steps=N,mode=kill|hang|slow[,at=step|eplb]");
 }
 
-// Options for EpEngine::Start, with the process's log level passed on to the ranks.
-inline ep::EpOptions EpOptionsFor(const EpFlags& f) {
+// Options for EpEngine::Start, with the process's log level passed on to the ranks and the
+// command's --backend (cpu | cuda: where every rank computes).
+inline ep::EpOptions EpOptionsFor(const EpFlags& f, const std::string& backend = "cpu") {
   ep::EpOptions o = f.options;
   o.ep_size = f.ep;
+  o.backend = backend;
   auto level = spdlog::level::to_string_view(spdlog::get_level());
   o.log_level = std::string(level.data(), level.size());
   return o;

@@ -1,0 +1,300 @@
+// nccl communicator: one rank per GPU, NCCL point-to-point between the GPUs.
+//
+// AllToAllV moves host spans: the sizes go first (one int64 per peer, grouped send/recv),
+// then every rank copies its outgoing bytes into one device buffer
+// `// [to rank 0][to rank 1]...`, one grouped ncclSend/ncclRecv round moves them into a
+// device buffer `// [from rank 0][from rank 1]...`, and the received bytes are copied back
+// to the host. Self-traffic goes through NCCL too (one code path; world size 1 tests it).
+//
+// Fault tolerance: the communicator is non-blocking (ncclConfig_t.blocking = 0), so no NCCL
+// call blocks (a group may still be being enqueued when ncclGroupEnd returns ncclInProgress:
+// stream work that depends on it is queued only once the communicator is idle); every wait polls the stream and ncclCommGetAsyncError against the peer
+// deadline and the abort flag. NCCL cannot say which peer is missing: a timeout reports all
+// other ranks as silent (the coordinator confirms which one is dead). Abort() makes the
+// exchanging thread call ncclCommAbort, which ends the operations in flight.
+// One rank per GPU: NCCL refuses two ranks of one communicator on one device.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fmt/format.h>
+#include <thread>
+
+#include "core/logging.h"
+#include "core/util.h"
+#include "ep/communicator.h"
+#include "ep/internal.h"
+
+namespace eep::ep {
+namespace {
+
+std::string Hex(const void* data, size_t n) {
+  static const char* kDigits = "0123456789abcdef";
+  std::string s(2 * n, '0');
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    s[2 * i] = kDigits[p[i] >> 4];
+    s[2 * i + 1] = kDigits[p[i] & 15];
+  }
+  return s;
+}
+
+bool Unhex(const std::string& s, void* out, size_t n) {
+  if (s.size() != 2 * n) return false;
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  auto* p = static_cast<uint8_t*>(out);
+  for (size_t i = 0; i < n; ++i) {
+    const int hi = digit(s[2 * i]), lo = digit(s[2 * i + 1]);
+    if (hi < 0 || lo < 0) return false;
+    p[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  return true;
+}
+
+#define EEP_NCCL_CUDA_RETURN_IF_ERROR(expr)                                                         \
+  do {                                                                                              \
+    cudaError_t eep_err_ = (expr);                                                                  \
+    if (eep_err_ != cudaSuccess)                                                                    \
+      return Status::Internal(fmt::format("nccl: {} failed: {}", #expr, cudaGetErrorString(eep_err_))); \
+  } while (0)
+
+struct DeviceFree {
+  void operator()(void* p) const { cudaFree(p); }
+};
+using DeviceBytes = std::unique_ptr<uint8_t, DeviceFree>;
+
+class NcclCommunicator : public Communicator {
+ public:
+  ~NcclCommunicator() override {
+    // Abort frees the communicator's resources without waiting for peers that may be gone.
+    if (comm_ != nullptr) ncclCommAbort(comm_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  const char* name() const override { return "nccl"; }
+  bool SupportsRemote() const override { return true; }   // NCCL's network transports
+  bool SupportsDevice() const override { return true; }   // device staging; host spans today
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_; }
+
+  static Result<std::unique_ptr<Communicator>> Create(const CommunicatorOptions& o, Bootstrap* boot) {
+    // NVLink SHARP (multicast) stays off on these machines (see shared/DEVICE.md).
+    setenv("NCCL_NVLS_ENABLE", "0", 1);
+    auto c = std::unique_ptr<NcclCommunicator>(new NcclCommunicator());
+    c->rank_ = o.rank;
+    c->world_ = o.world_size;
+    c->timeout_ms_ = o.peer_timeout_ms;
+    int devices = 0;
+    const cudaError_t e = cudaGetDeviceCount(&devices);
+    if (e != cudaSuccess || devices == 0)
+      return Status::Unavailable(fmt::format("nccl: no CUDA device is visible ({})",
+                                             e != cudaSuccess ? cudaGetErrorString(e) : "none"));
+    c->device_ = o.device >= 0 ? o.device : o.rank % devices;
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaSetDevice(c->device_));
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&c->stream_, cudaStreamNonBlocking));
+    // Rank 0 makes the unique id; the bootstrap all-gather hands it to everyone (hex: the
+    // control plane carries text).
+    ncclUniqueId id{};
+    std::string mine;
+    if (o.rank == 0) {
+      EEP_RETURN_IF_ERROR(c->Check(ncclGetUniqueId(&id), "ncclGetUniqueId"));
+      mine = Hex(&id, sizeof id);
+    }
+    EEP_ASSIGN_OR_RETURN(auto all, boot->AllGather(mine));
+    if (all.empty() || !Unhex(all[0], &id, sizeof id))
+      return Status::Internal("nccl: bootstrap did not carry rank 0's unique id");
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t comm = nullptr;
+    ncclResult_t r = ncclCommInitRankConfig(&comm, o.world_size, id, o.rank, &config);
+    c->comm_ = comm;
+    if (r != ncclSuccess && r != ncclInProgress)
+      return c->Check(r, "ncclCommInitRankConfig");
+    // Initialisation connects to every peer: allow it longer than one exchange.
+    constexpr int64_t kInitTimeoutMs = 120000;
+    EEP_RETURN_IF_ERROR_CTX(c->WaitComm(std::max(kInitTimeoutMs, o.peer_timeout_ms), /*stream_too=*/false),
+                            fmt::format("nccl: init of rank {} of {} on GPU {}", o.rank, o.world_size, c->device_));
+    EEP_LOG_DEBUG("nccl: rank {} of {} on GPU {} ready", o.rank, o.world_size, c->device_);
+    return std::unique_ptr<Communicator>(std::move(c));
+  }
+
+  void Abort() override { aborted_.store(true); }
+
+  Status AllToAllV(const std::vector<std::span<const uint8_t>>& send,
+                   std::vector<std::vector<uint8_t>>* recv) override {
+    if (static_cast<int>(send.size()) != world_)
+      return Status::InvalidArgument(fmt::format("AllToAllV: {} send buffers for {} ranks", send.size(), world_));
+    silent_peers_.clear();
+    if (aborted_.load()) return AbortNow();
+    if (comm_ == nullptr) return Status::Cancelled("nccl: communicator was aborted");
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    const size_t W = static_cast<size_t>(world_);
+    // 1. Sizes: send_sizes[p] → rank p, recv_sizes[p] ← rank p.
+    std::vector<int64_t> send_sizes(W), recv_sizes(W, -1);
+    for (size_t p = 0; p < W; ++p) send_sizes[p] = static_cast<int64_t>(send[p].size());
+    EEP_RETURN_IF_ERROR(Reserve(&sizes_dev_, &sizes_bytes_, 2 * W * sizeof(int64_t)));
+    auto* sizes_out = reinterpret_cast<int64_t*>(sizes_dev_.get());
+    int64_t* sizes_in = sizes_out + W;
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(sizes_out, send_sizes.data(), W * sizeof(int64_t), cudaMemcpyHostToDevice, stream_));
+    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
+      for (int p = 0; p < world_; ++p) {
+        ncclResult_t r = ncclSend(sizes_out + p, 1, ncclInt64, p, comm_, stream_);
+        if (r != ncclSuccess && r != ncclInProgress) return r;
+        r = ncclRecv(sizes_in + p, 1, ncclInt64, p, comm_, stream_);
+        if (r != ncclSuccess && r != ncclInProgress) return r;
+      }
+      return ncclSuccess;
+    }, "size exchange"));
+    // Non-blocking: the group may still be being enqueued; later stream work must follow it.
+    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/false), "nccl: size exchange");
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(recv_sizes.data(), sizes_in, W * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
+    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: size exchange");
+    // 2. Stage the outgoing bytes on the device.
+    std::vector<size_t> send_off(W + 1, 0), recv_off(W + 1, 0);
+    for (size_t p = 0; p < W; ++p) {
+      if (recv_sizes[p] < 0) return Status::Corruption(fmt::format("nccl: rank {} announced {} bytes", p, recv_sizes[p]));
+      send_off[p + 1] = send_off[p] + send[p].size();
+      recv_off[p + 1] = recv_off[p] + static_cast<size_t>(recv_sizes[p]);
+    }
+    EEP_RETURN_IF_ERROR(Reserve(&send_dev_, &send_bytes_, send_off[W]));
+    EEP_RETURN_IF_ERROR(Reserve(&recv_dev_, &recv_bytes_, recv_off[W]));
+    for (size_t p = 0; p < W; ++p)
+      if (!send[p].empty())
+        EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(send_dev_.get() + send_off[p], send[p].data(), send[p].size(),
+                                                      cudaMemcpyHostToDevice, stream_));
+    // 3. One grouped round of point-to-point transfers (empty ones skipped on both sides).
+    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
+      for (int p = 0; p < world_; ++p) {
+        const size_t sp = static_cast<size_t>(p);
+        if (send_sizes[sp] > 0) {
+          ncclResult_t r = ncclSend(send_dev_.get() + send_off[sp], send[sp].size(), ncclUint8, p, comm_, stream_);
+          if (r != ncclSuccess && r != ncclInProgress) return r;
+        }
+        if (recv_sizes[sp] > 0) {
+          ncclResult_t r = ncclRecv(recv_dev_.get() + recv_off[sp], static_cast<size_t>(recv_sizes[sp]), ncclUint8, p,
+                                    comm_, stream_);
+          if (r != ncclSuccess && r != ncclInProgress) return r;
+        }
+      }
+      return ncclSuccess;
+    }, "data exchange"));
+    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/false), "nccl: data exchange");
+    // 4. Back to the host.
+    recv->assign(W, {});
+    for (size_t p = 0; p < W; ++p) {
+      auto& out = (*recv)[p];
+      out.resize(static_cast<size_t>(recv_sizes[p]));
+      if (!out.empty())
+        EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.data(), recv_dev_.get() + recv_off[p], out.size(),
+                                                      cudaMemcpyDeviceToHost, stream_));
+    }
+    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: data exchange");
+    return Status::Ok();
+  }
+
+ private:
+  NcclCommunicator() = default;
+
+  Status Check(ncclResult_t r, const char* what) {
+    if (r == ncclSuccess || r == ncclInProgress) return Status::Ok();
+    const char* last = comm_ != nullptr ? ncclGetLastError(comm_) : nullptr;
+    std::string msg = fmt::format("nccl: {}: {}{}{}", what, ncclGetErrorString(r), last && *last ? ": " : "",
+                                  last ? last : "");
+    // A remote error or a broken connection means a peer failed.
+    if (r == ncclRemoteError || r == ncclSystemError) return Status::RemoteDisconnect(msg);
+    return Status::Internal(msg);
+  }
+
+  // Issues the ops of `body` as one group.
+  template <typename F>
+  Status Group(F&& body, const char* what) {
+    ncclResult_t r = ncclGroupStart();
+    if (r != ncclSuccess) return Check(r, "ncclGroupStart");
+    ncclResult_t inner = body();
+    r = ncclGroupEnd();
+    EEP_RETURN_IF_ERROR_CTX(Check(inner, "ncclSend/ncclRecv"), what);
+    return Check(r, "ncclGroupEnd");
+  }
+
+  Status AbortNow() {
+    if (comm_ != nullptr) {
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
+    }
+    return Status::Cancelled("nccl: exchange aborted");
+  }
+
+  // Waits until the communicator has no operation in progress (and, with stream_too, the
+  // stream's work is done), polling with a deadline. NCCL gives no waitable handle that
+  // honours a deadline or an abort, so this polls, backing off to 100 µs between polls.
+  Status WaitComm(int64_t timeout_ms, bool stream_too) {
+    double deadline = NowSeconds() + static_cast<double>(timeout_ms) / 1000.0;
+    int spins = 0;
+    while (true) {
+      if (aborted_.load()) return AbortNow();
+      ncclResult_t async = ncclSuccess;
+      ncclResult_t r = ncclCommGetAsyncError(comm_, &async);
+      if (r != ncclSuccess) return Check(r, "ncclCommGetAsyncError");
+      if (async != ncclSuccess && async != ncclInProgress) return Check(async, "asynchronous error");
+      if (async == ncclSuccess) {
+        if (!stream_too) return Status::Ok();
+        const cudaError_t q = cudaStreamQuery(stream_);
+        if (q == cudaSuccess) return Status::Ok();
+        if (q != cudaErrorNotReady)
+          return Status::Internal(fmt::format("nccl: stream failed: {}", cudaGetErrorString(q)));
+      }
+      if (NowSeconds() >= deadline) {
+        silent_peers_.clear();
+        for (int p = 0; p < world_; ++p)
+          if (p != rank_) silent_peers_.push_back(p);
+        if (KeepWaiting()) {
+          deadline = NowSeconds() + static_cast<double>(timeout_ms) / 1000.0;
+          continue;
+        }
+        return Status::Timeout(fmt::format("nccl: rank {}: no progress for {} ms (peers {})", rank_, timeout_ms,
+                                           fmt::join(silent_peers_, ",")));
+      }
+      if (++spins < 64) std::this_thread::yield();
+      else std::this_thread::sleep_for(std::chrono::microseconds(std::min(100, spins - 63)));
+    }
+  }
+
+  Status Reserve(DeviceBytes* buf, size_t* have, size_t want) {
+    if (want <= *have && *buf) return Status::Ok();
+    // The stream is idle here (every exchange ends with a completed wait).
+    buf->reset();
+    *have = 0;
+    void* p = nullptr;
+    const size_t bytes = std::max<size_t>(want, 256);
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess)
+      return Status::ResourceExhausted(fmt::format("nccl: cudaMalloc of {} bytes: {}", bytes, cudaGetErrorString(e)));
+    buf->reset(static_cast<uint8_t*>(p));
+    *have = bytes;
+    return Status::Ok();
+  }
+
+  int rank_ = 0, world_ = 1, device_ = 0;
+  int64_t timeout_ms_ = 1000;
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  std::atomic<bool> aborted_{false};
+  DeviceBytes sizes_dev_, send_dev_, recv_dev_;
+  size_t sizes_bytes_ = 0, send_bytes_ = 0, recv_bytes_ = 0;
+};
+
+}  // namespace
+
+void RegisterNcclCommunicator() { RegisterCommunicator("nccl", &NcclCommunicator::Create); }
+
+}  // namespace eep::ep
