@@ -66,23 +66,34 @@ Status EpMoeExecutor::Run(int64_t moe_layer, const float* x, int64_t num_tokens,
 
   // 3. Compute what we received, one slot at a time (rows grouped per slot).
   std::vector<std::vector<uint8_t>> answer(static_cast<size_t>(world));
+  struct Received {
+    uint32_t count = 0;
+    const uint8_t* slots = nullptr;  // count × int32 (unaligned)
+    const float* rows = nullptr;     // count × H
+  };
+  auto Parse = [&](int src) -> Result<Received> {
+    const auto& buf = recv[static_cast<size_t>(src)];
+    if (buf.size() < 4) return Status::Corruption(fmt::format("dispatch from rank {}: short message", src));
+    Received r;
+    std::memcpy(&r.count, buf.data(), 4);
+    if (buf.size() != 4 + r.count * 4 + r.count * row_bytes)
+      return Status::Corruption(fmt::format("dispatch from rank {}: {} bytes for {} rows", src, buf.size(), r.count));
+    r.slots = buf.data() + 4;
+    r.rows = reinterpret_cast<const float*>(buf.data() + 4 + r.count * 4);
+    return r;
+  };
   if (runner_) {
     // Every received row in one batch (one device round trip), answers split back per source.
     row_slots_.clear();
     rows_.clear();
     std::vector<size_t> first_row(static_cast<size_t>(world) + 1, 0);
     for (int src = 0; src < world; ++src) {
-      const auto& buf = recv[static_cast<size_t>(src)];
-      if (buf.size() < 4) return Status::Corruption(fmt::format("dispatch from rank {}: short message", src));
-      uint32_t count;
-      std::memcpy(&count, buf.data(), 4);
-      if (buf.size() != 4 + count * 4 + count * row_bytes)
-        return Status::Corruption(fmt::format("dispatch from rank {}: {} bytes for {} rows", src, buf.size(), count));
+      EEP_ASSIGN_OR_RETURN(Received got, Parse(src));
+      const uint32_t count = got.count;
       const size_t at = row_slots_.size();
       row_slots_.resize(at + count);
-      std::memcpy(row_slots_.data() + at, buf.data() + 4, count * 4);
-      const float* in = reinterpret_cast<const float*>(buf.data() + 4 + count * 4);
-      rows_.insert(rows_.end(), in, in + static_cast<size_t>(count) * static_cast<size_t>(H));
+      std::memcpy(row_slots_.data() + at, got.slots, count * 4);
+      rows_.insert(rows_.end(), got.rows, got.rows + static_cast<size_t>(count) * static_cast<size_t>(H));
       first_row[static_cast<size_t>(src) + 1] = row_slots_.size();
     }
     for (int32_t s : row_slots_)
@@ -99,15 +110,11 @@ Status EpMoeExecutor::Run(int64_t moe_layer, const float* x, int64_t num_tokens,
     }
   }
   for (int src = 0; src < world && !runner_; ++src) {
-    const auto& buf = recv[static_cast<size_t>(src)];
-    if (buf.size() < 4) return Status::Corruption(fmt::format("dispatch from rank {}: short message", src));
-    uint32_t count;
-    std::memcpy(&count, buf.data(), 4);
-    if (buf.size() != 4 + count * 4 + count * row_bytes)
-      return Status::Corruption(fmt::format("dispatch from rank {}: {} bytes for {} rows", src, buf.size(), count));
+    EEP_ASSIGN_OR_RETURN(Received got, Parse(src));
+    const uint32_t count = got.count;
     std::vector<int32_t> slots(count);
-    std::memcpy(slots.data(), buf.data() + 4, count * 4);
-    const float* in = reinterpret_cast<const float*>(buf.data() + 4 + count * 4);
+    std::memcpy(slots.data(), got.slots, count * 4);
+    const float* in = got.rows;
     auto& ans = answer[static_cast<size_t>(src)];
     ans.resize(count * row_bytes);
     float* y = reinterpret_cast<float*>(ans.data());

@@ -9,16 +9,13 @@
 
 #include "cuda/cuda_model.h"
 #include "model/safetensors.h"
+#include "gpu_test_util.h"
 #include "test_util.h"
 
 namespace eep {
 namespace {
 
-#define REQUIRE_GPU()                                                                                \
-  do {                                                                                               \
-    if (!cuda::Available())                                                                          \
-      GTEST_SKIP() << "no CUDA device (" << cuda::DeviceDescription() << "): GPU EP test skipped"; \
-  } while (0)
+#define REQUIRE_GPU() EEP_REQUIRE_GPU("EP")
 
 std::string Join(const std::vector<int64_t>& ids) {
   std::string s;

@@ -17,16 +17,13 @@
 #include "model/model.h"
 #include "model/routing.h"
 #include "model/safetensors.h"
+#include "gpu_test_util.h"
 #include "test_util.h"
 
 namespace eep {
 namespace {
 
-#define REQUIRE_GPU()                                                                                  \
-  do {                                                                                                 \
-    if (!cuda::Available())                                                                            \
-      GTEST_SKIP() << "no CUDA device (" << cuda::DeviceDescription() << "): GPU model test skipped"; \
-  } while (0)
+#define REQUIRE_GPU() EEP_REQUIRE_GPU("model")
 
 using test::GoldenPrompt;
 using test::MaxErr;

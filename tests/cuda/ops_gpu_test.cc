@@ -12,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "cuda/cuda_model.h"
+#include "gpu_test_util.h"
 #include "kernels/cpu/ops.h"
 
 #ifdef EEP_WITH_CUDA
@@ -28,11 +29,7 @@ namespace {
 TEST(CudaOps, AllOps) { GTEST_SKIP() << "eep was built without CUDA (EEP_ENABLE_CUDA=OFF): CUDA op tests skipped"; }
 #else
 
-#define REQUIRE_GPU()                                                                                         \
-  do {                                                                                                        \
-    if (!cuda::Available())                                                                                   \
-      GTEST_SKIP() << "no CUDA device (" << cuda::DeviceDescription() << "): GPU op test skipped"; \
-  } while (0)
+#define REQUIRE_GPU() EEP_REQUIRE_GPU("op")
 
 std::vector<float> Random(size_t n, uint64_t seed, float scale = 1.0f) {
   std::mt19937_64 rng(seed);

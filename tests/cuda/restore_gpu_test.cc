@@ -14,16 +14,13 @@
 #include "cuda/cuda_model.h"
 #include "model/model.h"
 #include "model/safetensors.h"
+#include "gpu_test_util.h"
 #include "test_util.h"
 
 namespace eep {
 namespace {
 
-#define REQUIRE_GPU()                                                                                    \
-  do {                                                                                                   \
-    if (!cuda::Available())                                                                              \
-      GTEST_SKIP() << "no CUDA device (" << cuda::DeviceDescription() << "): GPU restore test skipped"; \
-  } while (0)
+#define REQUIRE_GPU() EEP_REQUIRE_GPU("restore")
 
 std::vector<float> CpuLogits(const std::string& dir, const std::vector<int64_t>& ids) {
   auto m = Model::Load(dir, {.load_experts = true, .show_progress = false});
