@@ -154,8 +154,10 @@ class NcclCommunicator : public Communicator {
       }
       return ncclSuccess;
     }, "size exchange"));
-    // Non-blocking: the group may still be being enqueued; later stream work must follow it.
-    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/false), "nccl: size exchange");
+    // Wait (polling, abortable) for the transfers themselves before copying back: a copy to
+    // pageable host memory blocks the thread until earlier stream work is done, which would
+    // hang forever on a dead peer instead of returning to the abort check.
+    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: size exchange");
     EEP_NCCL_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(recv_sizes.data(), sizes_in, W * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
     EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: size exchange");
@@ -188,8 +190,8 @@ class NcclCommunicator : public Communicator {
       }
       return ncclSuccess;
     }, "data exchange"));
-    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/false), "nccl: data exchange");
-    // 4. Back to the host.
+    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: data exchange");
+    // 4. Back to the host (the stream is idle: these copies cannot wait on a peer).
     recv->assign(W, {});
     for (size_t p = 0; p < W; ++p) {
       auto& out = (*recv)[p];
