@@ -84,6 +84,7 @@ class EpEngine::Impl {
     bool hb_seen = false;
     double last_hb = 0;
     int suspicions = 0;
+    int device_slot = 0;  // which GPU (slot mod visible GPUs) a one-rank-per-GPU rank takes
     std::vector<std::vector<int32_t>> holdings;  // [moe_layer][local slot], from the last hold
     bool Live() const { return state != "dead" && state != "left"; }
   };
@@ -170,6 +171,11 @@ class EpEngine::Impl {
     Proc p;
     p.id = id;
     p.pid = pid;
+    // The lowest device slot no live rank uses: a rank replacing a dead one takes its GPU.
+    std::set<int> used;
+    for (const Proc& q : procs)
+      if (q.Live() && q.pid > 0) used.insert(q.device_slot);
+    while (used.count(p.device_slot)) ++p.device_slot;
     p.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
     p.state = state;
     p.last_hb = NowSeconds();
@@ -274,8 +280,9 @@ class EpEngine::Impl {
       (void)SendControl(hb, fmt::format("hb-{}", id), {{{"type", "abort"}, {"epoch", epoch}}, ""});
   }
 
-  nlohmann::json InitMessage() const {
+  nlohmann::json InitMessage(int id) const {
     return {{"type", "init"},
+            {"device_slot", procs[static_cast<size_t>(id)].device_slot},
             {"model", model_dir},
             {"epoch", epoch},
             {"members", members},
@@ -330,7 +337,7 @@ class EpEngine::Impl {
           continue;
         procs[static_cast<size_t>(id)].identity = identity;
         id_of[identity] = id;
-        EEP_RETURN_IF_ERROR(SendControl(router, identity, {InitMessage(), ""}));
+        EEP_RETURN_IF_ERROR(SendControl(router, identity, {InitMessage(id), ""}));
         continue;
       }
       const int id = it->second;

@@ -262,7 +262,10 @@ class RankWorker {
       lo.load_experts = false;
       // nccl needs one rank per GPU: rank i on GPU i mod visible. shm/ucx ranks may share GPU 0.
       // TODO(gpu-ep): a rank that replaces a dead one should take the freed GPU.
-      if (communicator_ == "nccl" && cuda::DeviceCount() > 0) lo.device = id_ % cuda::DeviceCount();
+      // One rank per GPU: the coordinator hands out device slots (a replacement rank gets the
+      // dead rank's GPU).
+      if (communicator_ == "nccl" && cuda::DeviceCount() > 0)
+        lo.device = h.value("device_slot", id_) % cuda::DeviceCount();
       EEP_ASSIGN_OR_RETURN_CTX(gpu_, cuda::CudaModel::Load(model_dir_, lo), fmt::format("rank {}: --backend cuda", id_));
       EEP_ASSIGN_OR_RETURN(ckpt_, Checkpoint::Open(model_dir_));
     } else if (backend == "cpu") {

@@ -23,6 +23,7 @@ namespace {
 struct ServeCliOptions {
   eep::serve::ServerOptions server;
   eep::cli::EpFlags ep;
+  std::string backend = "cpu";         // where every rank computes: cpu | cuda
   std::string expert_backup = "auto";  // on | off | auto (on when --ep > 1)
   std::string backup_transport = "shm";
 };
@@ -90,7 +91,7 @@ int RunServe(const ServeCliOptions& o) {
     if (auto st = CheckPortFree(o.server.host, o.server.port); !st.ok()) return eep::cli::Fail(st);
   }
   // The node's DRAM backup of the expert weights: started here unless managers are given.
-  eep::ep::EpOptions ep_options = eep::cli::EpOptionsFor(o.ep);
+  eep::ep::EpOptions ep_options = eep::cli::EpOptionsFor(o.ep, o.backend);
   std::unique_ptr<eep::backup::BackupSidecar> sidecar;
   const bool backup = o.expert_backup == "on" || (o.expert_backup == "auto" && o.ep.ep > 1);
   if (backup && ep_options.backup_endpoints.empty()) {
@@ -163,6 +164,8 @@ EEP_REGISTER_COMMAND(
                       "keep a DRAM backup of the expert weights in a backup manager started here: on | off | auto "
                       "(on when --ep > 1; ignored when --expert-backup-endpoints is given)")
           ->check(CLI::IsMember({"on", "off", "auto"}));
+      app->add_option("--backend", o->backend, "where every rank computes: cpu (default) | cuda")
+          ->check(CLI::IsMember({"cpu", "cuda"}));
       app->add_option("--backup-transport", o->backup_transport, "transfer backend of that backup manager (shm | ucx)");
       return [o] { return RunServe(*o); };
     });
