@@ -30,6 +30,7 @@
 
 #include "backup/backup.h"
 #include "backup/sidecar.h"
+#include "bench_buffer.h"
 #include "command.h"
 #include "core/util.h"
 #include "ep/ep.h"
@@ -61,22 +62,7 @@ struct FailoverFlags {
   std::string rank_log_level = "warn";
 };
 
-// Page-aligned anonymous memory, pre-faulted (as the runtime's buffers are when a restore runs).
-struct Buffer {
-  uint8_t* data = nullptr;
-  size_t num_bytes = 0;
-  explicit Buffer(size_t n) : num_bytes(std::max<size_t>(n, 1)) {
-    void* p = mmap(nullptr, num_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return;
-    std::memset(p, 1, num_bytes);
-    data = static_cast<uint8_t*>(p);
-  }
-  ~Buffer() {
-    if (data) munmap(data, num_bytes);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
+using Buffer = eep::cli::BenchBuffer;
 
 double Median(std::vector<double> v) {
   if (v.empty()) return 0;

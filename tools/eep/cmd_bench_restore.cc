@@ -46,6 +46,7 @@
 #include <thread>
 
 #include "backup/backup.h"
+#include "bench_buffer.h"
 #include "command.h"
 #include "core/util.h"
 #include "cuda/cuda_model.h"
@@ -79,23 +80,7 @@ constexpr uint64_t kGiB = 1ull << 30;
 // Piece sizes tried by the raw UCX loop; the fastest counts as the ceiling.
 constexpr uint64_t kRawPieceBytes[] = {2ull << 20, 16ull << 20, 64ull << 20};
 
-// Page-aligned anonymous memory, pre-faulted.
-struct Buffer {
-  uint8_t* data = nullptr;
-  size_t num_bytes = 0;
-  explicit Buffer(size_t n) : num_bytes(n) {
-    void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return;
-    madvise(p, n, MADV_HUGEPAGE);
-    std::memset(p, 1, n);
-    data = static_cast<uint8_t*>(p);
-  }
-  ~Buffer() {
-    if (data) munmap(data, num_bytes);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
+using Buffer = eep::cli::BenchBuffer;
 
 struct Stats {
   double median_s = 0, best_s = 0;
