@@ -309,4 +309,34 @@ Result<std::string> Base64Decode(std::string_view text) {
   return out;
 }
 
+Result<uint64_t> ValidateBatch(const char* backend, Op op, const RegionDescriptor& region,
+                               const std::vector<TransferItem>& items) {
+  if (op == Op::kWrite && !region.remote_writable)
+    return Status::InvalidArgument(fmt::format("{}: region of {} is not remote-writable", backend, region.owner));
+  uint64_t total = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const TransferItem& it = items[i];
+    if (it.num_bytes == 0) continue;
+    if (it.local == nullptr)
+      return Status::InvalidArgument(fmt::format("{}: item {} has a null local buffer", backend, i));
+    if (it.remote_offset > region.num_bytes || it.num_bytes > region.num_bytes - it.remote_offset)
+      return Status::OutOfRange(fmt::format("{}: item {} [{}, +{}) runs past the {}-byte region of {}", backend, i,
+                                            it.remote_offset, it.num_bytes, region.num_bytes, region.owner));
+    total += it.num_bytes;
+  }
+  return total;
+}
+
+RegionDescriptor LocalRegion::BaseDescriptor(const std::string& backend, const ExportOptions& options) const {
+  RegionDescriptor d;
+  d.backend = backend;
+  d.host_id = LocalHostId();
+  d.owner = options.owner.empty() ? fmt::format("pid {}", getpid()) : options.owner;
+  d.base_address = reinterpret_cast<uint64_t>(data());
+  d.num_bytes = num_bytes();
+  d.kind = kind();
+  d.remote_writable = options.remote_writable;
+  return d;
+}
+
 }  // namespace eep::transfer

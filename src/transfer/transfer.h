@@ -105,6 +105,8 @@ const std::string& LocalHostId();
 
 // Memory this process registered with (or allocated from) an engine. Immutable; owned by the
 // caller; destroy before the engine.
+struct ExportOptions;
+
 class LocalRegion {
  public:
   virtual ~LocalRegion() = default;
@@ -118,6 +120,8 @@ class LocalRegion {
  protected:
   LocalRegion(uint8_t* data, uint64_t num_bytes, MemoryKind kind)
       : data_(data), num_bytes_(num_bytes), kind_(kind) {}
+  // For backends' Export: every field but backend_blob (owner defaults to "pid N").
+  RegionDescriptor BaseDescriptor(const std::string& backend, const ExportOptions& options) const;
 
  private:
   uint8_t* data_;
@@ -246,6 +250,12 @@ class Engine {
   // (returns early after handling events). Call in a loop from the thread that owns the region.
   void ProgressFor(int64_t timeout_ms);
 };
+
+// For backends' Prepare: checks a batch against the region it targets (writes only to
+// writable regions, non-null local buffers, every item inside the region) and returns its total
+// bytes. Errors start with `backend` and name the item index and the region's owner.
+Result<uint64_t> ValidateBatch(const char* backend, Op op, const RegionDescriptor& region,
+                               const std::vector<TransferItem>& items);
 
 // ---- Registry ------------------------------------------------------------------------------
 

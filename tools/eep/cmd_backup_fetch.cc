@@ -32,19 +32,8 @@ struct FetchFlags {
   int64_t timeout_ms = 10000;
 };
 
-// The result line goes to the real stdout; fd 1 is pointed at stderr so library output (UCX
-// logs to stdout by default) cannot mix into what callers parse.
-std::FILE* ReserveStdout() {
-  std::fflush(stdout);
-  int fd = dup(STDOUT_FILENO);
-  if (fd < 0) return stdout;
-  dup2(STDERR_FILENO, STDOUT_FILENO);
-  std::FILE* out = fdopen(fd, "w");
-  return out != nullptr ? out : stdout;
-}
-
 int RunFetch(const FetchFlags& f) {
-  std::FILE* out = ReserveStdout();
+  std::FILE* out = eep::cli::ReserveStdout();
   eep::backup::BackupClientOptions options;
   options.endpoints = SplitComma(f.managers);
   options.expected_fingerprint = f.fingerprint;

@@ -22,18 +22,6 @@ void OnStopSignal(int) {
   g_stop.store(true);
 }
 
-// stdout carries exactly one line, `listening ENDPOINT`, which callers parse. Libraries may print
-// to stdout too (UCX logs there by default), so move fd 1 aside for our line and point fd 1 at
-// stderr before any library starts.
-std::FILE* ReserveStdout() {
-  std::fflush(stdout);
-  int fd = dup(STDOUT_FILENO);
-  if (fd < 0) return stdout;
-  dup2(STDERR_FILENO, STDOUT_FILENO);
-  std::FILE* out = fdopen(fd, "w");
-  return out != nullptr ? out : stdout;
-}
-
 void InstallStopHandlers() {
   struct sigaction sa {};
   sa.sa_handler = OnStopSignal;
@@ -73,7 +61,7 @@ EEP_REGISTER_COMMAND(
           "SIGINT/SIGTERM stop it "
           "cleanly.");
       return [opts]() -> int {
-        std::FILE* out = ReserveStdout();
+        std::FILE* out = eep::cli::ReserveStdout();
         InstallStopHandlers();
         opts->cancel = &g_stop;
         auto manager = eep::backup::ExpertBackupManager::Create(*opts);

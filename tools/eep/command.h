@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdio>
 #include <functional>
 #include <string>
 #include <vector>
@@ -33,6 +34,12 @@ struct CommandRegistrar {
     registry.push_back({std::move(name), std::move(help), std::move(setup)});
   }
 };
+
+// For commands whose stdout is parsed (`backup-manager`'s `listening ENDPOINT`, `backup-fetch`'s
+// result): returns a stream on the real stdout and points fd 1 at stderr, so that libraries
+// that print to stdout (UCX logs there by default) cannot mix into it. Call before any library
+// starts.
+std::FILE* ReserveStdout();
 
 // Logs a failed status as one line and returns the exit code for it (1).
 inline int Fail(const Status& status) {

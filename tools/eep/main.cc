@@ -1,5 +1,6 @@
 // eep: one binary, many subcommands (see command.h for how they register).
 #include <CLI/CLI.hpp>
+#include <unistd.h>
 
 #include <map>
 
@@ -14,6 +15,14 @@ std::vector<CommandInfo>& Registry() {
 std::vector<CommandInfo>& BenchRegistry() {
   static std::vector<CommandInfo> registry;
   return registry;
+}
+std::FILE* ReserveStdout() {
+  std::fflush(stdout);
+  int fd = dup(STDOUT_FILENO);
+  if (fd < 0) return stdout;
+  dup2(STDERR_FILENO, STDOUT_FILENO);
+  std::FILE* out = fdopen(fd, "w");
+  return out != nullptr ? out : stdout;
 }
 }  // namespace eep::cli
 

@@ -103,14 +103,7 @@ class ShmLocalRegion final : public LocalRegion {
   Result<RegionDescriptor> Export() const override {
     if (fd_.get() < 0)
       return Status::InvalidArgument("shm: only regions from AllocateExportable can be exported");
-    RegionDescriptor d;
-    d.backend = "shm";
-    d.host_id = LocalHostId();
-    d.owner = options_.owner.empty() ? fmt::format("pid {}", getpid()) : options_.owner;
-    d.base_address = reinterpret_cast<uint64_t>(data());
-    d.num_bytes = num_bytes();
-    d.kind = kind();
-    d.remote_writable = options_.remote_writable;
+    RegionDescriptor d = BaseDescriptor("shm", options_);
     d.backend_blob = nlohmann::json{{"pid", getpid()}, {"fd", fd_.get()}, {"token", token_}}.dump();
     return d;
   }
@@ -273,22 +266,7 @@ class ShmEngine final : public Engine {
       return Status::InvalidArgument(
           fmt::format("shm: region of {} was imported by another backend ('{}')",
                       remote.descriptor().owner, remote.descriptor().backend));
-    const RegionDescriptor& d = remote.descriptor();
-    if (op == Op::kWrite && !d.remote_writable)
-      return Status::InvalidArgument(
-          fmt::format("shm: region of {} is not remote-writable", d.owner));
-    uint64_t total = 0;
-    for (size_t i = 0; i < items.size(); ++i) {
-      const TransferItem& it = items[i];
-      if (it.num_bytes == 0) continue;
-      if (it.local == nullptr)
-        return Status::InvalidArgument(fmt::format("shm: item {} has a null local buffer", i));
-      if (it.remote_offset > d.num_bytes || it.num_bytes > d.num_bytes - it.remote_offset)
-        return Status::OutOfRange(
-            fmt::format("shm: item {} [{}, +{}) runs past the {}-byte region of {}", i,
-                        it.remote_offset, it.num_bytes, d.num_bytes, d.owner));
-      total += it.num_bytes;
-    }
+    EEP_ASSIGN_OR_RETURN(const uint64_t total, ValidateBatch("shm", op, remote.descriptor(), items));
     return std::unique_ptr<TransferRequest>(new ShmRequest(op, std::move(items), total, shm));
   }
 

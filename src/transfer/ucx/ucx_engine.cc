@@ -361,22 +361,7 @@ class UcxEngine final : public Engine {
     if (ucx == nullptr || ucx->engine_ != this)
       return Status::InvalidArgument(fmt::format(
           "ucx: region of {} was not imported by this engine", remote.descriptor().owner));
-    const RegionDescriptor& d = remote.descriptor();
-    if (op == Op::kWrite && !d.remote_writable)
-      return Status::InvalidArgument(
-          fmt::format("ucx: region of {} is not remote-writable", d.owner));
-    uint64_t total = 0;
-    for (size_t i = 0; i < items.size(); ++i) {
-      const TransferItem& it = items[i];
-      if (it.num_bytes == 0) continue;
-      if (it.local == nullptr)
-        return Status::InvalidArgument(fmt::format("ucx: item {} has a null local buffer", i));
-      if (it.remote_offset > d.num_bytes || it.num_bytes > d.num_bytes - it.remote_offset)
-        return Status::OutOfRange(
-            fmt::format("ucx: item {} [{}, +{}) runs past the {}-byte region of {}", i,
-                        it.remote_offset, it.num_bytes, d.num_bytes, d.owner));
-      total += it.num_bytes;
-    }
+    EEP_ASSIGN_OR_RETURN(const uint64_t total, ValidateBatch("ucx", op, remote.descriptor(), items));
     // Merge items adjacent on both sides (a layer's tensors restored into one packed buffer
     // become a few large operations: fewer round trips over emulated GET).
     std::vector<TransferItem> merged;
@@ -672,14 +657,7 @@ UcxLocalRegion::~UcxLocalRegion() {
 Result<RegionDescriptor> UcxLocalRegion::Export() const {
   if (!owns_memory_)
     return Status::InvalidArgument("ucx: only regions from AllocateExportable can be exported");
-  RegionDescriptor d;
-  d.backend = "ucx";
-  d.host_id = LocalHostId();
-  d.owner = options_.owner.empty() ? fmt::format("pid {}", getpid()) : options_.owner;
-  d.base_address = reinterpret_cast<uint64_t>(data());
-  d.num_bytes = num_bytes();
-  d.kind = kind();
-  d.remote_writable = options_.remote_writable;
+  RegionDescriptor d = BaseDescriptor("ucx", options_);
   EEP_ASSIGN_OR_RETURN(std::string rkey, engine_->PackRkey(memh_));
   d.backend_blob = EncodeUcxBlob(UcxRegionBlob{engine_->worker_address(), std::move(rkey)});
   return d;
