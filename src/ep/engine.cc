@@ -865,13 +865,7 @@ class EpEngine::Impl {
       ev.abort_seconds = NowSeconds() - t_hold;
       const double t_plan = NowSeconds();
       const int64_t E = config.num_experts;
-      const int64_t min_slots = (E + static_cast<int64_t>(next_members.size()) - 1) / static_cast<int64_t>(next_members.size());
-      int64_t S = layout.slots_per_rank;
-      if (kind != "failover") {
-        EEP_ASSIGN_OR_RETURN(auto l, MakeSlotLayout(E, opts.num_redundant_experts, static_cast<int>(next_members.size())));
-        S = l.slots_per_rank;
-      }
-      S = std::max(S, min_slots);
+      EEP_ASSIGN_OR_RETURN(const int64_t S, SlotsPerRank(static_cast<int>(next_members.size()), kind == "failover"));
       if (opts.expert_slot_headroom >= 0 && S > initial_slots_per_rank + opts.expert_slot_headroom) {
         health = fmt::format("{} live rank(s) need {} expert slots each to hold all {} experts, but ranks have {} "
                              "(--expert-slot-headroom {})",
@@ -965,14 +959,24 @@ class EpEngine::Impl {
     }
   }
 
+  // Expert slots per rank over `n` serving ranks: a failover keeps the current count unless the
+  // survivors need more to hold every expert; scaling re-spreads the logical + redundant slots.
+  Result<int64_t> SlotsPerRank(int n, bool failover) const {
+    const int64_t E = config.num_experts;
+    int64_t S = layout.slots_per_rank;
+    if (!failover) {
+      EEP_ASSIGN_OR_RETURN(auto l, MakeSlotLayout(E, opts.num_redundant_experts, n));
+      S = l.slots_per_rank;
+    }
+    return std::max(S, (E + n - 1) / n);
+  }
+
   // Plans the scale-up now (from the placement in force) and has each joining rank read its
   // future experts from the DRAM backup in the background; the switch waits for them.
   Status StartPrefetch() {
     std::vector<int> next_members = members;
     next_members.insert(next_members.end(), joining.begin(), joining.end());
-    EEP_ASSIGN_OR_RETURN(auto l, MakeSlotLayout(config.num_experts, opts.num_redundant_experts, static_cast<int>(next_members.size())));
-    const int64_t S = std::max(l.slots_per_rank, (config.num_experts + static_cast<int64_t>(next_members.size()) - 1) /
-                                                     static_cast<int64_t>(next_members.size()));
+    EEP_ASSIGN_OR_RETURN(const int64_t S, SlotsPerRank(static_cast<int>(next_members.size()), false));
     // What the serving ranks hold, as a hold would report it.
     for (size_t p = 0; p < members.size(); ++p) {
       Proc& proc = procs[static_cast<size_t>(members[p])];

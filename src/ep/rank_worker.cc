@@ -629,10 +629,8 @@ class RankWorker {
         const auto names = c.ExpertTensorNames(layer_id, ids[i]);
         for (int m = 0; m < 3; ++m) dest[names[static_cast<size_t>(m)]] = {raw[i].data() + m * mat * esize, mat * esize};
       }
-      const double t_fetch = NowSeconds();
       Status st = backup_ ? backup_->FetchLogicalExperts(layer_id, ids, "", dest)
                           : Status::Unavailable("the DRAM backup is not configured");
-      const double fetch_s = NowSeconds() - t_fetch;
       if (!st.ok()) {
         EEP_LOG_WARN("rank {}: DRAM backup cannot serve layer {} ({}); reading {} expert(s) from the checkpoint", id_,
                      layer_id, st.ToString(), list.size());
@@ -647,8 +645,6 @@ class RankWorker {
         ++staged->experts_backup;
       }
       staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
-      EEP_LOG_DEBUG("rank {}: layer {}: {} expert(s) from the DRAM backup: fetch {:.1f} ms, convert {:.1f} ms", id_, layer_id,
-                   ids.size(), fetch_s * 1000, (NowSeconds() - t_fetch - fetch_s) * 1000);
     }
     if (!from_disk.empty())
       EEP_LOG_WARN("rank {}: restoring {} expert(s) from the checkpoint on disk", id_, from_disk.size());
