@@ -20,6 +20,18 @@
 //   (e + j) mod N,  j = 0 .. R-1     (N = --num-nodes, R = --replicas, 1 <= R <= N)
 // so with R = 1 each expert lives on exactly one node, with R = N on all of them. Only routed
 // experts are backed up (shared experts and dense weights are on every rank anyway).
+// That "stripe" rule ignores where experts are served, so losing a whole node can take an
+// expert's only GPU copy and its only DRAM copy together. The "anti-affinity" rule (what
+// `eep node` uses on several hosts) keeps each expert's DRAM copy off the node that serves it:
+//   home(e) = floor(e * N / E)            the node whose ranks serve e when ranks fill nodes in
+//                                         order (eep's placement: contiguous expert blocks)
+//   copies on (home(e) + 1 + j) mod N,   j = 0 .. R-1,  1 <= R <= N-1
+// so a node's death never takes an expert's DRAM copy with its primary replicas, as long as
+// the expert is still served from its home node. EPLB or an earlier failover may move an
+// expert onto one of its backup nodes; losing that node then loses both, and the survivors
+// reload that expert from the checkpoint (counted as `disk` in /metrics). R = N - 1 puts a
+// copy on every other node and holds whatever EPLB does. With one node there is no other node:
+// the node backs up everything itself (it protects against rank loss, not node loss).
 //
 // Region layout on a manager (one contiguous allocation of the chosen transport):
 //   // [layer][expert][gate|up|down] bytes, ascending layer, then expert, only the experts this
@@ -69,6 +81,16 @@ Status ValidateAssignment(int node_rank, int num_nodes, int replicas);
 std::vector<int> NodesHoldingExpert(int64_t expert, int num_nodes, int replicas);
 bool NodeHoldsExpert(int64_t expert, int node_rank, int num_nodes, int replicas);
 
+enum class BackupPlacement { kStripe, kAntiAffinity };
+// "stripe" | "anti-affinity"; kInvalidArgument naming --backup-placement otherwise.
+Result<BackupPlacement> ParseBackupPlacement(const std::string& text);
+const char* BackupPlacementName(BackupPlacement p);
+// kInvalidArgument naming the flag when the rule cannot hold (anti-affinity: R <= N - 1 when
+// N > 1), on top of ValidateAssignment.
+Status ValidatePlacement(BackupPlacement p, int num_nodes, int replicas);
+// Nodes holding `expert` (of num_experts) under placement `p`, in order.
+std::vector<int> BackupNodesOf(BackupPlacement p, int64_t expert, int64_t num_experts, int num_nodes, int replicas);
+
 // ---- Descriptor -----------------------------------------------------------------------------
 
 // Where one checkpoint tensor lives inside a manager's region.
@@ -88,6 +110,7 @@ struct BackupDescriptor {
   int node_rank = 0;
   int num_nodes = 1;
   int replicas = 1;
+  BackupPlacement placement = BackupPlacement::kStripe;
   std::string fingerprint;
   std::string model_dir;
   transfer::RegionDescriptor region;  // region.base_address / num_bytes: the region base and size
@@ -105,6 +128,7 @@ struct BackupManagerOptions {
   int node_rank = 0;
   int num_nodes = 1;
   int replicas = 1;
+  BackupPlacement placement = BackupPlacement::kStripe;
   // ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:0 (port 0: any free port) or ipc:///tmp/x.
   std::string listen_endpoint = "tcp://127.0.0.1:0";
   std::string transport = "shm";  // a transfer backend name (transfer::BackendNames())

@@ -32,6 +32,35 @@ bool NodeHoldsExpert(int64_t expert, int node_rank, int num_nodes, int replicas)
   return d < replicas;
 }
 
+Result<BackupPlacement> ParseBackupPlacement(const std::string& text) {
+  if (text == "stripe") return BackupPlacement::kStripe;
+  if (text == "anti-affinity") return BackupPlacement::kAntiAffinity;
+  return Status::InvalidArgument(
+      fmt::format("--backup-placement must be stripe or anti-affinity, got '{}'", text));
+}
+
+const char* BackupPlacementName(BackupPlacement p) {
+  return p == BackupPlacement::kAntiAffinity ? "anti-affinity" : "stripe";
+}
+
+Status ValidatePlacement(BackupPlacement p, int num_nodes, int replicas) {
+  if (p == BackupPlacement::kAntiAffinity && num_nodes > 1 && replicas > num_nodes - 1)
+    return Status::InvalidArgument(fmt::format(
+        "--replicas {} with --backup-placement anti-affinity over {} nodes: at most {} (a copy on "
+        "every node but the expert's home node)",
+        replicas, num_nodes, num_nodes - 1));
+  return Status::Ok();
+}
+
+std::vector<int> BackupNodesOf(BackupPlacement p, int64_t expert, int64_t num_experts, int num_nodes, int replicas) {
+  if (p == BackupPlacement::kStripe || num_nodes == 1 || num_experts <= 0)
+    return NodesHoldingExpert(expert, num_nodes, replicas);
+  const int home = static_cast<int>(expert * num_nodes / num_experts);
+  std::vector<int> nodes;
+  for (int j = 0; j < replicas; ++j) nodes.push_back((home + 1 + j) % num_nodes);
+  return nodes;
+}
+
 nlohmann::json BackupDescriptor::ToJson() const {
   nlohmann::json params_json = nlohmann::json::object();
   for (const auto& [name, p] : params)
@@ -42,6 +71,7 @@ nlohmann::json BackupDescriptor::ToJson() const {
           {"node_rank", node_rank},
           {"num_nodes", num_nodes},
           {"replicas", replicas},
+          {"placement", BackupPlacementName(placement)},
           {"fingerprint", fingerprint},
           {"model_dir", model_dir},
           {"region_base", region.base_address},
@@ -61,6 +91,11 @@ Result<BackupDescriptor> BackupDescriptor::FromJson(const nlohmann::json& j) {
     d.node_rank = j.at("node_rank").get<int>();
     d.num_nodes = j.at("num_nodes").get<int>();
     d.replicas = j.at("replicas").get<int>();
+    {
+      auto placement = ParseBackupPlacement(j.value("placement", std::string("stripe")));
+      if (!placement.ok()) return placement.status().WithContext("backup descriptor 'placement'");
+      d.placement = *placement;
+    }
     d.fingerprint = j.at("fingerprint").get<std::string>();
     d.model_dir = j.at("model_dir").get<std::string>();
     EEP_ASSIGN_OR_RETURN_CTX(d.region,

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -66,6 +67,7 @@ ExpertBackupManager::~ExpertBackupManager() = default;
 Result<std::unique_ptr<ExpertBackupManager>> ExpertBackupManager::Create(
     const BackupManagerOptions& options) {
   EEP_RETURN_IF_ERROR(ValidateAssignment(options.node_rank, options.num_nodes, options.replicas));
+  EEP_RETURN_IF_ERROR(ValidatePlacement(options.placement, options.num_nodes, options.replicas));
   std::unique_ptr<ExpertBackupManager> m(new ExpertBackupManager());
   Impl& impl = *m->impl_;
 
@@ -92,7 +94,8 @@ Result<std::unique_ptr<ExpertBackupManager>> ExpertBackupManager::Create(
   const auto shapes = config.ExpertTensorShapes();
   for (int64_t layer : config.MoeLayers()) {
     for (int64_t e = 0; e < config.num_experts; ++e) {
-      if (!NodeHoldsExpert(e, options.node_rank, options.num_nodes, options.replicas)) continue;
+      const auto holders = BackupNodesOf(options.placement, e, config.num_experts, options.num_nodes, options.replicas);
+      if (std::find(holders.begin(), holders.end(), options.node_rank) == holders.end()) continue;
       const auto names = config.ExpertTensorNames(layer, e);
       for (int k = 0; k < 3; ++k) {
         EEP_ASSIGN_OR_RETURN(const TensorInfo* t, ckpt->GetChecked(names[k], shapes[k]));
@@ -152,6 +155,7 @@ Result<std::unique_ptr<ExpertBackupManager>> ExpertBackupManager::Create(
   d.node_rank = options.node_rank;
   d.num_nodes = options.num_nodes;
   d.replicas = options.replicas;
+  d.placement = options.placement;
   d.fingerprint = ckpt->Fingerprint();
   d.model_dir = options.model_dir;
   EEP_ASSIGN_OR_RETURN_CTX(d.region, impl.region->Export(), "exporting the backup region");

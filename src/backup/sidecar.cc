@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fmt/format.h>
 #include <fstream>
@@ -40,8 +41,10 @@ Result<std::unique_ptr<BackupSidecar>> BackupSidecar::Start(const std::string& b
   if (err_fd < 0) return Status::IOError(std::string("mkstemp: ") + std::strerror(errno));
   s->stderr_path_ = tmpl;
   std::vector<std::string> args{"eep", "backup-manager", "--model", model_dir, "--node-rank", std::to_string(node_rank),
-                                "--num-nodes", std::to_string(num_nodes), "--listen", "tcp://127.0.0.1:0",
-                                "--transport", transport};
+                                "--num-nodes", std::to_string(num_nodes), "--transport", transport};
+  // Loopback unless the caller names the address other hosts reach this node at.
+  if (std::find(extra_args.begin(), extra_args.end(), "--listen") == extra_args.end())
+    args.insert(args.end(), {"--listen", "tcp://127.0.0.1:0"});
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());

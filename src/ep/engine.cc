@@ -30,10 +30,12 @@
 #include <random>
 #include <set>
 
+#include "cluster/etcd.h"
 #include "core/logging.h"
 #include "core/util.h"
 #include "ep/control.h"
 #include "ep/ep.h"
+#include "ep/node.h"
 #include "eplb/eplb.h"
 
 extern char** environ;
@@ -85,6 +87,8 @@ class EpEngine::Impl {
     double last_hb = 0;
     int suspicions = 0;
     int device_slot = 0;  // which GPU (slot mod visible GPUs) a one-rank-per-GPU rank takes
+    int node = -1;        // index in `nodes` of the host running it; -1: a child of this process
+    int remote_pid = 0;   // its pid on that host (display only: `pid` stays -1 for remote ranks)
     std::vector<std::vector<int32_t>> holdings;  // [moe_layer][local slot], from the last hold
     bool Live() const { return state != "dead" && state != "left"; }
   };
@@ -149,8 +153,22 @@ class EpEngine::Impl {
     std::vector<std::vector<int32_t>> next;
   };
   std::optional<PrefetchPlan> prefetch_plan;
+  // Many hosts: the node agents running the ranks, and the etcd record of the membership.
+  struct NodeConn {
+    RemoteNode rec;
+    std::unique_ptr<zmq::socket_t> sock;
+    bool alive = true;
+  };
+  std::vector<NodeConn> nodes;
+  std::unique_ptr<cluster::EtcdClient> etcd;
+  ClusterKeys keys;
+  int64_t state_rev = 0;     // mod revision of the state record this coordinator last wrote
+  bool deposed = false;      // another coordinator wrote a newer state: hands off
+  double last_node_check = 0;
 
   ~Impl() { Shutdown(); }
+
+  bool Remote() const { return !nodes.empty(); }
 
   double HeartbeatTimeout() const {
     return static_cast<double>(std::max(opts.peer_timeout_ms, 3 * opts.heartbeat_interval_ms)) / 1000.0;
@@ -159,6 +177,7 @@ class EpEngine::Impl {
   // ---- processes -------------------------------------------------------------------------
 
   Status Spawn(int id, const std::string& state) {
+    if (Remote()) return SpawnRemote(id, state);
     std::vector<std::string> args{"eep",     "--log-level", opts.log_level, "rank-worker", "--control", endpoint,
                                   "--heartbeat", hb_endpoint, "--rank",   std::to_string(id), "--session", session};
     std::vector<char*> argv;
@@ -184,9 +203,46 @@ class EpEngine::Impl {
     return Status::Ok();
   }
 
+  // On the first node (in order) with a free rank slot, so that a host's ranks hold
+  // contiguous expert blocks (what the backups' anti-affinity rule assumes).
+  Status SpawnRemote(int id, const std::string& state) {
+    std::vector<int> used(nodes.size(), 0);
+    for (const Proc& q : procs)
+      if (q.Live() && q.node >= 0) ++used[static_cast<size_t>(q.node)];
+    int chosen = -1;
+    for (size_t n = 0; n < nodes.size() && chosen < 0; ++n)
+      if (nodes[n].alive && used[n] < nodes[n].rec.capacity) chosen = static_cast<int>(n);
+    if (chosen < 0) {
+      std::string all;
+      for (size_t n = 0; n < nodes.size(); ++n)
+        all += fmt::format("{}{} {}/{}{}", n ? ", " : "", nodes[n].rec.name, used[n], nodes[n].rec.capacity,
+                           nodes[n].alive ? "" : " (lost)");
+      return Status::ResourceExhausted(fmt::format("cannot start rank {}: no node has a free rank slot ({})", id, all));
+    }
+    NodeConn& node = nodes[static_cast<size_t>(chosen)];
+    EEP_RETURN_IF_ERROR(SendControl(*node.sock, "",
+                                    {{{"type", "spawn"}, {"rank", id}, {"control", endpoint}, {"heartbeat", hb_endpoint},
+                                      {"session", session}, {"log_level", opts.log_level}},
+                                     ""}));
+    Proc p;
+    p.id = id;
+    p.node = chosen;
+    p.device_slot = used[static_cast<size_t>(chosen)];  // GPUs are per host
+    p.state = state;
+    p.last_hb = NowSeconds();
+    if (static_cast<int>(procs.size()) <= id) procs.resize(static_cast<size_t>(id) + 1);
+    procs[static_cast<size_t>(id)] = std::move(p);
+    EEP_LOG_INFO("ep: rank {} starts on node {}", id, node.rec.name);
+    return Status::Ok();
+  }
+
   // Fences a rank: killed if it still runs, its messages ignored from now on.
   void Fence(int id, const std::string& state) {
     Proc& p = procs[static_cast<size_t>(id)];
+    if (p.node >= 0 && p.Live()) {
+      NodeConn& n = nodes[static_cast<size_t>(p.node)];
+      if (n.alive) (void)SendControl(*n.sock, "", {{{"type", "kill"}, {"rank", id}}, ""});
+    }
     if (p.pid > 0) {
       kill(p.pid, SIGKILL);
       int status;
@@ -220,11 +276,17 @@ class EpEngine::Impl {
   // serving (or leaving) rank is pending.
   bool CheckProcesses() {
     const double now = NowSeconds();
+    if (Remote()) CheckNodes();
     for (Proc& p : procs) {
-      if (!p.Live() || p.pid <= 0) continue;
+      if (!p.Live() || (p.pid <= 0 && p.node < 0)) continue;
       int status = 0;
       std::string why;
-      if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
+      if (p.node >= 0) {
+        // A rank on another host: its node agent reports its exit; heartbeats say the rest.
+        if (p.hb_seen && now - p.last_hb > HeartbeatTimeout())
+          why = fmt::format("rank {} (node {}) sent no heartbeat for {:.0f} ms", p.id,
+                            nodes[static_cast<size_t>(p.node)].rec.name, (now - p.last_hb) * 1000);
+      } else if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
         p.pid = -1;
         // A leaving rank exits by itself once it has handed its experts over.
         if (p.state == "draining" && WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
@@ -247,6 +309,55 @@ class EpEngine::Impl {
       }
     }
     return failure && !failure->dead.empty();
+  }
+
+  // A node whose etcd lease lapsed is gone with every rank on it (checked a few times a second).
+  void CheckNodes() {
+    const double now = NowSeconds();
+    if (!etcd || now - last_node_check < HeartbeatTimeout() / 4) return;
+    last_node_check = now;
+    auto kvs = etcd->GetPrefix(keys.Nodes());
+    if (!kvs.ok()) return;  // etcd unreachable: heartbeats still decide
+    std::set<std::string> present;
+    for (const auto& kv : *kvs) present.insert(kv.key.substr(keys.Nodes().size()));
+    for (size_t n = 0; n < nodes.size(); ++n) {
+      if (!nodes[n].alive || present.count(nodes[n].rec.name)) continue;
+      nodes[n].alive = false;
+      EEP_LOG_WARN("ep: node {} lost its etcd lease: its ranks are dead", nodes[n].rec.name);
+      for (Proc& p : procs)
+        if (p.Live() && p.node == static_cast<int>(n)) RemoteExited(p.id, fmt::format("rank {}: node {} is gone", p.id, nodes[n].rec.name), false);
+    }
+  }
+
+  // A remote rank's exit (reported by its node) or its node's loss.
+  void RemoteExited(int id, const std::string& why, bool clean) {
+    if (id < 0 || id >= static_cast<int>(procs.size())) return;
+    Proc& p = procs[static_cast<size_t>(id)];
+    if (!p.Live()) return;
+    if (p.state == "draining" && clean) return;  // left after handing its experts over
+    if (p.state == "joining") {
+      DropJoiner(id, why);
+      return;
+    }
+    EEP_LOG_WARN("ep: {}", why);
+    NoteDead(id, why);
+  }
+
+  void DrainNodes() {
+    for (NodeConn& n : nodes) {
+      while (true) {
+        auto m = RecvControl(*n.sock, nullptr, 0);
+        if (!m.ok()) break;
+        const std::string type = m->header.value("type", "");
+        const int id = m->header.value("rank", -1);
+        if (type == "exited") {
+          RemoteExited(id, m->header.value("why", std::string("exited")) + " (node " + n.rec.name + ")",
+                       m->header.value("clean", false));
+        } else if (type == "spawned" && id >= 0 && id < static_cast<int>(procs.size())) {
+          procs[static_cast<size_t>(id)].remote_pid = m->header.value("pid", 0);
+        }
+      }
+    }
   }
 
   void DrainHeartbeats() {
@@ -305,9 +416,11 @@ class EpEngine::Impl {
   Result<std::pair<int, ControlMessage>> Recv(double deadline, const std::string& waiting_for) {
     while (true) {
       DrainHeartbeats();
+      DrainNodes();
       if (CheckProcesses()) return Status::Unavailable(failure->what);
       const double left = deadline - NowSeconds();
       std::vector<zmq::pollitem_t> items{{router.handle(), 0, ZMQ_POLLIN, 0}, {hb.handle(), 0, ZMQ_POLLIN, 0}};
+      for (NodeConn& n : nodes) items.push_back({n.sock->handle(), 0, ZMQ_POLLIN, 0});
       for (const Proc& p : procs)
         if (p.Live() && p.pidfd >= 0) items.push_back({nullptr, p.pidfd, ZMQ_POLLIN, 0});
       const int64_t wait_ms =
@@ -337,6 +450,12 @@ class EpEngine::Impl {
           continue;
         procs[static_cast<size_t>(id)].identity = identity;
         id_of[identity] = id;
+        // A rank adopted from the previous coordinator is initialised already.
+        if (m->header.value("adopt", false)) {
+          procs[static_cast<size_t>(id)].last_hb = NowSeconds();
+          EEP_LOG_INFO("ep: rank {} reconnected (it was at epoch {})", id, m->header.value("epoch", int64_t{0}));
+          continue;
+        }
         EEP_RETURN_IF_ERROR(SendControl(router, identity, {InitMessage(id), ""}));
         continue;
       }
@@ -490,6 +609,9 @@ class EpEngine::Impl {
     } catch (const zmq::error_t& e) {
       return Status::IOError(fmt::format("control socket on {}: {}", opts.control_host, e.what()));
     }
+    EEP_RETURN_IF_ERROR(ConnectCluster());
+    if (opts.publish_endpoints) EEP_RETURN_IF_ERROR(opts.publish_endpoints(endpoint, hb_endpoint));
+    if (opts.take_over) return Adopt();
     for (int r = 0; r < opts.ep_size; ++r) {
       EEP_RETURN_IF_ERROR(Spawn(r, "starting"));
       members.push_back(r);
@@ -503,7 +625,126 @@ class EpEngine::Impl {
     NoteBackup(*readies);
     for (int id : members) procs[static_cast<size_t>(id)].state = "alive";
     EEP_LOG_INFO("ep: all {} rank(s) ready", opts.ep_size);
+    return SaveState();
+  }
+
+  Status ConnectCluster() {
+    keys.cluster = opts.cluster;
+    if (!opts.coordinator_url.empty()) {
+      EEP_ASSIGN_OR_RETURN(etcd, cluster::EtcdClient::Connect(opts.coordinator_url));
+      // A fresh start replaces whatever an earlier cluster of this name left, by CAS on it.
+      EEP_ASSIGN_OR_RETURN(auto cur, etcd->Get(keys.State()));
+      state_rev = cur ? cur->mod_revision : 0;
+    }
+    if (!opts.nodes.empty() && opts.communicator == "shm")
+      return Status::InvalidArgument("--ep-communicator shm cannot span hosts: use ucx (or nccl)");
+    for (const RemoteNode& r : opts.nodes) {
+      NodeConn n;
+      n.rec = r;
+      n.sock = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
+      try {
+        n.sock->set(zmq::sockopt::linger, 0);
+        n.sock->connect(r.endpoint);
+      } catch (const zmq::error_t& e) {
+        return Status::IOError(fmt::format("node {} at {}: {}", r.name, r.endpoint, e.what()));
+      }
+      (void)SendControl(*n.sock, "", {{{"type", "hello"}}, ""});  // makes this coordinator the one it reports to
+      nodes.push_back(std::move(n));
+    }
     return Status::Ok();
+  }
+
+  // Writes membership, epoch and expert map to etcd, by compare-and-swap on the revision this
+  // coordinator wrote last: when another coordinator wrote since, this one is deposed.
+  Status SaveState() {
+    if (!etcd || deposed) return Status::Ok();
+    nlohmann::json ranks = nlohmann::json::array();
+    for (const Proc& p : procs)
+      ranks.push_back({{"id", p.id}, {"node", p.node >= 0 ? nodes[static_cast<size_t>(p.node)].rec.name : ""}, {"state", p.state}});
+    const nlohmann::json st{{"epoch", epoch},   {"members", members},   {"slots_per_rank", layout.slots_per_rank},
+                            {"phy2log", map.phy2log()}, {"ranks", ranks}, {"target_size", target_size},
+                            {"steps", step}};
+    std::optional<cluster::EtcdKv> cur;
+    int64_t rev = 0;
+    auto applied = etcd->PutIf(keys.State(), st.dump(), state_rev, 0, &cur, &rev);
+    if (!applied.ok()) {
+      // etcd unreachable: serving goes on; the next change writes again.
+      EEP_LOG_WARN("ep: cannot record epoch {} in etcd: {}", epoch, applied.status().ToString());
+      return Status::Ok();
+    }
+    if (!*applied) {
+      int64_t theirs = -1;
+      if (cur) {
+        auto j = nlohmann::json::parse(cur->value, nullptr, false);
+        if (j.is_object()) theirs = j.value("epoch", int64_t{-1});
+      }
+      deposed = true;
+      health = fmt::format("deposed: another coordinator recorded epoch {} in etcd (this one is at epoch {})", theirs, epoch);
+      EEP_LOG_ERROR("ep: {}; leaving the ranks to it", health);
+      return Status::Unavailable(health);
+    }
+    state_rev = rev;
+    return Status::Ok();
+  }
+
+  // A standby coordinator taking over: the ranks recorded in etcd keep running (they are the
+  // node agents' children) and reconnect here when they see the new leader record. Their
+  // experts stay; the sequences of the old coordinator are dropped (its clients retry).
+  Status Adopt() {
+    if (!etcd) return Status::InvalidArgument("taking over needs --coordinator etcd://...");
+    EEP_ASSIGN_OR_RETURN(auto kv, etcd->Get(keys.State()));
+    if (!kv) return Status::NotFound(fmt::format("no cluster state at {} to take over", keys.State()));
+    state_rev = kv->mod_revision;
+    std::vector<std::vector<int32_t>> phy2log;
+    nlohmann::json rank_records;
+    try {
+      const auto st = nlohmann::json::parse(kv->value);
+      epoch = st.at("epoch").get<int64_t>() + 1;
+      members = st.at("members").get<std::vector<int>>();
+      layout.slots_per_rank = st.at("slots_per_rank").get<int64_t>();
+      phy2log = st.at("phy2log").get<std::vector<std::vector<int32_t>>>();
+      rank_records = st.at("ranks");
+      target_size = st.value("target_size", static_cast<int>(members.size()));
+    } catch (const nlohmann::json::exception& e) {
+      return Status::Corruption(fmt::format("{}: malformed cluster state: {}", keys.State(), e.what()));
+    }
+    if (members.empty()) return Status::Unavailable(fmt::format("{}: the recorded cluster has no serving rank", keys.State()));
+    layout.ep_size = static_cast<int>(members.size());
+    layout.num_physical = layout.slots_per_rank * layout.ep_size;
+    EEP_ASSIGN_OR_RETURN(map, ExpertMap::FromPhy2Log(phy2log, config.num_experts));
+    procs.clear();
+    for (const auto& r : rank_records) {
+      Proc p;
+      p.id = r.value("id", 0);
+      const std::string node = r.value("node", std::string());
+      for (size_t n = 0; n < nodes.size(); ++n)
+        if (nodes[n].rec.name == node) p.node = static_cast<int>(n);
+      p.state = Contains(members, p.id) ? "alive" : "left";  // a member on a lost node: declared dead below
+      p.last_hb = NowSeconds();
+      if (static_cast<int>(procs.size()) <= p.id) procs.resize(static_cast<size_t>(p.id) + 1);
+      procs[static_cast<size_t>(p.id)] = std::move(p);
+    }
+    for (int id : members)
+      if (id < 0 || id >= static_cast<int>(procs.size()))
+        return Status::Corruption(fmt::format("{}: member {} has no rank record", keys.State(), id));
+    EEP_LOG_INFO("ep: taking over epoch {}: ranks [{}], waiting for them to reconnect", epoch - 1, fmt::join(members, ","));
+    const double deadline = NowSeconds() + std::max(5.0, 4 * HeartbeatTimeout());
+    while (NowSeconds() < deadline) {
+      bool all = true;
+      for (int id : members) all = all && (!procs[static_cast<size_t>(id)].identity.empty() || !procs[static_cast<size_t>(id)].Live());
+      if (all) break;
+      // A rank may be blocked in an exchange the old coordinator left half done: unblock it.
+      SendAbort(members);
+      auto m = Recv(std::min(deadline, NowSeconds() + 0.1), "reconnecting ranks");
+      if (!m.ok() && !failure && m.status().code() != StatusCode::kTimeout) return m.status();
+    }
+    for (int id : members)
+      if (procs[static_cast<size_t>(id)].Live() && procs[static_cast<size_t>(id)].identity.empty())
+        NoteDead(id, fmt::format("rank {} did not reconnect to the new coordinator", id));
+    // Ranks the old coordinator was starting are not adopted.
+    for (Proc& p : procs)
+      if (p.Live() && !Contains(members, p.id)) Fence(p.id, "left");
+    return ChangeMembers("takeover", "took over from the previous coordinator", -1);
   }
 
   // Each rank says with "ready" whether it reached the backup managers.
@@ -623,6 +864,7 @@ class EpEngine::Impl {
       map = std::move(pending->next);
       pending.reset();
       Record(std::move(stats));
+      EEP_RETURN_IF_ERROR(SaveState());
     } else if (pending) {
       bool ready = true;
       for (const auto& [id, rep] : replies) ready = ready && rep.header.value("eplb_ready", false);
@@ -857,7 +1099,7 @@ class EpEngine::Impl {
       pending.reset();
       SendAbort(participants);
       const double t_hold = NowSeconds();
-      Status st = Hold(participants, rollback_step);
+      Status st = Hold(participants, rollback_step, kind == "takeover");
       if (!st.ok()) {
         if (failure) continue;
         return st;
@@ -865,7 +1107,8 @@ class EpEngine::Impl {
       ev.abort_seconds = NowSeconds() - t_hold;
       const double t_plan = NowSeconds();
       const int64_t E = config.num_experts;
-      EEP_ASSIGN_OR_RETURN(const int64_t S, SlotsPerRank(static_cast<int>(next_members.size()), kind == "failover"));
+      const bool keep_layout = kind == "failover" || kind == "takeover";
+      EEP_ASSIGN_OR_RETURN(const int64_t S, SlotsPerRank(static_cast<int>(next_members.size()), keep_layout));
       if (opts.expert_slot_headroom >= 0 && S > initial_slots_per_rank + opts.expert_slot_headroom) {
         health = fmt::format("{} live rank(s) need {} expert slots each to hold all {} experts, but ranks have {} "
                              "(--expert-slot-headroom {})",
@@ -878,7 +1121,7 @@ class EpEngine::Impl {
                                 prefetch_plan->slots_per_rank == S;
       EEP_ASSIGN_OR_RETURN(Plan plan, PlanMembers(next_members, participants, S,
                                                   kind != "failover" && opts.eplb_source == "backup",
-                                                  kind == "failover", use_prefetch ? &prefetch_plan->next : nullptr));
+                                                  keep_layout, use_prefetch ? &prefetch_plan->next : nullptr));
       ev.plan_seconds = NowSeconds() - t_plan;
       const double t_restore = NowSeconds();
       const bool same = next_members == participants;
@@ -913,7 +1156,7 @@ class EpEngine::Impl {
         // A leaving rank exits after "bye"; Fence makes sure.
         int status;
         constexpr int64_t kExitGraceMs = 2000;
-        if (p.pid > 0 && WaitChild(p.pid, kExitGraceMs, &status)) p.pid = -1;
+        if (p.node < 0 && p.pid > 0 && WaitChild(p.pid, kExitGraceMs, &status)) p.pid = -1;
         Fence(id, "left");
       }
       std::erase_if(joining, [&](int id) { return Contains(participants, id); });
@@ -955,7 +1198,7 @@ class EpEngine::Impl {
       // With sequences in flight, the next step tells how long serving took to resume.
       if (!seqs.empty()) awaiting_resume = events.size() - 1;
       switch_done_at = NowSeconds();
-      return Status::Ok();
+      return SaveState();
     }
   }
 
@@ -1010,8 +1253,8 @@ class EpEngine::Impl {
     return Status::Ok();
   }
 
-  Status Hold(const std::vector<int>& group, int64_t rollback_step) {
-    EEP_RETURN_IF_ERROR(Broadcast({{"type", "hold"}, {"rollback_step", rollback_step}}, group));
+  Status Hold(const std::vector<int>& group, int64_t rollback_step, bool drop_seqs = false) {
+    EEP_RETURN_IF_ERROR(Broadcast({{"type", "hold"}, {"rollback_step", rollback_step}, {"drop_seqs", drop_seqs}}, group));
     EEP_ASSIGN_OR_RETURN(auto replies, Gather({"holding"}, group, opts.step_timeout_ms));
     for (auto& [id, m] : replies) {
       Proc& p = procs[static_cast<size_t>(id)];
@@ -1143,6 +1386,7 @@ class EpEngine::Impl {
     stats.seconds = NowSeconds() - t0;
     stats.stall_seconds = stats.seconds;
     Record(stats);
+    EEP_RETURN_IF_ERROR(SaveState());
     return stats;
   }
 
@@ -1167,6 +1411,7 @@ class EpEngine::Impl {
   void Shutdown() {
     if (shut_down) return;
     shut_down = true;
+    if (deposed) return;  // the ranks belong to the coordinator that took over
     for (const Proc& p : procs)
       if (p.Live() && !p.identity.empty()) (void)SendControl(router, p.identity, {{{"type", "shutdown"}}, ""});
     // Give ranks a moment to exit cleanly, then make sure.
@@ -1199,7 +1444,8 @@ class EpEngine::Impl {
     for (const Proc& p : procs) {
       RankInfo info;
       info.rank = p.id;
-      info.pid = p.pid > 0 ? p.pid : 0;
+      info.pid = p.pid > 0 ? p.pid : p.remote_pid;
+      info.node = p.node >= 0 ? nodes[static_cast<size_t>(p.node)].rec.name : "";
       info.state = p.state == "starting" ? "joining" : p.state;
       info.num_seqs = Contains(members, p.id) ? count[p.id] : 0;
       c.ranks.push_back(info);

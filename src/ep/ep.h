@@ -29,6 +29,13 @@
 
 namespace eep::ep {
 
+// A host whose node agent (`eep node`, ep/node.h) runs ranks for this engine.
+struct RemoteNode {
+  std::string name;
+  std::string endpoint;  // the agent's ZeroMQ socket
+  int capacity = 0;      // ranks it may run
+};
+
 struct EpOptions {
   int ep_size = 1;
   int num_redundant_experts = 0;
@@ -55,6 +62,20 @@ struct EpOptions {
   // a rank that cannot reach them logs it, reports it in its health, and goes on without.
   std::vector<std::string> backup_endpoints;
   std::string eplb_source = "peers";      // peers | backup: where moved experts come from
+  // Many hosts (ep/node.h). With `nodes`, ranks run on those hosts (filled in order, as many
+  // as each takes) instead of as children of this process, and `control_host` must be an
+  // address they reach. With `coordinator_url` (etcd://...), membership, epoch and expert map
+  // are stored there after every change with compare-and-swap: a coordinator that finds a
+  // newer epoch written by another one stops (deposed) without touching the ranks.
+  std::vector<RemoteNode> nodes;
+  std::string coordinator_url;
+  std::string cluster = "default";
+  // Adopt the running ranks recorded in etcd instead of starting new ones (a standby
+  // coordinator taking over). Their sequences are dropped (clients retry); experts stay.
+  bool take_over = false;
+  // Called once the control sockets are bound, with their endpoints (control, heartbeat):
+  // the caller publishes them (the leader record) so that ranks can find this coordinator.
+  std::function<Status(const std::string&, const std::string&)> publish_endpoints;
   // Fault injection for tests and demos:
   // "rank=R,after-steps=N,mode=kill|hang|slow[,at=step|eplb]".
   std::string inject_fault;
@@ -140,7 +161,7 @@ struct RebalanceStats {
 // One membership change (a failure recovery or a scaling step), phase by phase.
 struct MembershipEvent {
   int64_t epoch = 0;             // the epoch it produced
-  std::string kind;              // failover | scale-up | scale-down
+  std::string kind;              // failover | scale-up | scale-down | takeover
   std::string reason;            // what was detected / asked
   std::vector<int> dead_ranks;   // declared dead (and fenced)
   std::vector<int> members;      // serving ranks afterwards
@@ -160,6 +181,7 @@ struct MembershipEvent {
 struct RankInfo {
   int rank = 0;
   int pid = 0;
+  std::string node;   // host (node agent) it runs on; empty: a child of this process
   std::string state;  // alive | joining | draining | dead | left
   int64_t num_seqs = 0;
 };
@@ -221,7 +243,10 @@ class EpEngine {
 };
 
 // Entry point of `eep rank-worker`: connects to the coordinator and serves until told to stop.
+// With `coordinator_url` (ranks started by a node agent) the rank follows the leader record in
+// etcd: when another coordinator takes over, it reconnects to it and keeps its experts.
 int RunRankWorker(const std::string& control_endpoint, const std::string& heartbeat_endpoint, int rank,
-                  const std::string& session);
+                  const std::string& session, const std::string& coordinator_url = "",
+                  const std::string& cluster = "default");
 
 }  // namespace eep::ep

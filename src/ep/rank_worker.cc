@@ -29,11 +29,13 @@
 #include <thread>
 
 #include "backup/backup.h"
+#include "cluster/etcd.h"
 #include "core/logging.h"
 #include "core/util.h"
 #include "cuda/cuda_model.h"
 #include "ep/control.h"
 #include "ep/ep.h"
+#include "ep/node.h"
 
 namespace eep::ep {
 namespace {
@@ -127,7 +129,46 @@ SlotLayout LayoutFor(int64_t num_logical, size_t num_members, int64_t slots_per_
 
 class RankWorker {
  public:
-  RankWorker(int id, std::string session) : id_(id), session_(std::move(session)) {}
+  RankWorker(int id, std::string session, std::string coordinator_url, std::string cluster)
+      : id_(id), session_(std::move(session)), coordinator_url_(std::move(coordinator_url)) {
+    keys_.cluster = std::move(cluster);
+  }
+
+  // ---- following the leader (ranks started by a node agent) ------------------------------
+
+  // The leader record's endpoints, or nullopt when it cannot be read.
+  std::optional<std::pair<std::string, std::string>> ReadLeader(cluster::EtcdClient& etcd) {
+    auto kv = etcd.Get(keys_.Leader());
+    if (!kv.ok() || !*kv) return std::nullopt;
+    auto j = nlohmann::json::parse((*kv)->value, nullptr, false);
+    if (!j.is_object()) return std::nullopt;
+    std::string control = j.value("control", std::string()), heartbeat = j.value("heartbeat", std::string());
+    // A coordinator that just won the election publishes its endpoints a moment later.
+    if (control.empty() || heartbeat.empty()) return std::nullopt;
+    return std::make_pair(control, heartbeat);
+  }
+
+  // Main thread, between commands: a new coordinator (seen by the heartbeat thread) gets this
+  // rank's control connection and a hello that says it is initialised already.
+  void MaybeReconnect() {
+    std::string next;
+    {
+      std::lock_guard<std::mutex> lock(leader_mu_);
+      next.swap(new_control_);
+    }
+    if (next.empty() || next == control_endpoint_) return;
+    try {
+      socket_.disconnect(control_endpoint_);
+      socket_.connect(next);
+    } catch (const zmq::error_t& e) {
+      EEP_LOG_WARN("rank {}: cannot reconnect to coordinator {}: {}", id_, next, e.what());
+      return;
+    }
+    EEP_LOG_INFO("rank {}: following the new coordinator at {}", id_, next);
+    control_endpoint_ = next;
+    deferred_.clear();
+    (void)SendControl(socket_, "", {{{"type", "hello"}, {"rank", id_}, {"pid", getpid()}, {"adopt", true}, {"epoch", epoch_.load()}}, ""});
+  }
 
   // ---- heartbeats ------------------------------------------------------------------------
 
@@ -143,8 +184,31 @@ class RankWorker {
         return;
       }
       double next = 0;
+      std::string hb_endpoint = endpoint;
+      std::unique_ptr<cluster::EtcdClient> etcd;
+      if (!coordinator_url_.empty()) {
+        auto c = cluster::EtcdClient::Connect(coordinator_url_);
+        if (c.ok()) etcd = std::move(*c);
+        else EEP_LOG_WARN("rank {}: etcd: {}; will not follow a new coordinator", id_, c.status().ToString());
+      }
+      constexpr double kLeaderCheckSeconds = 0.25;
+      double next_leader_check = NowSeconds() + kLeaderCheckSeconds;
       while (!hb_stop_.load()) {
         const double now = NowSeconds();
+        if (etcd && now >= next_leader_check) {
+          next_leader_check = now + kLeaderCheckSeconds;
+          if (auto leader = ReadLeader(*etcd); leader && leader->second != hb_endpoint) {
+            try {
+              hb.disconnect(hb_endpoint);
+              hb.connect(leader->second);
+              hb_endpoint = leader->second;
+              std::lock_guard<std::mutex> lock(leader_mu_);
+              new_control_ = leader->first;
+            } catch (const zmq::error_t& e) {
+              EEP_LOG_WARN("rank {}: cannot reach the new coordinator's heartbeat socket {}: {}", id_, leader->second, e.what());
+            }
+          }
+        }
         std::vector<int> suspects;
         {
           std::lock_guard<std::mutex> lock(outbox_mu_);
@@ -156,7 +220,8 @@ class RankWorker {
           (void)SendControl(hb, "", {{{"type", "hb"}, {"rank", id_}, {"epoch", epoch_.load()}}, ""});
           next = now + static_cast<double>(interval_ms) / 1000.0;
         }
-        auto m = RecvControl(hb, nullptr, std::max<int64_t>(1, static_cast<int64_t>((next - NowSeconds()) * 1000)));
+        const double wake = etcd ? std::min(next, next_leader_check) : next;
+        auto m = RecvControl(hb, nullptr, std::max<int64_t>(1, static_cast<int64_t>((wake - NowSeconds()) * 1000)));
         if (m.ok() && m->header.value("type", "") == "abort") AbortBefore(m->header.value("epoch", int64_t{0}));
       }
     });
@@ -428,6 +493,12 @@ class RankWorker {
     next_comms_.clear();
     PruneComms();
     Rollback(m.header.value("rollback_step", int64_t{-1}));
+    if (m.header.value("drop_seqs", false)) {
+      // A new coordinator: the sequences of the old one are gone with its clients.
+      seqs_.clear();
+      snapshot_.clear();
+      snapshot_step_ = -1;
+    }
     // What each held slot holds, local slot order, per MoE layer.
     nlohmann::json holdings = nlohmann::json::array();
     const ExpertMap& map = experts_->map();
@@ -746,13 +817,17 @@ class RankWorker {
       deferred_.pop_front();
       return m;
     }
-    constexpr int64_t kIdlePollMs = 1000;
-    return RecvControl(socket_, nullptr, kIdlePollMs);
+    // Ranks that follow a leader look for a new coordinator between commands.
+    const int64_t idle_poll_ms = coordinator_url_.empty() ? 1000 : 100;
+    MaybeReconnect();
+    return RecvControl(socket_, nullptr, idle_poll_ms);
   }
 
   int Run(const std::string& endpoint, const std::string& hb_endpoint) {
-    // Ranks must not outlive the coordinator.
+    // Ranks must not outlive the process that started them (the coordinator, or on many
+    // hosts the node agent: a rank then outlives a coordinator and follows the next one).
     prctl(PR_SET_PDEATHSIG, SIGKILL);
+    control_endpoint_ = endpoint;
     try {
       socket_.set(zmq::sockopt::linger, 0);
       socket_.connect(endpoint);
@@ -843,6 +918,11 @@ class RankWorker {
  private:
   int id_;
   std::string session_;
+  std::string coordinator_url_;  // etcd://...: follow the leader record
+  ClusterKeys keys_;
+  std::string control_endpoint_;
+  std::mutex leader_mu_;
+  std::string new_control_;  // GUARDED_BY(leader_mu_): set by the heartbeat thread
   std::atomic<int64_t> epoch_{0};
   std::vector<int> members_;
   std::string model_dir_, communicator_;
@@ -882,8 +962,8 @@ class RankWorker {
 }  // namespace
 
 int RunRankWorker(const std::string& control_endpoint, const std::string& heartbeat_endpoint, int rank,
-                  const std::string& session) {
-  RankWorker w(rank, session);
+                  const std::string& session, const std::string& coordinator_url, const std::string& cluster) {
+  RankWorker w(rank, session, coordinator_url, cluster);
   return w.Run(control_endpoint, heartbeat_endpoint);
 }
 

@@ -53,6 +53,11 @@ EEP_REGISTER_COMMAND(
       app->add_option("--replicas", opts->replicas,
                       "each expert e is held by nodes (e+j) mod N, j < R")
           ->default_val(1);
+      auto placement = std::make_shared<std::string>("stripe");
+      app->add_option("--backup-placement", *placement,
+                      "stripe: expert e on nodes (e+j) mod N; anti-affinity: on nodes other than "
+                      "the one serving it (src/backup/backup.h)")
+          ->default_val("stripe");
       app->add_flag("--pin-memory", opts->pin_memory,
                     "lock the backup region in RAM (needs ulimit -l) and, in a CUDA build with a "
                     "GPU, register it with CUDA (cudaHostRegister)");
@@ -60,7 +65,10 @@ EEP_REGISTER_COMMAND(
           "Prints `listening ENDPOINT` on stdout once the experts are loaded and served. "
           "SIGINT/SIGTERM stop it "
           "cleanly.");
-      return [opts]() -> int {
+      return [opts, placement]() -> int {
+        auto parsed = eep::backup::ParseBackupPlacement(*placement);
+        if (!parsed.ok()) return eep::cli::Fail(parsed.status().WithContext("backup-manager"));
+        opts->placement = *parsed;
         std::FILE* out = eep::cli::ReserveStdout();
         InstallStopHandlers();
         opts->cancel = &g_stop;

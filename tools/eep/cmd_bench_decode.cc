@@ -28,7 +28,8 @@ struct DecodeBenchFlags {
   int64_t cpu_tokens = 16;  // decode steps timed on the CPU (slower)
   std::vector<int64_t> batches = {1, 16, 64, 256};
   std::string mode = "both";  // split | bf16 | both
-  bool skip_cpu = false, json = false;
+  bool skip_cpu = false, json = false, no_graphs = false;
+  int64_t gemv_max_tokens = -1, fused_moe_max_tokens = -1;  // -1: CudaLoadOptions' defaults
   uint64_t seed = 1;
 };
 
@@ -139,12 +140,18 @@ int RunDecodeBench(const DecodeBenchFlags& f) {
   if (!bw.ok()) return eep::cli::Fail(bw.status());
   fmt::print("device copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): {:.0f} GB/s\n", *bw);
   j["device_copy_gbps"] = *bw;
+  j["cuda_graphs"] = !f.no_graphs;
+  j["gemv_max_tokens"] = f.gemv_max_tokens;
+  j["fused_moe_max_tokens"] = f.fused_moe_max_tokens;
   std::vector<bool> modes;
   if (f.mode == "split" || f.mode == "both") modes.push_back(true);
   if (f.mode == "bf16" || f.mode == "both") modes.push_back(false);
   if (modes.empty()) return eep::cli::Fail(eep::Status::InvalidArgument("--mode must be split, bf16 or both"));
   for (bool split : modes) {
-    auto m = eep::cuda::CudaModel::Load(f.model_dir, {.split_activations = split});
+    auto m = eep::cuda::CudaModel::Load(f.model_dir, {.split_activations = split,
+                                                      .gemv_max_tokens = f.gemv_max_tokens,
+                                                      .fused_moe_max_tokens = f.fused_moe_max_tokens,
+                                                      .cuda_graphs = !f.no_graphs});
     if (!m.ok()) return eep::cli::Fail(m.status());
     const char* mode = split ? "split-bf16" : "bf16";
     const eep::ModelConfig& c = (*m)->config();
@@ -196,6 +203,11 @@ EEP_REGISTER_BENCH(decode, "decode", "decode tokens/s: CUDA backend vs its memor
                      app->add_option("--mode", f->mode,
                                      "GPU activations: split (hi+lo BF16, f32-level), bf16, or both");
                      app->add_flag("--json", f->json, "also print one JSON line");
+                     app->add_flag("--no-graphs", f->no_graphs, "run decode steps without CUDA graphs");
+                     app->add_option("--gemv-max-tokens", f->gemv_max_tokens,
+                                     "steps of at most this many tokens use GEMV kernels for dense layers");
+                     app->add_option("--fused-moe-max-tokens", f->fused_moe_max_tokens,
+                                     "steps of at most this many tokens run the device-side grouped MoE");
                      app->add_option("--seed", f->seed, "prompt seed");
                      return [f] { return RunDecodeBench(*f); };
                    });

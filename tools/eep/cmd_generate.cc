@@ -20,7 +20,7 @@ struct GenerateCliOptions {
   int64_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
-  std::string backend = "cpu";
+  std::string backend = "auto";
   eep::cli::EpFlags ep;
 };
 
@@ -85,13 +85,14 @@ int RunGenerate(const GenerateCliOptions& o) {
   if (auto st = eep::ValidateSamplingParams(g.sampling); !st.ok()) return eep::cli::Fail(st);
   if (!o.ignore_eos) g.stop_token_ids = config->eos_token_ids;
   std::vector<int64_t> out;
-  if (o.backend == "cuda" && !eep::cuda::Available())
-    return eep::cli::Fail(eep::Status::Unavailable("--backend cuda: " + eep::cuda::DeviceDescription()));
+  auto resolved = eep::cuda::ResolveBackend(o.backend);
+  if (!resolved.ok()) return eep::cli::Fail(resolved.status());
+  const std::string backend = *resolved;
   if (o.max_new_tokens > 0 && o.ep.ep > 0) {
-    auto r = GenerateEp(o.model_dir, o.ep, o.backend, ids, g);
+    auto r = GenerateEp(o.model_dir, o.ep, backend, ids, g);
     if (!r.ok()) return eep::cli::Fail(r.status());
     out = *r;
-  } else if (o.max_new_tokens > 0 && o.backend == "cuda") {
+  } else if (o.max_new_tokens > 0 && backend == "cuda") {
     auto model = eep::cuda::CudaModel::Load(o.model_dir);
     if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
     auto r = eep::cuda::Generate(**model, ids, g);
@@ -127,8 +128,8 @@ EEP_REGISTER_COMMAND(generate, "generate", "generate tokens from a prompt (greed
                        app->add_option("--seed", o->seed, "sampling seed");
                        app->add_flag("--json", o->json, "print {prompt_ids, output_ids, text}");
                        app->add_flag("--ignore-eos", o->ignore_eos, "do not stop at the EOS token");
-                       app->add_option("--backend", o->backend, "cpu (default) | cuda")
-                           ->check(CLI::IsMember({"cpu", "cuda"}));
+                       app->add_option("--backend", o->backend, "auto (default: cuda when a GPU is visible, else cpu) | cpu | cuda")
+                           ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
                        eep::cli::AddEpFlags(app, &o->ep);
                        return [o] { return RunGenerate(*o); };
                      });

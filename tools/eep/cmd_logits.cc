@@ -11,12 +11,13 @@ namespace {
 
 struct LogitsOptions {
   std::string model_dir, prompt_ids, out;
-  std::string backend = "cpu";
+  std::string backend = "auto";
   eep::cli::EpFlags ep;
 };
 
-eep::Result<std::vector<float>> LogitsEp(const LogitsOptions& o, const std::vector<int64_t>& ids) {
-  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(o.model_dir, eep::cli::EpOptionsFor(o.ep, o.backend)));
+eep::Result<std::vector<float>> LogitsEp(const LogitsOptions& o, const std::string& backend,
+                                         const std::vector<int64_t>& ids) {
+  EEP_ASSIGN_OR_RETURN(auto engine, eep::ep::EpEngine::Start(o.model_dir, eep::cli::EpOptionsFor(o.ep, backend)));
   eep::ep::SeqInput in;
   in.new_ids = ids;
   in.return_logits = true;
@@ -38,13 +39,14 @@ int RunLogits(const LogitsOptions& o) {
       return eep::cli::Fail(eep::Status::InvalidArgument(
           fmt::format("--prompt-ids: token id {} is out of the vocabulary [0, {})", id, V)));
   std::vector<float> logits;
-  if (o.backend == "cuda" && !eep::cuda::Available())
-    return eep::cli::Fail(eep::Status::Unavailable("--backend cuda: " + eep::cuda::DeviceDescription()));
+  auto resolved = eep::cuda::ResolveBackend(o.backend);
+  if (!resolved.ok()) return eep::cli::Fail(resolved.status());
+  const std::string backend = *resolved;
   if (o.ep.ep > 0) {
-    auto r = LogitsEp(o, *ids);
+    auto r = LogitsEp(o, backend, *ids);
     if (!r.ok()) return eep::cli::Fail(r.status());
     logits = std::move(*r);
-  } else if (o.backend == "cuda") {
+  } else if (backend == "cuda") {
     auto model = eep::cuda::CudaModel::Load(o.model_dir);
     if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
     auto cache = (*model)->NewCache();
@@ -72,8 +74,8 @@ EEP_REGISTER_COMMAND(logits, "logits", "one forward pass over --prompt-ids; logi
                        app->add_option("--model", o->model_dir, "checkpoint directory")->required();
                        app->add_option("--prompt-ids", o->prompt_ids, "comma-separated token ids")->required();
                        app->add_option("--out", o->out, "output .safetensors file")->required();
-                       app->add_option("--backend", o->backend, "cpu (default) | cuda")
-                           ->check(CLI::IsMember({"cpu", "cuda"}));
+                       app->add_option("--backend", o->backend, "auto (default: cuda when a GPU is visible, else cpu) | cpu | cuda")
+                           ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
                        eep::cli::AddEpFlags(app, &o->ep);
                        return [o] { return RunLogits(*o); };
                      });

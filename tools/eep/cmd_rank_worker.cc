@@ -5,7 +5,7 @@
 namespace {
 
 struct RankWorkerCli {
-  std::string control, heartbeat, session;
+  std::string control, heartbeat, session, coordinator, cluster = "default";
   int rank = 0;
 };
 
@@ -17,7 +17,11 @@ EEP_REGISTER_COMMAND(rank_worker, "rank-worker", "internal: one expert-parallel 
                        app->add_option("--heartbeat", o->heartbeat, "coordinator heartbeat endpoint")->required();
                        app->add_option("--rank", o->rank, "rank id")->required();
                        app->add_option("--session", o->session, "engine session name")->required();
-                       return [o] { return eep::ep::RunRankWorker(o->control, o->heartbeat, o->rank, o->session); };
+                       app->add_option("--coordinator", o->coordinator, "etcd://...: follow the leader record (ranks of eep node)");
+                       app->add_option("--cluster", o->cluster, "cluster name under /eep/ in etcd");
+                       return [o] {
+                         return eep::ep::RunRankWorker(o->control, o->heartbeat, o->rank, o->session, o->coordinator, o->cluster);
+                       };
                      });
 
 }  // namespace

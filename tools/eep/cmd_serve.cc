@@ -7,6 +7,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -14,7 +16,10 @@
 
 #include "command.h"
 #include "backup/sidecar.h"
+#include "cluster/etcd.h"
 #include "core/logging.h"
+#include "core/util.h"
+#include "ep/node.h"
 #include "ep_flags.h"
 #include "serve/serve.h"
 
@@ -26,7 +31,15 @@ struct ServeCliOptions {
   std::string backend = "cpu";         // where every rank computes: cpu | cuda
   std::string expert_backup = "auto";  // on | off | auto (on when --ep > 1)
   std::string backup_transport = "shm";
+  // Many hosts (src/ep/node.h): etcd control plane, ranks on `eep node` hosts.
+  std::string coordinator;             // etcd://HOST:PORT[,...]; empty: this host only
+  std::string cluster = "default";
+  bool standby = false;
+  int64_t lease_ttl_s = 2;
+  int64_t wait_nodes_s = 120;
 };
+
+std::atomic<bool> g_stopping{false};  // a stop signal arrived (ends a standby's wait)
 
 // Self-pipe of the stop signals: the handler only writes the signal number.
 int g_signal_pipe[2] = {-1, -1};
@@ -57,6 +70,80 @@ eep::Status CheckPortFree(const std::string& host, int port) {
   if (!ok)
     return eep::Status::IOError(
         fmt::format("cannot listen on {}:{}: {}", host, port, std::strerror(err)));
+  return eep::Status::Ok();
+}
+
+// Many hosts: win the leader key (or stand by until the active coordinator dies), find the
+// node agents and their backup managers, and take over the running ranks if there are any.
+eep::Status SetUpCluster(const ServeCliOptions& o, eep::ep::EpOptions* ep, std::unique_ptr<eep::cluster::EtcdClient>* etcd,
+                         std::unique_ptr<eep::cluster::LeaseKeeper>* lease) {
+  EEP_ASSIGN_OR_RETURN(*etcd, eep::cluster::EtcdClient::Connect(o.coordinator));
+  EEP_ASSIGN_OR_RETURN(*lease, eep::cluster::LeaseKeeper::Start(o.coordinator, o.lease_ttl_s, [] {
+                         EEP_LOG_ERROR("serve: lost the etcd lease: another coordinator may take over");
+                       }));
+  const eep::ep::ClusterKeys keys{o.cluster};
+  eep::ep::LeaderRecord me;
+  me.id = fmt::format("{}@{}", getpid(), ep->control_host);
+  if (!o.standby) {
+    EEP_ASSIGN_OR_RETURN(auto active, (*etcd)->Get(keys.Leader()));
+    if (active)
+      return eep::Status::AlreadyExists(fmt::format(
+          "cluster '{}' already has an active coordinator ({}); start this one with --standby to take over when it dies",
+          o.cluster, active->value));
+  }
+  EEP_ASSIGN_OR_RETURN(int64_t won, eep::ep::CampaignForLeader(**etcd, keys, (*lease)->id(), me, g_stopping));
+  (void)won;
+  EEP_LOG_INFO("serve: coordinator {} is the leader of cluster '{}'", me.id, o.cluster);
+  // A recorded cluster with serving ranks is adopted (this coordinator replaces a dead one).
+  EEP_ASSIGN_OR_RETURN(auto state, (*etcd)->Get(keys.State()));
+  if (state) {
+    auto j = nlohmann::json::parse(state->value, nullptr, false);
+    ep->take_over = j.is_object() && !j.value("members", std::vector<int>{}).empty();
+  }
+  // Ranks run on the node agents: wait until they offer enough rank slots (a take-over uses
+  // the ranks that run already).
+  std::vector<eep::ep::NodeRecord> nodes;
+  const double deadline = eep::NowSeconds() + static_cast<double>(o.wait_nodes_s);
+  int64_t rev = 0;
+  while (true) {
+    EEP_ASSIGN_OR_RETURN(auto kvs, (*etcd)->GetPrefix(keys.Nodes(), &rev));
+    nodes.clear();
+    int capacity = 0;
+    for (const auto& kv : kvs) {
+      auto r = eep::ep::NodeRecord::FromJson(kv.value);
+      if (!r.ok()) return r.status().WithContext(kv.key);
+      capacity += r->capacity;
+      nodes.push_back(std::move(*r));
+    }
+    if (capacity >= o.ep.ep || (ep->take_over && !nodes.empty())) break;
+    if (g_stopping.load()) return eep::Status::Cancelled("stopped while waiting for nodes");
+    if (eep::NowSeconds() > deadline)
+      return eep::Status::Unavailable(fmt::format("--ep {}: the registered nodes offer {} rank slot(s) after {} s (start `eep node` on more hosts)",
+                                                  o.ep.ep, capacity, o.wait_nodes_s));
+    auto w = (*etcd)->WaitForChange(keys.Nodes(), rev, 500);
+    if (!w.ok() && w.status().code() != eep::StatusCode::kTimeout) return w.status();
+  }
+  std::sort(nodes.begin(), nodes.end(), [](const auto& a, const auto& b) { return a.node_rank < b.node_rank || (a.node_rank == b.node_rank && a.name < b.name); });
+  ep->backup_endpoints.clear();
+  for (const auto& n : nodes) {
+    ep->nodes.push_back({n.name, n.endpoint, n.capacity});
+    if (!n.backup.empty()) ep->backup_endpoints.push_back(n.backup);
+  }
+  if (ep->communicator == "shm") {
+    EEP_LOG_INFO("serve: ranks span hosts: data plane over ucx");
+    ep->communicator = "ucx";
+  }
+  ep->coordinator_url = o.coordinator;
+  ep->cluster = o.cluster;
+  if (ep->take_over) EEP_LOG_INFO("serve: taking over the running ranks of cluster '{}'", o.cluster);
+  eep::cluster::EtcdClient* client = etcd->get();
+  const int64_t lease_id = (*lease)->id();
+  ep->publish_endpoints = [client, keys, me, lease_id](const std::string& control, const std::string& heartbeat) {
+    eep::ep::LeaderRecord rec = me;
+    rec.control = control;
+    rec.heartbeat = heartbeat;
+    return client->Put(keys.Leader(), rec.ToJson().dump(), lease_id).status();
+  };
   return eep::Status::Ok();
 }
 
@@ -93,8 +180,34 @@ int RunServe(const ServeCliOptions& o) {
   // The node's DRAM backup of the expert weights: started here unless managers are given.
   eep::ep::EpOptions ep_options = eep::cli::EpOptionsFor(o.ep, o.backend);
   std::unique_ptr<eep::backup::BackupSidecar> sidecar;
+  std::unique_ptr<eep::cluster::LeaseKeeper> lease;
+  std::unique_ptr<eep::cluster::EtcdClient> etcd;
+  std::thread stop_watch;
   const bool backup = o.expert_backup == "on" || (o.expert_backup == "auto" && o.ep.ep > 1);
-  if (backup && ep_options.backup_endpoints.empty()) {
+  if (!o.coordinator.empty()) {
+    // A signal while standing by ends the wait (the watcher below starts only once serving).
+    stop_watch = std::thread([stop_signals] {
+      pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+      char sig = 0;
+      while (!g_stopping.load()) {
+        const ssize_t n = read(g_signal_pipe[0], &sig, 1);
+        if (n < 0 && errno == EINTR) continue;
+        g_stopping = true;
+      }
+    });
+    auto st = SetUpCluster(o, &ep_options, &etcd, &lease);
+    if (!st.ok()) {
+      g_stopping = true;
+      (void)!write(g_signal_pipe[1], "x", 1);
+      stop_watch.join();
+      return eep::cli::Fail(st);
+    }
+    // Hand the signal pipe to the serving watcher below.
+    g_stopping = true;
+    (void)!write(g_signal_pipe[1], "x", 1);
+    stop_watch.join();
+    g_stopping = false;
+  } else if (backup && ep_options.backup_endpoints.empty()) {
     constexpr int64_t kBackupStartMs = 600000;  // loading every expert of a large checkpoint
     auto started = eep::backup::BackupSidecar::Start("/proc/self/exe", o.server.model_dir, 0, 1, o.backup_transport, {},
                                                      kBackupStartMs);
@@ -113,6 +226,18 @@ int RunServe(const ServeCliOptions& o) {
                               ? fmt::format("http://[{}]:{}", host, server->port())
                               : fmt::format("http://{}:{}", host, server->port());
   // The one stdout line: scripts and tests read the address from it.
+  if (etcd) {
+    // Clients and operators find the active coordinator's HTTP address in the leader record.
+    eep::ep::ClusterKeys keys{o.cluster};
+    auto cur = etcd->Get(keys.Leader());
+    if (cur.ok() && *cur) {
+      auto j = nlohmann::json::parse((*cur)->value, nullptr, false);
+      if (j.is_object()) {
+        j["http"] = url;
+        (void)etcd->Put(keys.Leader(), j.dump(), lease->id());
+      }
+    }
+  }
   fmt::print("listening {}\n", url);
   std::fflush(stdout);
   EEP_LOG_INFO("serve: listening on {}", url);
@@ -167,6 +292,17 @@ EEP_REGISTER_COMMAND(
       app->add_option("--backend", o->backend, "where every rank computes: cpu (default) | cuda")
           ->check(CLI::IsMember({"cpu", "cuda"}));
       app->add_option("--backup-transport", o->backup_transport, "transfer backend of that backup manager (shm | ucx)");
+      app->add_option("--coordinator", o->coordinator,
+                      "etcd://HOST:PORT[,...]: many hosts; ranks run on `eep node` hosts, membership lives in etcd");
+      app->add_option("--cluster", o->cluster, "cluster name in etcd (keys under /eep/NAME/)");
+      app->add_flag("--standby", o->standby,
+                    "expect another coordinator to be active: wait, and take over its ranks when it dies");
+      app->add_option("--lease-ttl", o->lease_ttl_s, "seconds of the coordinator's etcd lease (failover delay)")
+          ->check(CLI::PositiveNumber);
+      app->add_option("--wait-nodes", o->wait_nodes_s, "seconds to wait for enough `eep node` rank slots")
+          ->check(CLI::NonNegativeNumber);
+      app->add_option("--control-host", o->ep.options.control_host,
+                      "address the ranks reach this coordinator at (default 127.0.0.1; another host's ranks need a routable one)");
       return [o] { return RunServe(*o); };
     });
 

@@ -1,0 +1,278 @@
+// `eep node`: one per host. See ep/node.h for its role, etcd keys and wire protocol.
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fmt/format.h>
+#include <map>
+
+#include "backup/backup.h"
+#include "backup/sidecar.h"
+#include "cluster/etcd.h"
+#include "core/logging.h"
+#include "core/util.h"
+#include "ep/control.h"
+#include "ep/node.h"
+
+extern char** environ;
+
+namespace eep::ep {
+
+nlohmann::json NodeRecord::ToJson() const {
+  return {{"name", name},         {"address", address}, {"endpoint", endpoint},
+          {"capacity", capacity}, {"backup", backup},   {"node_rank", node_rank}};
+}
+
+Result<NodeRecord> NodeRecord::FromJson(const std::string& text) {
+  NodeRecord r;
+  try {
+    const auto j = nlohmann::json::parse(text);
+    r.name = j.at("name").get<std::string>();
+    r.address = j.at("address").get<std::string>();
+    r.endpoint = j.at("endpoint").get<std::string>();
+    r.capacity = j.at("capacity").get<int>();
+    r.backup = j.value("backup", std::string());
+    r.node_rank = j.value("node_rank", 0);
+  } catch (const nlohmann::json::exception& e) {
+    return Status::Corruption(fmt::format("malformed node record: {}", e.what()));
+  }
+  return r;
+}
+
+Result<std::vector<NodeRecord>> ListNodes(const std::string& coordinator_url, const std::string& cluster) {
+  EEP_ASSIGN_OR_RETURN(auto etcd, cluster::EtcdClient::Connect(coordinator_url));
+  ClusterKeys keys{cluster};
+  EEP_ASSIGN_OR_RETURN(auto kvs, etcd->GetPrefix(keys.Nodes()));
+  std::vector<NodeRecord> nodes;
+  for (const auto& kv : kvs) {
+    auto r = NodeRecord::FromJson(kv.value);
+    if (!r.ok()) return r.status().WithContext(kv.key);
+    nodes.push_back(std::move(*r));
+  }
+  return nodes;
+}
+
+Result<int64_t> CampaignForLeader(cluster::EtcdClient& etcd, const ClusterKeys& keys, int64_t lease,
+                                  const LeaderRecord& me, const std::atomic<bool>& stop) {
+  bool announced = false;
+  while (!stop.load()) {
+    std::optional<cluster::EtcdKv> current;
+    int64_t rev = 0;
+    EEP_ASSIGN_OR_RETURN(bool won, etcd.PutIf(keys.Leader(), me.ToJson().dump(), 0, lease, &current, &rev));
+    if (won) return rev;
+    if (!current) continue;  // released between the two reads: try again at once
+    if (!announced) {
+      EEP_LOG_INFO("coordinator {}: standing by; the active coordinator is {}", me.id, current->value);
+      announced = true;
+    }
+    // Wakes when the key changes (deleted when its holder's lease lapses); bounded so that
+    // `stop` is seen.
+    constexpr int64_t kWaitMs = 500;
+    auto changed = etcd.WaitForChange(keys.Leader(), current->mod_revision, kWaitMs);
+    if (!changed.ok() && changed.status().code() != StatusCode::kTimeout) return changed.status();
+  }
+  return Status::Cancelled("stopped while standing by");
+}
+
+namespace {
+
+struct LocalRank {
+  pid_t pid = -1;
+  int pidfd = -1;
+};
+
+class NodeAgent {
+ public:
+  explicit NodeAgent(const NodeAgentOptions& o) : o_(o) {}
+
+  ~NodeAgent() {
+    for (auto& [id, r] : ranks_) Kill(r);
+  }
+
+  Status Run(const std::atomic<bool>& stop, const std::function<void(const NodeRecord&)>& on_ready) {
+    if (o_.name.empty()) return Status::InvalidArgument("--name: empty node name");
+    if (o_.capacity < 1) return Status::InvalidArgument(fmt::format("--ranks must be >= 1, got {}", o_.capacity));
+    EEP_ASSIGN_OR_RETURN(etcd_, cluster::EtcdClient::Connect(o_.coordinator));
+    try {
+      router_.set(zmq::sockopt::linger, 0);
+      router_.bind(fmt::format("tcp://{}:*", o_.address));
+      record_.endpoint = router_.get(zmq::sockopt::last_endpoint);
+    } catch (const zmq::error_t& e) {
+      return Status::IOError(fmt::format("--address {}: cannot bind the node socket: {}", o_.address, e.what()));
+    }
+    record_.name = o_.name;
+    record_.address = o_.address;
+    record_.capacity = o_.capacity;
+    record_.node_rank = o_.node_rank;
+    const std::string binary = o_.worker_binary.empty() ? "/proc/self/exe" : o_.worker_binary;
+    if (o_.expert_backup) {
+      EEP_ASSIGN_OR_RETURN(auto placement, backup::ParseBackupPlacement(o_.backup_placement));
+      EEP_RETURN_IF_ERROR(backup::ValidateAssignment(o_.node_rank, o_.num_nodes, o_.backup_replicas));
+      EEP_RETURN_IF_ERROR(backup::ValidatePlacement(placement, o_.num_nodes, o_.backup_replicas));
+      constexpr int64_t kBackupStartMs = 600000;  // loading every expert of a large checkpoint
+      EEP_ASSIGN_OR_RETURN(
+          sidecar_, backup::BackupSidecar::Start(binary, o_.model_dir, o_.node_rank, o_.num_nodes, o_.backup_transport,
+                                                 {"--listen", fmt::format("tcp://{}:0", o_.address), "--replicas",
+                                                  std::to_string(o_.backup_replicas), "--backup-placement",
+                                                  o_.backup_placement},
+                                                 kBackupStartMs));
+      record_.backup = sidecar_->endpoint();
+      EEP_LOG_INFO("node {}: DRAM expert backup (node {} of {}, {}) at {}", o_.name, o_.node_rank, o_.num_nodes,
+                   o_.backup_placement, record_.backup);
+    }
+    // The node is alive in the cluster's eyes while this lease is kept.
+    std::atomic<bool> lease_lost{false};
+    EEP_ASSIGN_OR_RETURN(lease_, cluster::LeaseKeeper::Start(o_.coordinator, o_.lease_ttl_s, [&lease_lost] { lease_lost = true; }));
+    ClusterKeys keys{o_.cluster};
+    EEP_RETURN_IF_ERROR(etcd_->Put(keys.Node(o_.name), record_.ToJson().dump(), lease_->id()).status());
+    EEP_LOG_INFO("node {}: registered at {} ({} rank slot(s)), control {}", o_.name, keys.Node(o_.name), o_.capacity,
+                 record_.endpoint);
+    if (on_ready) on_ready(record_);
+    while (!stop.load()) {
+      if (lease_lost.load()) return Status::Unavailable(fmt::format("node {}: lost its etcd lease", o_.name));
+      std::vector<zmq::pollitem_t> items{{router_.handle(), 0, ZMQ_POLLIN, 0}};
+      std::vector<int> ids;
+      for (auto& [id, r] : ranks_) {
+        items.push_back({nullptr, r.pidfd, ZMQ_POLLIN, 0});
+        ids.push_back(id);
+      }
+      constexpr int64_t kPollMs = 100;
+      try {
+        zmq::poll(items.data(), items.size(), std::chrono::milliseconds(kPollMs));
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) continue;
+        return Status::IOError(fmt::format("node poll: {}", e.what()));
+      }
+      for (size_t i = 1; i < items.size(); ++i)
+        if (items[i].revents & ZMQ_POLLIN) Reap(ids[i - 1]);
+      if (items[0].revents & ZMQ_POLLIN) Handle();
+    }
+    EEP_LOG_INFO("node {}: stopping {} rank(s)", o_.name, ranks_.size());
+    for (auto& [id, r] : ranks_) Kill(r);
+    ranks_.clear();
+    sidecar_.reset();
+    lease_.reset();  // revokes: the node leaves at once instead of after its TTL
+    return Status::Ok();
+  }
+
+ private:
+  void Handle() {
+    std::string who;
+    auto m = RecvControl(router_, &who, 0);
+    if (!m.ok()) return;
+    coordinator_ = who;  // the coordinator that spoke last is the one to report to
+    const std::string type = m->header.value("type", "");
+    const int rank = m->header.value("rank", -1);
+    if (type == "hello") {
+      nlohmann::json ranks = nlohmann::json::array();
+      for (const auto& [id, r] : ranks_) ranks.push_back({id, r.pid});
+      (void)SendControl(router_, who, {{{"type", "node"}, {"name", o_.name}, {"ranks", ranks}}, ""});
+    } else if (type == "spawn") {
+      Status st = Spawn(*m);
+      if (st.ok())
+        (void)SendControl(router_, who, {{{"type", "spawned"}, {"rank", rank}, {"pid", ranks_[rank].pid}}, ""});
+      else
+        (void)SendControl(router_, who, {{{"type", "exited"}, {"rank", rank}, {"why", st.message()}}, ""});
+    } else if (type == "kill") {
+      auto it = ranks_.find(rank);
+      if (it != ranks_.end()) {
+        Kill(it->second);
+        ranks_.erase(it);
+        EEP_LOG_INFO("node {}: rank {} killed (fenced by the coordinator)", o_.name, rank);
+      }
+    }
+  }
+
+  Status Spawn(const ControlMessage& m) {
+    const int rank = m.header.value("rank", -1);
+    if (rank < 0) return Status::InvalidArgument("spawn without a rank");
+    if (ranks_.count(rank)) return Status::AlreadyExists(fmt::format("rank {} already runs on node {}", rank, o_.name));
+    if (static_cast<int>(ranks_.size()) >= o_.capacity)
+      return Status::ResourceExhausted(fmt::format("node {} already runs {} rank(s) (--ranks {})", o_.name, ranks_.size(), o_.capacity));
+    std::vector<std::string> args{"eep",
+                                  "--log-level",
+                                  m.header.value("log_level", o_.log_level),
+                                  "rank-worker",
+                                  "--control",
+                                  m.header.value("control", ""),
+                                  "--heartbeat",
+                                  m.header.value("heartbeat", ""),
+                                  "--rank",
+                                  std::to_string(rank),
+                                  "--session",
+                                  m.header.value("session", ""),
+                                  "--coordinator",
+                                  o_.coordinator,
+                                  "--cluster",
+                                  o_.cluster};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    const std::string binary = o_.worker_binary.empty() ? "/proc/self/exe" : o_.worker_binary;
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    sigset_t none;
+    sigemptyset(&none);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    pid_t pid = 0;
+    const int rc = posix_spawn(&pid, binary.c_str(), nullptr, &attr, argv.data(), environ);
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0) return Status::IOError(fmt::format("node {}: cannot start rank {}: {}", o_.name, rank, std::strerror(rc)));
+    LocalRank r;
+    r.pid = pid;
+    r.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    ranks_[rank] = r;
+    EEP_LOG_INFO("node {}: started rank {} (pid {})", o_.name, rank, pid);
+    return Status::Ok();
+  }
+
+  void Reap(int id) {
+    auto it = ranks_.find(id);
+    if (it == ranks_.end()) return;
+    int status = 0;
+    if (waitpid(it->second.pid, &status, WNOHANG) != it->second.pid) return;
+    const std::string why = WIFSIGNALED(status) ? fmt::format("rank {} exited on signal {}", id, WTERMSIG(status))
+                                                : fmt::format("rank {} exited with code {}", id, WEXITSTATUS(status));
+    EEP_LOG_INFO("node {}: {}", o_.name, why);
+    close(it->second.pidfd);
+    ranks_.erase(it);
+    if (!coordinator_.empty())
+      (void)SendControl(router_, coordinator_, {{{"type", "exited"}, {"rank", id}, {"why", why}, {"clean", WIFEXITED(status) && WEXITSTATUS(status) == 0}}, ""});
+  }
+
+  static void Kill(LocalRank& r) {
+    if (r.pid > 0) {
+      kill(r.pid, SIGKILL);
+      int status;
+      waitpid(r.pid, &status, 0);
+      r.pid = -1;
+    }
+    if (r.pidfd >= 0) close(r.pidfd);
+    r.pidfd = -1;
+  }
+
+  NodeAgentOptions o_;
+  NodeRecord record_;
+  std::unique_ptr<cluster::EtcdClient> etcd_;
+  std::unique_ptr<cluster::LeaseKeeper> lease_;
+  std::unique_ptr<backup::BackupSidecar> sidecar_;
+  zmq::context_t ctx_{1};
+  zmq::socket_t router_{ctx_, zmq::socket_type::router};
+  std::string coordinator_;
+  std::map<int, LocalRank> ranks_;
+};
+
+}  // namespace
+
+Status RunNodeAgent(const NodeAgentOptions& options, const std::atomic<bool>& stop,
+                    const std::function<void(const NodeRecord&)>& on_ready) {
+  NodeAgent agent(options);
+  return agent.Run(stop, on_ready);
+}
+
+}  // namespace eep::ep
