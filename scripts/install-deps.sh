@@ -15,6 +15,7 @@ PACKAGES=(
   libopenblas-dev         # CPU GEMM
   libgtest-dev libgmock-dev libbenchmark-dev  # tests and micro-benchmarks
   curl python3            # `make demo` drives the HTTP server and reads its JSON
+  etcd-server iproute2    # multi-host membership tests: a real etcd; network namespaces for test hosts
 )
 
 missing=()

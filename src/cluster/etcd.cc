@@ -230,6 +230,48 @@ void SetTimeouts(httplib::Client& client, int64_t connect_ms, int64_t read_ms) {
   client.set_write_timeout(connect_ms / 1000, (connect_ms % 1000) * 1000);
 }
 
+std::string DescribeHttpError(httplib::Error err) {
+  switch (err) {
+    case httplib::Error::Connection: return "cannot connect (refused or unreachable)";
+    case httplib::Error::ConnectionTimeout: return "connect timed out";
+    case httplib::Error::Read: return "no complete reply (read failed or timed out)";
+    case httplib::Error::Write: return "could not send the request";
+    default: return httplib::to_string(err);
+  }
+}
+
+struct HttpReply {
+  int status = 0;
+  std::string body;
+};
+
+// POSTs a JSON body; Success once a whole reply is in *reply.
+httplib::Error PostJson(httplib::Client& client, const char* path, const std::string& payload, HttpReply* reply) {
+  httplib::Request req;
+  req.method = "POST";
+  req.path = path;
+  req.body = payload;
+  req.set_header("Content-Type", "application/json");
+  req.response_handler = [reply](const httplib::Response& r) {
+    reply->status = r.status;
+    return true;
+  };
+  req.content_receiver = [reply](const char* data, size_t len, uint64_t, uint64_t) {
+    reply->body.append(data, len);
+    return true;
+  };
+  httplib::Response res;
+  httplib::Error err = httplib::Error::Success;
+  client.send(req, res, err);
+  // etcd 3.4's gateway ends every error reply with a chunked-encoding trailer
+  // (Grpc-Trailer-Content-Type) that httplib 0.11 cannot parse: it reports a read error after
+  // handing over the whole body. A complete JSON body with a status is a complete reply.
+  if (err == httplib::Error::Read && reply->status != 0 && reply->status != 200 &&
+      json::accept(reply->body))
+    return httplib::Error::Success;
+  return err;
+}
+
 std::string Quoted(const std::string& key) {
   // Keys are usually printable paths; show others as escaped JSON so a log line stays one line.
   return json(key).dump(-1, ' ', false, json::error_handler_t::replace);
@@ -293,10 +335,10 @@ class EtcdClient::Impl {
     for (size_t attempt = 0; attempt < clients_.size(); ++attempt) {
       size_t idx = (current_ + attempt) % clients_.size();
       const std::string& endpoint = endpoints_[idx];
-      auto res = clients_[idx]->Post(path, payload, "application/json");
-      if (!res) {
-        httplib::Error err = res.error();
-        std::string why = httplib::to_string(err);
+      HttpReply res;
+      httplib::Error err = PostJson(*clients_[idx], path, payload, &res);
+      if (err != httplib::Error::Success) {
+        std::string why = DescribeHttpError(err);
         bool never_sent = err == httplib::Error::Connection || err == httplib::Error::ConnectionTimeout;
         if (!never_sent && !resend_ok) {
           return Status::RemoteDisconnect("etcd " + endpoint + ": " + what + ": " + why +
@@ -306,18 +348,18 @@ class EtcdClient::Impl {
         if (clients_.size() > 1) EEP_LOG_WARN("etcd {}: {}: {}; trying the next endpoint", endpoint, what, why);
         continue;
       }
-      json reply = json::parse(res->body, nullptr, /*allow_exceptions=*/false);
-      if (res->status == 200) {
+      json reply = json::parse(res.body, nullptr, /*allow_exceptions=*/false);
+      if (res.status == 200) {
         if (reply.is_discarded() || !reply.is_object())
           return Status::Corruption("etcd " + endpoint + ": " + what + ": reply is not a JSON object: " +
-                                    res->body.substr(0, 200));
+                                    res.body.substr(0, 200));
         current_ = idx;
         return reply;
       }
       int64_t grpc_code = 0;
       std::string text = GatewayError(reply, &grpc_code);
-      if (text.empty()) text = res->body.substr(0, 200);
-      std::string message = "etcd " + endpoint + ": " + what + ": HTTP " + std::to_string(res->status) + ": " + text;
+      if (text.empty()) text = res.body.substr(0, 200);
+      std::string message = "etcd " + endpoint + ": " + what + ": HTTP " + std::to_string(res.status) + ": " + text;
       if (grpc_code == 14 && resend_ok) {
         // This member cannot serve (no leader, shutting down): another may.
         failures += (failures.empty() ? "" : "; ") + endpoint + ": " + text;
@@ -546,22 +588,28 @@ Result<int64_t> EtcdClient::WaitForChange(const std::string& prefix, int64_t aft
       }
       return remaining_ms() > 0;
     };
+    int http_status = 0;
+    req.response_handler = [&http_status](const httplib::Response& r) {
+      http_status = r.status;
+      return true;
+    };
     httplib::Response res;
     httplib::Error err = httplib::Error::Success;
     client.send(req, res, err);
     if (changed_revision > 0) return changed_revision;
     if (!stream_error.ok()) return stream_error;
-    if (remaining_ms() <= 5) break;  // the read timed out: nothing changed in time
-    if (err == httplib::Error::Success && res.status != 200) {
+    if (http_status != 0 && http_status != 200) {
+      // (An error reply ends with a trailer httplib reports as a read error; see PostJson.)
       json reply = json::parse(buffer, nullptr, false);
       int64_t grpc_code = 0;
       std::string text = GatewayError(reply, &grpc_code);
       return Status(grpc_code != 0 ? FromGrpcCode(grpc_code) : StatusCode::kInternal,
-                    "etcd " + endpoint + ": " + what + ": HTTP " + std::to_string(res.status) + ": " +
+                    "etcd " + endpoint + ": " + what + ": HTTP " + std::to_string(http_status) + ": " +
                         (text.empty() ? buffer.substr(0, 200) : text));
     }
+    if (remaining_ms() <= 5) break;  // the read timed out: nothing changed in time
     // Could not connect, or the stream ended early (etcd stopped): try the next endpoint.
-    std::string why = err == httplib::Error::Success ? "stream closed" : httplib::to_string(err);
+    std::string why = err == httplib::Error::Success ? "stream closed" : DescribeHttpError(err);
     failures += (failures.empty() ? "" : "; ") + endpoint + ": " + why;
     if (n > 1) EEP_LOG_WARN("etcd {}: {}: {}; trying the next endpoint", endpoint, what, why);
   }

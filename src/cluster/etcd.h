@@ -34,8 +34,10 @@ struct EtcdKv {
 // kInvalidArgument naming `flag` otherwise.
 Result<std::vector<std::string>> ParseEtcdUrl(const std::string& url, const std::string& flag = "--coordinator");
 
-// Thread-safe (one request at a time per client). Every call fails over to the next endpoint
-// on a connection error; errors name the endpoint and the key.
+// Thread-safe: calls take turns on one keep-alive connection per endpoint, except
+// WaitForChange, which opens its own and so never holds up the others. Every call fails over to
+// the next endpoint on a connection error (compare-and-swap only when the request cannot have
+// reached etcd); errors name the endpoint and the key.
 class EtcdClient {
  public:
   // Validates `url` only; nothing is contacted until the first call. `timeout_ms` bounds each

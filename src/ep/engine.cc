@@ -222,7 +222,7 @@ class EpEngine::Impl {
     NodeConn& node = nodes[static_cast<size_t>(chosen)];
     EEP_RETURN_IF_ERROR(SendControl(*node.sock, "",
                                     {{{"type", "spawn"}, {"rank", id}, {"control", endpoint}, {"heartbeat", hb_endpoint},
-                                      {"session", session}, {"log_level", opts.log_level}},
+                                      {"session", session}, {"log_level", opts.log_level}, {"epoch", epoch}},
                                      ""}));
     Proc p;
     p.id = id;
@@ -241,7 +241,7 @@ class EpEngine::Impl {
     Proc& p = procs[static_cast<size_t>(id)];
     if (p.node >= 0 && p.Live()) {
       NodeConn& n = nodes[static_cast<size_t>(p.node)];
-      if (n.alive) (void)SendControl(*n.sock, "", {{{"type", "kill"}, {"rank", id}}, ""});
+      if (n.alive) (void)SendControl(*n.sock, "", {{{"type", "kill"}, {"rank", id}, {"epoch", epoch}}, ""});
     }
     if (p.pid > 0) {
       kill(p.pid, SIGKILL);
@@ -311,11 +311,22 @@ class EpEngine::Impl {
     return failure && !failure->dead.empty();
   }
 
-  // A node whose etcd lease lapsed is gone with every rank on it (checked a few times a second).
+  // A node whose etcd lease lapsed is gone with every rank on it, and a leader record naming
+  // another coordinator deposes this one (checked a few times a second).
   void CheckNodes() {
     const double now = NowSeconds();
-    if (!etcd || now - last_node_check < HeartbeatTimeout() / 4) return;
+    if (!etcd || deposed || now - last_node_check < HeartbeatTimeout() / 4) return;
     last_node_check = now;
+    if (auto leader = etcd->Get(keys.Leader()); leader.ok() && *leader) {
+      auto j = nlohmann::json::parse((*leader)->value, nullptr, false);
+      const std::string control = j.is_object() ? j.value("control", std::string()) : std::string();
+      if (!control.empty() && control != endpoint) {
+        deposed = true;
+        health = "deposed: another coordinator leads the cluster (" + (*leader)->value + ")";
+        EEP_LOG_ERROR("ep: {}; leaving the ranks to it", health);
+        return;
+      }
+    }
     auto kvs = etcd->GetPrefix(keys.Nodes());
     if (!kvs.ok()) return;  // etcd unreachable: heartbeats still decide
     std::set<std::string> present;
@@ -418,6 +429,7 @@ class EpEngine::Impl {
       DrainHeartbeats();
       DrainNodes();
       if (CheckProcesses()) return Status::Unavailable(failure->what);
+      if (deposed) return Status::Unavailable(health);
       const double left = deadline - NowSeconds();
       std::vector<zmq::pollitem_t> items{{router.handle(), 0, ZMQ_POLLIN, 0}, {hb.handle(), 0, ZMQ_POLLIN, 0}};
       for (NodeConn& n : nodes) items.push_back({n.sock->handle(), 0, ZMQ_POLLIN, 0});
@@ -635,6 +647,12 @@ class EpEngine::Impl {
       // A fresh start replaces whatever an earlier cluster of this name left, by CAS on it.
       EEP_ASSIGN_OR_RETURN(auto cur, etcd->Get(keys.State()));
       state_rev = cur ? cur->mod_revision : 0;
+      // Epochs grow over the cluster's whole life, so that node agents can refuse commands of
+      // any coordinator older than the recorded epoch.
+      if (cur && !opts.take_over) {
+        auto j = nlohmann::json::parse(cur->value, nullptr, false);
+        if (j.is_object()) epoch = std::max(epoch, j.value("epoch", int64_t{0}) + 1);
+      }
     }
     if (!opts.nodes.empty() && opts.communicator == "shm")
       return Status::InvalidArgument("--ep-communicator shm cannot span hosts: use ucx (or nccl)");
@@ -660,7 +678,8 @@ class EpEngine::Impl {
     if (!etcd || deposed) return Status::Ok();
     nlohmann::json ranks = nlohmann::json::array();
     for (const Proc& p : procs)
-      ranks.push_back({{"id", p.id}, {"node", p.node >= 0 ? nodes[static_cast<size_t>(p.node)].rec.name : ""}, {"state", p.state}});
+      ranks.push_back({{"id", p.id}, {"node", p.node >= 0 ? nodes[static_cast<size_t>(p.node)].rec.name : ""}, {"state", p.state},
+                       {"pid", p.node >= 0 ? p.remote_pid : p.pid}});
     const nlohmann::json st{{"epoch", epoch},   {"members", members},   {"slots_per_rank", layout.slots_per_rank},
                             {"phy2log", map.phy2log()}, {"ranks", ranks}, {"target_size", target_size},
                             {"steps", step}};
@@ -716,6 +735,7 @@ class EpEngine::Impl {
     for (const auto& r : rank_records) {
       Proc p;
       p.id = r.value("id", 0);
+      p.remote_pid = r.value("pid", 0);
       const std::string node = r.value("node", std::string());
       for (size_t n = 0; n < nodes.size(); ++n)
         if (nodes[n].rec.name == node) p.node = static_cast<int>(n);
@@ -728,6 +748,8 @@ class EpEngine::Impl {
       if (id < 0 || id >= static_cast<int>(procs.size()))
         return Status::Corruption(fmt::format("{}: member {} has no rank record", keys.State(), id));
     EEP_LOG_INFO("ep: taking over epoch {}: ranks [{}], waiting for them to reconnect", epoch - 1, fmt::join(members, ","));
+    // Recorded at once: from now on the old coordinator's writes and node commands are refused.
+    EEP_RETURN_IF_ERROR(SaveState());
     const double deadline = NowSeconds() + std::max(5.0, 4 * HeartbeatTimeout());
     while (NowSeconds() < deadline) {
       bool all = true;

@@ -171,6 +171,8 @@ class NodeAgent {
       nlohmann::json ranks = nlohmann::json::array();
       for (const auto& [id, r] : ranks_) ranks.push_back({id, r.pid});
       (void)SendControl(router_, who, {{{"type", "node"}, {"name", o_.name}, {"ranks", ranks}}, ""});
+    } else if ((type == "spawn" || type == "kill") && !Current(*m)) {
+      (void)SendControl(router_, who, {{{"type", "refused"}, {"rank", rank}}, ""});
     } else if (type == "spawn") {
       Status st = Spawn(*m);
       if (st.ok())
@@ -185,6 +187,20 @@ class NodeAgent {
         EEP_LOG_INFO("node {}: rank {} killed (fenced by the coordinator)", o_.name, rank);
       }
     }
+  }
+
+  // Commands of a coordinator older than the epoch recorded in etcd (one that was replaced but
+  // does not know yet) are refused: it must not kill ranks that serve its successor.
+  bool Current(const ControlMessage& m) {
+    const int64_t epoch = m.header.value("epoch", int64_t{0});
+    auto kv = etcd_->Get(ClusterKeys{o_.cluster}.State());
+    if (!kv.ok() || !*kv) return true;  // nothing recorded (or etcd away): nothing to protect
+    auto j = nlohmann::json::parse((*kv)->value, nullptr, false);
+    const int64_t recorded = j.is_object() ? j.value("epoch", int64_t{0}) : 0;
+    if (epoch >= recorded) return true;
+    EEP_LOG_WARN("node {}: refused '{}' of rank {} from a coordinator at epoch {} (epoch {} is recorded)", o_.name,
+                 m.header.value("type", ""), m.header.value("rank", -1), epoch, recorded);
+    return false;
   }
 
   Status Spawn(const ControlMessage& m) {

@@ -461,7 +461,7 @@ class Server::Impl {
     Json ranks = Json::array();
     for (const auto& r : s.cluster.ranks)
       ranks.push_back(
-          {{"id", r.rank}, {"pid", r.pid}, {"state", r.state}, {"num_seqs", r.num_seqs}});
+          {{"id", r.rank}, {"pid", r.pid}, {"node", r.node}, {"state", r.state}, {"num_seqs", r.num_seqs}});
     Json events = Json::array();
     for (const auto& e : s.cluster.events)
       events.push_back({{"epoch", e.epoch},

@@ -30,7 +30,8 @@ std::string MakeTempDir(const std::string& prefix) {
 }
 
 Result<std::unique_ptr<ChildProcess>> ChildProcess::Spawn(
-    const std::vector<std::string>& args, const std::map<std::string, std::string>& env) {
+    const std::vector<std::string>& args, const std::map<std::string, std::string>& env,
+    const std::vector<std::string>& prefix) {
   std::unique_ptr<ChildProcess> child(new ChildProcess());
   int pipe_fds[2];
   if (pipe2(pipe_fds, O_CLOEXEC) != 0) return Status::Internal("pipe failed");
@@ -42,7 +43,8 @@ Result<std::unique_ptr<ChildProcess>> ChildProcess::Spawn(
   posix_spawn_file_actions_adddup2(&actions, pipe_fds[1], STDOUT_FILENO);
   posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, child->stderr_path_.c_str(),
                                    O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::vector<std::string> argv_storage = {EEP_BIN};
+  std::vector<std::string> argv_storage = prefix;
+  argv_storage.push_back(EEP_BIN);
   argv_storage.insert(argv_storage.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : argv_storage) argv.push_back(a.data());
@@ -61,12 +63,15 @@ Result<std::unique_ptr<ChildProcess>> ChildProcess::Spawn(
   for (auto& e : env_storage) envp.push_back(e.data());
   envp.push_back(nullptr);
 
-  int rc = posix_spawn(&child->pid_, EEP_BIN, &actions, nullptr, argv.data(), envp.data());
+  // With a prefix (e.g. `ip netns exec NS`, which execs in place) its first word is the program.
+  const std::string program = prefix.empty() ? std::string(EEP_BIN) : prefix.front();
+  int rc = prefix.empty() ? posix_spawn(&child->pid_, program.c_str(), &actions, nullptr, argv.data(), envp.data())
+                          : posix_spawnp(&child->pid_, program.c_str(), &actions, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&actions);
   close(pipe_fds[1]);
   if (rc != 0) {
     close(pipe_fds[0]);
-    return Status::Internal(std::string("posix_spawn of " EEP_BIN " failed: ") + std::strerror(rc));
+    return Status::Internal("posix_spawn of " + program + " failed: " + std::strerror(rc));
   }
   child->stdout_fd_ = pipe_fds[0];
   return child;

@@ -16,9 +16,12 @@ namespace eep::testing {
 // destruction if still running.
 class ChildProcess {
  public:
-  // `env` entries are added to (or override) this process's environment.
+  // `env` entries are added to (or override) this process's environment. A non-empty `prefix`
+  // runs `PREFIX... eep ARGS...` instead (PREFIX[0] looked up in PATH), e.g. on a test host:
+  // {"ip", "netns", "exec", NAME}.
   static Result<std::unique_ptr<ChildProcess>> Spawn(
-      const std::vector<std::string>& args, const std::map<std::string, std::string>& env = {});
+      const std::vector<std::string>& args, const std::map<std::string, std::string>& env = {},
+      const std::vector<std::string>& prefix = {});
   ~ChildProcess();
 
   pid_t pid() const { return pid_; }
