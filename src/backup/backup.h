@@ -23,8 +23,10 @@
 // That "stripe" rule ignores where experts are served, so losing a whole node can take an
 // expert's only GPU copy and its only DRAM copy together. The "anti-affinity" rule (what
 // `eep node` uses on several hosts) keeps each expert's DRAM copy off the node that serves it:
-//   home(e) = floor(e * N / E)            the node whose ranks serve e when ranks fill nodes in
-//                                         order (eep's placement: contiguous expert blocks)
+//   home(e) = min(N - 1, floor(e / K))    the node holding e's primary replica: slot e of K
+//                                         physical slots per node (ranks fill nodes in order,
+//                                         every node runs as many ranks; `eep node` passes K,
+//                                         else K = ceil(E / N))
 //   copies on (home(e) + 1 + j) mod N,   j = 0 .. R-1,  1 <= R <= N-1
 // so a node's death never takes an expert's DRAM copy with its primary replicas, as long as
 // the expert is still served from its home node. EPLB or an earlier failover may move an
@@ -88,8 +90,10 @@ const char* BackupPlacementName(BackupPlacement p);
 // kInvalidArgument naming the flag when the rule cannot hold (anti-affinity: R <= N - 1 when
 // N > 1), on top of ValidateAssignment.
 Status ValidatePlacement(BackupPlacement p, int num_nodes, int replicas);
-// Nodes holding `expert` (of num_experts) under placement `p`, in order.
-std::vector<int> BackupNodesOf(BackupPlacement p, int64_t expert, int64_t num_experts, int num_nodes, int replicas);
+// Nodes holding `expert` (of num_experts) under placement `p`, in order. slots_per_node: K
+// above (0: ceil(E / N)).
+std::vector<int> BackupNodesOf(BackupPlacement p, int64_t expert, int64_t num_experts, int num_nodes, int replicas,
+                               int64_t slots_per_node = 0);
 
 // ---- Descriptor -----------------------------------------------------------------------------
 
@@ -129,6 +133,7 @@ struct BackupManagerOptions {
   int num_nodes = 1;
   int replicas = 1;
   BackupPlacement placement = BackupPlacement::kStripe;
+  int64_t slots_per_node = 0;  // anti-affinity: physical expert slots per node (0: ceil(E / N))
   // ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:0 (port 0: any free port) or ipc:///tmp/x.
   std::string listen_endpoint = "tcp://127.0.0.1:0";
   std::string transport = "shm";  // a transfer backend name (transfer::BackendNames())

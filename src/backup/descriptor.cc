@@ -1,4 +1,5 @@
 // Assignment rule, descriptor (de)serialisation and the ZeroMQ request helper.
+#include <algorithm>
 #include <fmt/format.h>
 
 #include <zmq.hpp>
@@ -52,10 +53,12 @@ Status ValidatePlacement(BackupPlacement p, int num_nodes, int replicas) {
   return Status::Ok();
 }
 
-std::vector<int> BackupNodesOf(BackupPlacement p, int64_t expert, int64_t num_experts, int num_nodes, int replicas) {
+std::vector<int> BackupNodesOf(BackupPlacement p, int64_t expert, int64_t num_experts, int num_nodes, int replicas,
+                               int64_t slots_per_node) {
   if (p == BackupPlacement::kStripe || num_nodes == 1 || num_experts <= 0)
     return NodesHoldingExpert(expert, num_nodes, replicas);
-  const int home = static_cast<int>(expert * num_nodes / num_experts);
+  const int64_t k = slots_per_node > 0 ? slots_per_node : (num_experts + num_nodes - 1) / num_nodes;
+  const int home = static_cast<int>(std::min<int64_t>(num_nodes - 1, expert / k));
   std::vector<int> nodes;
   for (int j = 0; j < replicas; ++j) nodes.push_back((home + 1 + j) % num_nodes);
   return nodes;

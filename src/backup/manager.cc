@@ -94,7 +94,8 @@ Result<std::unique_ptr<ExpertBackupManager>> ExpertBackupManager::Create(
   const auto shapes = config.ExpertTensorShapes();
   for (int64_t layer : config.MoeLayers()) {
     for (int64_t e = 0; e < config.num_experts; ++e) {
-      const auto holders = BackupNodesOf(options.placement, e, config.num_experts, options.num_nodes, options.replicas);
+      const auto holders = BackupNodesOf(options.placement, e, config.num_experts, options.num_nodes, options.replicas,
+                                         options.slots_per_node);
       if (std::find(holders.begin(), holders.end(), options.node_rank) == holders.end()) continue;
       const auto names = config.ExpertTensorNames(layer, e);
       for (int k = 0; k < 3; ++k) {

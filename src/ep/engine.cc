@@ -313,9 +313,9 @@ class EpEngine::Impl {
 
   // A node whose etcd lease lapsed is gone with every rank on it, and a leader record naming
   // another coordinator deposes this one (checked a few times a second).
-  void CheckNodes() {
+  void CheckNodes(bool force = false) {
     const double now = NowSeconds();
-    if (!etcd || deposed || now - last_node_check < HeartbeatTimeout() / 4) return;
+    if (!etcd || deposed || (!force && now - last_node_check < HeartbeatTimeout() / 4)) return;
     last_node_check = now;
     if (auto leader = etcd->Get(keys.Leader()); leader.ok() && *leader) {
       auto j = nlohmann::json::parse((*leader)->value, nullptr, false);
@@ -330,7 +330,24 @@ class EpEngine::Impl {
     auto kvs = etcd->GetPrefix(keys.Nodes());
     if (!kvs.ok()) return;  // etcd unreachable: heartbeats still decide
     std::set<std::string> present;
-    for (const auto& kv : *kvs) present.insert(kv.key.substr(keys.Nodes().size()));
+    for (const auto& kv : *kvs) {
+      auto rec = NodeRecord::FromJson(kv.value);
+      if (!rec.ok()) continue;
+      present.insert(rec->name);
+      // A host that joined (or came back) since: its agent can run ranks of a scale-up.
+      bool known = false;
+      for (const NodeConn& n : nodes) known = known || (n.alive && n.rec.name == rec->name && n.rec.endpoint == rec->endpoint);
+      if (!known) (void)AddNode({rec->name, rec->endpoint, rec->capacity});
+    }
+    if (auto backups = etcd->GetPrefix(keys.Backups()); backups.ok()) {
+      // Ranks started from now on reach the backup managers that exist now.
+      std::vector<std::string> endpoints;
+      for (const auto& kv : *backups) {
+        auto j = nlohmann::json::parse(kv.value, nullptr, false);
+        if (j.is_object() && j.contains("endpoint")) endpoints.push_back(j["endpoint"].get<std::string>());
+      }
+      opts.backup_endpoints = endpoints;
+    }
     for (size_t n = 0; n < nodes.size(); ++n) {
       if (!nodes[n].alive || present.count(nodes[n].rec.name)) continue;
       nodes[n].alive = false;
@@ -656,19 +673,23 @@ class EpEngine::Impl {
     }
     if (!opts.nodes.empty() && opts.communicator == "shm")
       return Status::InvalidArgument("--ep-communicator shm cannot span hosts: use ucx (or nccl)");
-    for (const RemoteNode& r : opts.nodes) {
-      NodeConn n;
-      n.rec = r;
-      n.sock = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
-      try {
-        n.sock->set(zmq::sockopt::linger, 0);
-        n.sock->connect(r.endpoint);
-      } catch (const zmq::error_t& e) {
-        return Status::IOError(fmt::format("node {} at {}: {}", r.name, r.endpoint, e.what()));
-      }
-      (void)SendControl(*n.sock, "", {{{"type", "hello"}}, ""});  // makes this coordinator the one it reports to
-      nodes.push_back(std::move(n));
+    for (const RemoteNode& r : opts.nodes) EEP_RETURN_IF_ERROR(AddNode(r));
+    return Status::Ok();
+  }
+
+  Status AddNode(const RemoteNode& r) {
+    NodeConn n;
+    n.rec = r;
+    n.sock = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
+    try {
+      n.sock->set(zmq::sockopt::linger, 0);
+      n.sock->connect(r.endpoint);
+    } catch (const zmq::error_t& e) {
+      return Status::IOError(fmt::format("node {} at {}: {}", r.name, r.endpoint, e.what()));
     }
+    (void)SendControl(*n.sock, "", {{{"type", "hello"}}, ""});  // makes this coordinator the one it reports to
+    if (!nodes.empty()) EEP_LOG_INFO("ep: node {} joined ({} rank slot(s))", r.name, r.capacity);
+    nodes.push_back(std::move(n));
     return Status::Ok();
   }
 
@@ -971,6 +992,7 @@ class EpEngine::Impl {
     if (in_progress) {
       // Already on its way: only wait for it (below) if asked.
     } else if (n > cur) {
+      if (Remote()) CheckNodes(true);  // hosts that joined since the last look
       for (int i = 0; i < n - cur; ++i) {
         const int id = static_cast<int>(procs.size());
         EEP_RETURN_IF_ERROR(Spawn(id, "joining"));

@@ -181,9 +181,9 @@ struct MembershipEvent {
 struct RankInfo {
   int rank = 0;
   int pid = 0;
-  std::string node;   // host (node agent) it runs on; empty: a child of this process
   std::string state;  // alive | joining | draining | dead | left
   int64_t num_seqs = 0;
+  std::string node;   // host (node agent) it runs on; empty: a child of this process
 };
 
 struct ClusterInfo {

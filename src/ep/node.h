@@ -10,6 +10,10 @@
 //                   written with compare-and-swap on its mod revision, so a coordinator that was
 //                   replaced cannot overwrite a newer epoch
 //   nodes/<name>    {"name", "address", "endpoint", "capacity", "backup", "node_rank"}  leased
+//   backups/<name>  {"endpoint", "node_rank", "num_nodes", "replicas", "placement",
+//                    "slots_per_node", "model"}  leased: the host's backup manager; its full
+//                   descriptor (every tensor's offset, size, shape, dtype, transport region)
+//                   is served at "endpoint" ("describe"), too large for an etcd value
 //
 // Node wire protocol (ZeroMQ; the node binds a ROUTER, each coordinator connects a DEALER):
 //   coordinator → node  {"type": "spawn", "rank", "control", "heartbeat", "session", "log_level"}
@@ -41,6 +45,8 @@ struct ClusterKeys {
   std::string State() const { return Prefix() + "state"; }
   std::string Nodes() const { return Prefix() + "nodes/"; }
   std::string Node(const std::string& name) const { return Nodes() + name; }
+  std::string Backups() const { return Prefix() + "backups/"; }
+  std::string Backup(const std::string& name) const { return Backups() + name; }
 };
 
 // A host as registered by its node agent.
@@ -64,9 +70,12 @@ struct NodeAgentOptions {
   std::string name;                    // unique per host; default: the host name
   std::string address = "127.0.0.1";  // this host's address as the others see it
   int capacity = 1;                    // --ranks
+  std::vector<int> gpus;               // --gpus: one rank per listed GPU (capacity = their count);
+                                       // each rank sees only its GPU (CUDA_VISIBLE_DEVICES)
   std::string model_dir;
   bool expert_backup = true;
   int node_rank = 0, num_nodes = 1, backup_replicas = 1;
+  int64_t num_redundant_experts = 0;   // as the coordinator's: the backup rule needs the slot layout
   std::string backup_placement = "anti-affinity";
   std::string backup_transport = "ucx";
   std::string worker_binary;           // empty: this executable

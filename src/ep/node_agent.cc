@@ -16,7 +16,9 @@
 #include "core/logging.h"
 #include "core/util.h"
 #include "ep/control.h"
+#include "ep/ep.h"
 #include "ep/node.h"
+#include "model/config.h"
 
 extern char** environ;
 
@@ -83,6 +85,7 @@ namespace {
 struct LocalRank {
   pid_t pid = -1;
   int pidfd = -1;
+  int gpu = -1;  // the GPU it was given (--gpus)
 };
 
 class NodeAgent {
@@ -95,6 +98,7 @@ class NodeAgent {
 
   Status Run(const std::atomic<bool>& stop, const std::function<void(const NodeRecord&)>& on_ready) {
     if (o_.name.empty()) return Status::InvalidArgument("--name: empty node name");
+    if (!o_.gpus.empty()) o_.capacity = static_cast<int>(o_.gpus.size());
     if (o_.capacity < 1) return Status::InvalidArgument(fmt::format("--ranks must be >= 1, got {}", o_.capacity));
     EEP_ASSIGN_OR_RETURN(etcd_, cluster::EtcdClient::Connect(o_.coordinator));
     try {
@@ -113,14 +117,24 @@ class NodeAgent {
       EEP_ASSIGN_OR_RETURN(auto placement, backup::ParseBackupPlacement(o_.backup_placement));
       EEP_RETURN_IF_ERROR(backup::ValidateAssignment(o_.node_rank, o_.num_nodes, o_.backup_replicas));
       EEP_RETURN_IF_ERROR(backup::ValidatePlacement(placement, o_.num_nodes, o_.backup_replicas));
+      // Physical slots per node as the coordinator lays them out when every node runs
+      // `capacity` ranks: the anti-affinity rule keeps each expert's copy off its primary's node.
+      EEP_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(o_.model_dir));
+      EEP_ASSIGN_OR_RETURN(SlotLayout layout, MakeSlotLayout(config.num_experts, o_.num_redundant_experts,
+                                                             o_.num_nodes * o_.capacity));
+      const int64_t slots_per_node = layout.slots_per_rank * o_.capacity;
       constexpr int64_t kBackupStartMs = 600000;  // loading every expert of a large checkpoint
       EEP_ASSIGN_OR_RETURN(
           sidecar_, backup::BackupSidecar::Start(binary, o_.model_dir, o_.node_rank, o_.num_nodes, o_.backup_transport,
                                                  {"--listen", fmt::format("tcp://{}:0", o_.address), "--replicas",
                                                   std::to_string(o_.backup_replicas), "--backup-placement",
-                                                  o_.backup_placement},
+                                                  o_.backup_placement, "--slots-per-node", std::to_string(slots_per_node)},
                                                  kBackupStartMs));
       record_.backup = sidecar_->endpoint();
+      backup_record_ = {{"endpoint", record_.backup},        {"node_rank", o_.node_rank},
+                        {"num_nodes", o_.num_nodes},          {"replicas", o_.backup_replicas},
+                        {"placement", o_.backup_placement},   {"slots_per_node", slots_per_node},
+                        {"model", o_.model_dir}};
       EEP_LOG_INFO("node {}: DRAM expert backup (node {} of {}, {}) at {}", o_.name, o_.node_rank, o_.num_nodes,
                    o_.backup_placement, record_.backup);
     }
@@ -129,6 +143,8 @@ class NodeAgent {
     EEP_ASSIGN_OR_RETURN(lease_, cluster::LeaseKeeper::Start(o_.coordinator, o_.lease_ttl_s, [&lease_lost] { lease_lost = true; }));
     ClusterKeys keys{o_.cluster};
     EEP_RETURN_IF_ERROR(etcd_->Put(keys.Node(o_.name), record_.ToJson().dump(), lease_->id()).status());
+    if (sidecar_)
+      EEP_RETURN_IF_ERROR(etcd_->Put(keys.Backup(o_.name), backup_record_.dump(), lease_->id()).status());
     EEP_LOG_INFO("node {}: registered at {} ({} rank slot(s)), control {}", o_.name, keys.Node(o_.name), o_.capacity,
                  record_.endpoint);
     if (on_ready) on_ready(record_);
@@ -235,15 +251,35 @@ class NodeAgent {
     sigemptyset(&none);
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    // With --gpus, the lowest listed GPU no rank of this node uses, and only it visible.
+    int gpu = -1;
+    std::vector<std::string> env_storage;
+    for (char** e = environ; *e != nullptr; ++e)
+      if (o_.gpus.empty() || std::string(*e).rfind("CUDA_VISIBLE_DEVICES=", 0) != 0) env_storage.emplace_back(*e);
+    if (!o_.gpus.empty()) {
+      for (int g : o_.gpus) {
+        bool used = false;
+        for (const auto& [id, r] : ranks_) used |= r.gpu == g;
+        if (!used) {
+          gpu = g;
+          break;
+        }
+      }
+      env_storage.push_back(fmt::format("CUDA_VISIBLE_DEVICES={}", gpu));
+    }
+    std::vector<char*> envp;
+    for (auto& e : env_storage) envp.push_back(e.data());
+    envp.push_back(nullptr);
     pid_t pid = 0;
-    const int rc = posix_spawn(&pid, binary.c_str(), nullptr, &attr, argv.data(), environ);
+    const int rc = posix_spawn(&pid, binary.c_str(), nullptr, &attr, argv.data(), envp.data());
     posix_spawnattr_destroy(&attr);
     if (rc != 0) return Status::IOError(fmt::format("node {}: cannot start rank {}: {}", o_.name, rank, std::strerror(rc)));
     LocalRank r;
     r.pid = pid;
     r.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    r.gpu = gpu;
     ranks_[rank] = r;
-    EEP_LOG_INFO("node {}: started rank {} (pid {})", o_.name, rank, pid);
+    EEP_LOG_INFO("node {}: started rank {} (pid {}{})", o_.name, rank, pid, gpu >= 0 ? fmt::format(", GPU {}", gpu) : "");
     return Status::Ok();
   }
 
@@ -274,6 +310,7 @@ class NodeAgent {
 
   NodeAgentOptions o_;
   NodeRecord record_;
+  nlohmann::json backup_record_;
   std::unique_ptr<cluster::EtcdClient> etcd_;
   std::unique_ptr<cluster::LeaseKeeper> lease_;
   std::unique_ptr<backup::BackupSidecar> sidecar_;

@@ -106,8 +106,8 @@ class MultiHost {
   }
 
   // `eep node` on host 1 + k (node rank k of 2), 2 ranks, DRAM backup with anti-affinity.
-  Status StartNode(int k) {
-    const std::string name = k == 0 ? "hosta" : "hostb";
+  Status StartNode(int k, std::string name = "") {
+    if (name.empty()) name = k == 0 ? "hosta" : "hostb";
     EEP_ASSIGN_OR_RETURN(auto node, ChildProcess::Spawn({"node", "--coordinator", etcd_->url(), "--name", name, "--address",
                                                          addr_[1 + k], "--ranks", "2", "--model", ModelDir(), "--node-rank",
                                                          std::to_string(k), "--num-nodes", "2", "--lease-ttl", "1"},
@@ -293,6 +293,36 @@ TEST(Multinode, LosingAHostLosesNoRequest) {
   EXPECT_GT(ev["requeued_seqs"].get<int64_t>(), 0) << ev.dump();
   std::cerr << "[ multinode ] failover: " << ev.dump() << "\n";
   EXPECT_EQ(cluster["health"], "ok");
+
+  // A replacement host joins and the cluster grows back to 4 ranks under the same coordinator.
+  ASSERT_TRUE(mh.StartNode(1, "hostc").ok());
+  int scale_status = 0;
+  mh.OnHost0([&] {
+    httplib::Client c(mh.addr(0), port);
+    auto r = c.Post("/scale", R"({"ep_size": 4})", "application/json");
+    scale_status = r ? r->status : 0;
+  });
+  ASSERT_EQ(scale_status, 202);
+  bool grown = false;
+  mh.OnHost0([&] {
+    nlohmann::json last;
+    grown = serve::test::WaitForCluster(
+        mh.addr(0), port,
+        [](const nlohmann::json& j) {
+          int alive = 0, on_c = 0;
+          for (const auto& r : j["ranks"]) {
+            alive += r["state"] == "alive";
+            on_c += r["state"] == "alive" && r["node"] == "hostc";
+          }
+          return alive == 4 && on_c == 2;
+        },
+        std::chrono::steady_clock::now() + std::chrono::seconds(60), &last, 50);
+  });
+  ASSERT_TRUE(grown) << ClusterJson(mh, port).dump();
+  const auto regrown = RunLoad(mh, {port}, port, 0, nullptr);
+  for (int i = 0; i < kRequests; ++i)
+    EXPECT_EQ(regrown[static_cast<size_t>(i)].tokens, reference[static_cast<size_t>(i)].tokens) << "request " << i;
+  EXPECT_EQ(ClusterJson(mh, port)["events"].back()["kind"], "scale-up");
 }
 
 TEST(Multinode, StandbyCoordinatorTakesOver) {

@@ -98,6 +98,9 @@ TEST(EplbRecorder, ConcurrentRecordingLosesNothing) {
   std::vector<std::thread> writers;
   for (int t = 0; t < kThreads; ++t) {
     writers.emplace_back([&, t] {
+      // Start once the driver runs, so that recording and advancing overlap even when the
+      // scheduler of a loaded 2-core machine would run the writers first.
+      while (steps.load() == 0) std::this_thread::yield();
       std::vector<int32_t> ids(8);
       for (int b = 0; b < kBatches; ++b) {
         for (int i = 0; i < 8; ++i) ids[i] = (t * 7 + b * 3 + i) % kExperts;

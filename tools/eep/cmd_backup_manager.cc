@@ -58,6 +58,9 @@ EEP_REGISTER_COMMAND(
                       "stripe: expert e on nodes (e+j) mod N; anti-affinity: on nodes other than "
                       "the one serving it (src/backup/backup.h)")
           ->default_val("stripe");
+      app->add_option("--slots-per-node", opts->slots_per_node,
+                      "anti-affinity: physical expert slots per node (default ceil(E/N))")
+          ->check(CLI::NonNegativeNumber);
       app->add_flag("--pin-memory", opts->pin_memory,
                     "lock the backup region in RAM (needs ulimit -l) and, in a CUDA build with a "
                     "GPU, register it with CUDA (cudaHostRegister)");

@@ -34,12 +34,16 @@ EEP_REGISTER_COMMAND(
       app->add_option("--name", o->name, "unique node name (default: the host name)");
       app->add_option("--address", o->address, "this host's address as the other hosts reach it")->default_val("127.0.0.1");
       app->add_option("--ranks", o->capacity, "ranks this host may run")->default_val(1)->check(CLI::PositiveNumber);
+      app->add_option("--gpus", o->gpus, "GPUs of this host, one rank each (e.g. 0,1,2,3); sets --ranks")->delimiter(',');
       app->add_option("--model", o->model_dir, "checkpoint directory (the same path on every host)")->required();
       app->add_option("--expert-backup", *backup, "start this host's DRAM backup manager: on | off")
           ->check(CLI::IsMember({"on", "off"}));
       app->add_option("--node-rank", o->node_rank, "this host's index K in [0, N) for the backup assignment")->default_val(0);
       app->add_option("--num-nodes", o->num_nodes, "hosts N sharing the backup")->default_val(1);
       app->add_option("--backup-replicas", o->backup_replicas, "DRAM copies of each expert across hosts")->default_val(1);
+      app->add_option("--num-redundant-experts", o->num_redundant_experts,
+                      "as given to the coordinator (the backup rule follows the slot layout)")
+          ->default_val(0);
       app->add_option("--backup-placement", o->backup_placement, "anti-affinity (default) | stripe (src/backup/backup.h)")
           ->default_val("anti-affinity");
       app->add_option("--backup-transport", o->backup_transport, "transfer backend of the backup (ucx crosses hosts)")

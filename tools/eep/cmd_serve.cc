@@ -125,9 +125,13 @@ eep::Status SetUpCluster(const ServeCliOptions& o, eep::ep::EpOptions* ep, std::
   }
   std::sort(nodes.begin(), nodes.end(), [](const auto& a, const auto& b) { return a.node_rank < b.node_rank || (a.node_rank == b.node_rank && a.name < b.name); });
   ep->backup_endpoints.clear();
-  for (const auto& n : nodes) {
-    ep->nodes.push_back({n.name, n.endpoint, n.capacity});
-    if (!n.backup.empty()) ep->backup_endpoints.push_back(n.backup);
+  for (const auto& n : nodes) ep->nodes.push_back({n.name, n.endpoint, n.capacity});
+  // The hosts' backup managers as they published themselves.
+  EEP_ASSIGN_OR_RETURN(auto backups, (*etcd)->GetPrefix(keys.Backups()));
+  for (const auto& kv : backups) {
+    auto j = nlohmann::json::parse(kv.value, nullptr, false);
+    if (!j.is_object() || !j.contains("endpoint")) return eep::Status::Corruption(kv.key + ": malformed backup record");
+    ep->backup_endpoints.push_back(j["endpoint"].get<std::string>());
   }
   if (ep->communicator == "shm") {
     EEP_LOG_INFO("serve: ranks span hosts: data plane over ucx");
