@@ -490,12 +490,14 @@ class EpEngine::Impl {
       }
       const int id = it->second;
       Proc& p = procs[static_cast<size_t>(id)];
-      if (p.state == "joining" && p.prefetching && !p.prefetched && (type == "prefetched" || type == "error")) {
-        // Background prefetch of a joining rank finished (an error only costs the switch more).
+      if (type == "prefetched") {
+        // A rank's background prefetch for a scaling step finished (an error only costs the
+        // switch more: what was not read moves in the blocking window).
+        if (!p.prefetching || p.prefetched) continue;  // of a plan given up
         p.prefetched = true;
         p.prefetch_report = m->header.value("restore", nlohmann::json::object());
-        if (type == "error") EEP_LOG_WARN("ep: rank {}: prefetch failed: {}", id, m->header.value("message", ""));
-        else EEP_LOG_INFO("ep: rank {} prefetched its experts in {:.1f} ms", id, m->header["restore"].value("seconds", 0.0) * 1000);
+        if (m->header.contains("error")) EEP_LOG_WARN("ep: rank {}: prefetch failed: {}", id, m->header.value("error", ""));
+        else EEP_LOG_INFO("ep: rank {} prefetched its experts in {:.1f} ms", id, p.prefetch_report.value("seconds", 0.0) * 1000);
         continue;
       }
       if (p.state == "joining" && !p.ready) {
@@ -963,19 +965,24 @@ class EpEngine::Impl {
       }
       break;
     }
+    bool all_prefetched = true;
+    for (const Proc& p : procs) all_prefetched = all_prefetched && (!p.Live() || !p.prefetching || p.prefetched);
     if (!joining.empty()) {
-      bool all_ready = true, all_prefetched = true;
-      for (int id : joining) {
-        all_ready = all_ready && procs[static_cast<size_t>(id)].ready;
-        all_prefetched = all_prefetched && procs[static_cast<size_t>(id)].prefetched;
-      }
+      bool all_ready = true;
+      for (int id : joining) all_ready = all_ready && procs[static_cast<size_t>(id)].ready;
       if (all_ready && backup_ready && !prefetch_plan) {
         EEP_RETURN_IF_ERROR(StartPrefetch());
       } else if (all_ready && (!prefetch_plan || all_prefetched)) {
         EEP_RETURN_IF_ERROR(ChangeMembers("scale-up", "scale to " + std::to_string(target_size), -1));
       }
+    } else if (!leaving.empty()) {
+      // The remaining ranks read the leavers' experts from the DRAM backup first, while serving.
+      if (backup_ready && !prefetch_plan) {
+        EEP_RETURN_IF_ERROR(StartPrefetch());
+      } else if (!prefetch_plan || all_prefetched) {
+        EEP_RETURN_IF_ERROR(ChangeMembers("scale-down", "scale to " + std::to_string(target_size), -1));
+      }
     }
-    if (!leaving.empty()) EEP_RETURN_IF_ERROR(ChangeMembers("scale-down", "scale to " + std::to_string(target_size), -1));
     return Status::Ok();
   }
 
@@ -1258,10 +1265,14 @@ class EpEngine::Impl {
     return std::max(S, (E + n - 1) / n);
   }
 
-  // Plans the scale-up now (from the placement in force) and has each joining rank read its
-  // future experts from the DRAM backup in the background; the switch waits for them.
+  // Plans the scaling step now (from the placement in force) and has every rank of the next
+  // membership read the experts it will hold but does not hold yet from the DRAM backup in the
+  // background (joining ranks while they wait, serving ranks between steps); the switch waits
+  // for them and then moves experts only locally.
   Status StartPrefetch() {
-    std::vector<int> next_members = members;
+    std::vector<int> next_members;
+    for (int id : members)
+      if (!Contains(leaving, id)) next_members.push_back(id);
     next_members.insert(next_members.end(), joining.begin(), joining.end());
     EEP_ASSIGN_OR_RETURN(const int64_t S, SlotsPerRank(static_cast<int>(next_members.size()), false));
     // What the serving ranks hold, as a hold would report it.
@@ -1279,21 +1290,24 @@ class EpEngine::Impl {
     }
     EEP_ASSIGN_OR_RETURN(Plan plan, PlanMembers(next_members, members, S, true, false));
     prefetch_plan = PrefetchPlan{next_members, S, plan.next};
-    for (size_t p = members.size(); p < next_members.size(); ++p) {
+    std::vector<int> fetching;
+    for (size_t p = 0; p < next_members.size(); ++p) {
       std::set<std::pair<int64_t, int32_t>> want;
       for (int64_t ml = 0; ml < num_moe_layers; ++ml)
         for (int64_t i = 0; i < S; ++i) {
           const int32_t e = plan.next[static_cast<size_t>(ml)][static_cast<size_t>(static_cast<int64_t>(p) * S + i)];
-          if (e >= 0) want.emplace(ml, e);
+          if (e >= 0 && !Holds(next_members[p], ml, e)) want.emplace(ml, e);
         }
+      if (want.empty()) continue;
       nlohmann::json experts = nlohmann::json::array();
       for (const auto& [ml, e] : want) experts.push_back({ml, e});
       Proc& proc = procs[static_cast<size_t>(next_members[p])];
       proc.prefetching = true;
+      fetching.push_back(proc.id);
       EEP_RETURN_IF_ERROR(Send(proc.id, {{"type", "prefetch"}, {"experts", experts}}));
     }
-    EEP_LOG_INFO("ep: scale-up planned; rank(s) {} prefetch their experts from the DRAM backup while serving goes on",
-                 fmt::join(joining, ","));
+    EEP_LOG_INFO("ep: {} planned; rank(s) [{}] prefetch their new experts from the DRAM backup while serving goes on",
+                 joining.empty() ? "scale-down" : "scale-up", fmt::join(fetching, ","));
     return Status::Ok();
   }
 

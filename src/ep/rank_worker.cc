@@ -492,6 +492,7 @@ class RankWorker {
     staged_.reset();
     next_comms_.clear();
     PruneComms();
+    (void)FinishPrefetch(true);  // what it read counts as held (cached) below
     Rollback(m.header.value("rollback_step", int64_t{-1}));
     if (m.header.value("drop_seqs", false)) {
       // A new coordinator: the sequences of the old one are gone with its clients.
@@ -515,19 +516,45 @@ class RankWorker {
   // A joining rank reads the experts it is planned to hold from the DRAM backup (the
   // checkpoint if the backup fails) while the others go on serving, so that the switch
   // itself moves (almost) nothing.
+  // Reads the experts this rank is planned to hold after a scaling step (a joining rank, or a
+  // serving one that takes over a leaving rank's experts) from the DRAM backup in the
+  // background, while steps go on; "prefetched" is sent when done (FinishPrefetch).
   Result<ControlMessage> Prefetch(const ControlMessage& m) {
     std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, index, expert, source)
     for (const auto& it : m.header["experts"])
       fetch.emplace_back(it[0].get<int64_t>(), static_cast<int64_t>(fetch.size()), it[1].get<int32_t>(), kFromBackup);
-    const double t0 = NowSeconds();
-    Staged staged;
-    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged));
-    for (auto& slot : staged.slots) {
-      const auto& f = fetch[static_cast<size_t>(slot.slot)];
-      prefetched_[{std::get<0>(f), std::get<2>(f)}] = std::move(slot.data);
+    if (prefetch_.valid()) (void)prefetch_.get();  // a previous plan's: superseded
+    prefetch_epoch_ = m.header.value("epoch", epoch_.load());
+    prefetch_ = std::async(std::launch::async, [this, fetch]() -> Result<Prefetched> {
+      const double t0 = NowSeconds();
+      Prefetched out;
+      Staged staged;
+      EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged));
+      for (auto& slot : staged.slots) {
+        const auto& f = fetch[static_cast<size_t>(slot.slot)];
+        out.experts[{std::get<0>(f), std::get<2>(f)}] = std::move(slot.data);
+      }
+      staged.seconds = NowSeconds() - t0;
+      out.report = staged.Report();
+      return out;
+    });
+    return ControlMessage{{{"type", "none"}}, ""};  // answered later
+  }
+
+  // Takes in a finished background prefetch (or waits for it when `wait`). Returns the message
+  // that reports it, if one is due.
+  std::optional<ControlMessage> FinishPrefetch(bool wait) {
+    if (!prefetch_.valid()) return std::nullopt;
+    if (!wait && prefetch_.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return std::nullopt;
+    auto done = prefetch_.get();
+    nlohmann::json header{{"type", "prefetched"}, {"epoch", prefetch_epoch_}};
+    if (done.ok()) {
+      for (auto& [key, data] : done->experts) prefetched_[key] = std::move(data);
+      header["restore"] = done->report;
+    } else {
+      header["error"] = done.status().ToString();  // only costs the switch more
     }
-    staged.seconds = NowSeconds() - t0;
-    return ControlMessage{{{"type", "prefetched"}, {"restore", staged.Report()}}, ""};
+    return ControlMessage{header, ""};
   }
 
   Result<ControlMessage> BuildComm(const ControlMessage& m) {
@@ -818,8 +845,10 @@ class RankWorker {
       return m;
     }
     // Ranks that follow a leader look for a new coordinator between commands.
-    const int64_t idle_poll_ms = coordinator_url_.empty() ? 1000 : 100;
+    // A background prefetch is reported as soon as it ends: poll often while one runs.
+    const int64_t idle_poll_ms = prefetch_.valid() ? 5 : coordinator_url_.empty() ? 1000 : 100;
     MaybeReconnect();
+    if (auto done = FinishPrefetch(false)) (void)SendControl(socket_, "", *done);
     return RecvControl(socket_, nullptr, idle_poll_ms);
   }
 
@@ -909,6 +938,7 @@ class RankWorker {
         (void)SendControl(socket_, "", {err, ""});
         continue;
       }
+      if (reply->header.value("type", "") == "none") continue;
       reply->header["epoch"] = epoch;
       if (!SendControl(socket_, "", *reply).ok()) return 1;
       if (leave) return 0;
@@ -948,6 +978,12 @@ class RankWorker {
   std::map<std::pair<int64_t, int32_t>, std::vector<float>> prefetched_;  // (layer, expert), joining rank
   std::unique_ptr<backup::ExpertBackupClient> backup_;  // null when not configured
   std::future<Result<Staged>> async_;
+  struct Prefetched {
+    std::map<std::pair<int64_t, int32_t>, std::vector<float>> experts;
+    nlohmann::json report;
+  };
+  std::future<Result<Prefetched>> prefetch_;  // background prefetch of a scaling step
+  int64_t prefetch_epoch_ = 0;
   nlohmann::json pending_phy2log_;
   std::unique_ptr<EpMoeExecutor> executor_;
   std::map<int64_t, SeqState> seqs_;

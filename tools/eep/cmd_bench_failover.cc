@@ -51,6 +51,8 @@ struct FailoverFlags {
   std::string model;
   int ep = 4;
   std::string communicator = "shm";
+  std::string backend = "cpu";  // cpu | cuda: where every rank computes (cuda: ranks share GPU 0
+                                // over shm/ucx, or one GPU each over nccl)
   int seqs = 16;
   int kill_rank = 2;
   int kill_after_steps = 12;
@@ -207,6 +209,7 @@ Result<RunResult> RunOnce(const FailoverFlags& f, const std::string& backup_endp
   eep::ep::EpOptions opts;
   opts.ep_size = f.ep;
   opts.communicator = f.communicator;
+  opts.backend = f.backend;
   opts.log_level = f.rank_log_level;
   if (!backup_endpoint.empty()) opts.backup_endpoints = {backup_endpoint};
   const double t_start = eep::NowSeconds();
@@ -345,6 +348,7 @@ int RunBench(FailoverFlags f) {
   out["checkpoint_bytes"] = total_bytes;
   out["ep"] = f.ep;
   out["communicator"] = f.communicator;
+  out["backend"] = f.backend;
   out["seqs"] = f.seqs;
   out["kill_rank"] = f.kill_rank;
   out["backup"] = f.backup;
@@ -400,8 +404,8 @@ int RunBench(FailoverFlags f) {
   fmt::print("eep bench failover: {} ({:.2f} GiB, experts {:.2f} GiB: {} MoE layers x {} experts, hidden {}, expert {}, top-{})\n",
              f.model, total_bytes / double(1 << 30), expert_bytes / double(1 << 30), config->MoeLayers().size(),
              config->num_experts, config->hidden_size, config->ExpertIntermediate(), config->num_experts_per_tok);
-  fmt::print("{} CPU ranks ({}), {} greedy sequences decoding, rank {} SIGKILLed {} ms into step {}; DRAM backup {}{}\n",
-             f.ep, f.communicator, f.seqs, f.kill_rank, f.kill_delay_ms, f.kill_after_steps + 1, f.backup,
+  fmt::print("{} {} ranks ({}), {} greedy sequences decoding, rank {} SIGKILLed {} ms into step {}; DRAM backup {}{}\n",
+             f.ep, f.backend == "cuda" ? "CUDA" : "CPU", f.communicator, f.seqs, f.kill_rank, f.kill_delay_ms, f.kill_after_steps + 1, f.backup,
              sidecar_s > 0 ? fmt::format(" (manager started in {:.1f} s)", sidecar_s) : "");
   fmt::print("{:<44}", "");
   for (size_t i = 0; i < runs.size(); ++i) fmt::print("{:>12}", fmt::format("run {}", i + 1));
@@ -480,7 +484,9 @@ EEP_REGISTER_BENCH(failover, "failover",
                      auto f = std::make_shared<FailoverFlags>();
                      app->add_option("--model", f->model, "make-model checkpoint (see bench/failover.md)")->required();
                      app->add_option("--ep", f->ep, "rank processes")->check(CLI::Range(2, 64));
-                     app->add_option("--communicator", f->communicator, "shm | ucx");
+                     app->add_option("--communicator", f->communicator, "shm | ucx | nccl (one GPU per rank)");
+                     app->add_option("--backend", f->backend, "where every rank computes: cpu | cuda")
+                         ->check(CLI::IsMember({"cpu", "cuda"}));
                      app->add_option("--seqs", f->seqs, "sequences decoding in every step")->check(CLI::Range(1, 4096));
                      app->add_option("--kill-rank", f->kill_rank, "rank whose process is SIGKILLed");
                      app->add_option("--kill-after-steps", f->kill_after_steps,
