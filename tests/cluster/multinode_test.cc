@@ -274,7 +274,13 @@ TEST(Multinode, LosingAHostLosesNoRequest) {
 
   const pid_t node_b = mh.nodes()[1]->pid();
   const int64_t steps = ClusterJson(mh, port).value("steps", int64_t{0});
-  const auto outs = RunLoad(mh, {port}, port, steps + 6, [&] { mh.KillHost(2, node_b); });
+  auto t_kill = std::chrono::steady_clock::now();
+  const auto outs = RunLoad(mh, {port}, port, steps + 6, [&] {
+    t_kill = std::chrono::steady_clock::now();
+    mh.KillHost(2, node_b);
+  });
+  std::cerr << "[ multinode ] host killed -> all " << kRequests << " requests done: "
+            << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_kill).count() << " s\n";
   for (int i = 0; i < kRequests; ++i)
     EXPECT_EQ(outs[static_cast<size_t>(i)].tokens, reference[static_cast<size_t>(i)].tokens)
         << "request " << i << ": " << outs[static_cast<size_t>(i)].error;
@@ -347,8 +353,12 @@ TEST(Multinode, StandbyCoordinatorTakesOver) {
 
   // Clients know both addresses and retry; the active coordinator dies with requests in flight.
   const int64_t steps = ClusterJson(mh, port).value("steps", int64_t{0});
-  const auto outs = RunLoad(mh, {port, standby_port}, port, steps + 6,
-                            [&] { (*active)->Signal(SIGKILL); });
+  auto t_kill = std::chrono::steady_clock::now();
+  const auto outs = RunLoad(mh, {port, standby_port}, port, steps + 6, [&] {
+    t_kill = std::chrono::steady_clock::now();
+    (*active)->Signal(SIGKILL);
+  });
+  const double kill_to_done = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_kill).count();
   for (int i = 0; i < kRequests; ++i)
     EXPECT_EQ(outs[static_cast<size_t>(i)].tokens, reference[static_cast<size_t>(i)].tokens)
         << "request " << i << ": " << outs[static_cast<size_t>(i)].error;
@@ -365,7 +375,8 @@ TEST(Multinode, StandbyCoordinatorTakesOver) {
   EXPECT_EQ(pids_after, pids_before) << after.dump();
   ASSERT_FALSE(after["events"].empty()) << after.dump();
   EXPECT_EQ(after["events"].back()["kind"], "takeover");
-  std::cerr << "[ multinode ] takeover: " << after["events"].back().dump() << ", " << retried << " request(s) retried\n";
+  std::cerr << "[ multinode ] takeover: " << after["events"].back().dump() << ", " << retried << " request(s) retried; coordinator killed -> all "
+            << kRequests << " requests done on the standby: " << kill_to_done << " s\n";
   EXPECT_GT(after["epoch"].get<int64_t>(), before["epoch"].get<int64_t>());
   EXPECT_EQ(after["health"], "ok");
 }
