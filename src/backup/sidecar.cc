@@ -46,29 +46,20 @@ Result<std::unique_ptr<BackupSidecar>> BackupSidecar::Start(const std::string& b
   if (std::find(extra_args.begin(), extra_args.end(), "--listen") == extra_args.end())
     args.insert(args.end(), {"--listen", "tcp://127.0.0.1:0"});
   args.insert(args.end(), extra_args.begin(), extra_args.end());
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
   posix_spawn_file_actions_adddup2(&fa, err_fd, STDERR_FILENO);
   // The manager handles SIGTERM itself, whatever the caller blocks (eep serve blocks it).
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
-  const int rc = posix_spawn(&s->pid_, binary.c_str(), &fa, &attr, argv.data(), environ);
-  posix_spawnattr_destroy(&attr);
+  auto pid = SpawnUnblocked(binary, args, nullptr, &fa);
   posix_spawn_file_actions_destroy(&fa);
   close(out[1]);
   close(err_fd);
-  if (rc != 0) {
+  if (!pid.ok()) {
     close(out[0]);
-    return Status::IOError(fmt::format("cannot start the backup manager ({}): {}", binary, std::strerror(rc)));
+    return pid.status().WithContext("the backup manager");
   }
+  s->pid_ = *pid;
   // Read until the `listening` line, the child's exit, or the deadline.
   std::string buf;
   const double deadline = NowSeconds() + static_cast<double>(timeout_ms) / 1000.0;

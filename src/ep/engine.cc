@@ -243,12 +243,8 @@ class EpEngine::Impl {
       NodeConn& n = nodes[static_cast<size_t>(p.node)];
       if (n.alive) (void)SendControl(*n.sock, "", {{{"type", "kill"}, {"rank", id}, {"epoch", epoch}}, ""});
     }
-    if (p.pid > 0) {
-      kill(p.pid, SIGKILL);
-      int status;
-      waitpid(p.pid, &status, 0);
-      p.pid = -1;
-    }
+    KillAndReap(p.pid);
+    p.pid = -1;
     if (p.pidfd >= 0) close(p.pidfd);
     p.pidfd = -1;
     if (!p.identity.empty()) id_of.erase(p.identity);

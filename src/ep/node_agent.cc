@@ -241,16 +241,7 @@ class NodeAgent {
                                   o_.coordinator,
                                   "--cluster",
                                   o_.cluster};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
     const std::string binary = o_.worker_binary.empty() ? "/proc/self/exe" : o_.worker_binary;
-    posix_spawnattr_t attr;
-    posix_spawnattr_init(&attr);
-    sigset_t none;
-    sigemptyset(&none);
-    posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
     // With --gpus, the lowest listed GPU no rank of this node uses, and only it visible.
     int gpu = -1;
     std::vector<std::string> env_storage;
@@ -270,16 +261,14 @@ class NodeAgent {
     std::vector<char*> envp;
     for (auto& e : env_storage) envp.push_back(e.data());
     envp.push_back(nullptr);
-    pid_t pid = 0;
-    const int rc = posix_spawn(&pid, binary.c_str(), nullptr, &attr, argv.data(), envp.data());
-    posix_spawnattr_destroy(&attr);
-    if (rc != 0) return Status::IOError(fmt::format("node {}: cannot start rank {}: {}", o_.name, rank, std::strerror(rc)));
+    auto pid = SpawnUnblocked(binary, args, envp.data());
+    if (!pid.ok()) return pid.status().WithContext(fmt::format("node {}: rank {}", o_.name, rank));
     LocalRank r;
-    r.pid = pid;
-    r.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    r.pid = *pid;
+    r.pidfd = static_cast<int>(syscall(SYS_pidfd_open, *pid, 0));
     r.gpu = gpu;
     ranks_[rank] = r;
-    EEP_LOG_INFO("node {}: started rank {} (pid {}{})", o_.name, rank, pid, gpu >= 0 ? fmt::format(", GPU {}", gpu) : "");
+    EEP_LOG_INFO("node {}: started rank {} (pid {}{})", o_.name, rank, *pid, gpu >= 0 ? fmt::format(", GPU {}", gpu) : "");
     return Status::Ok();
   }
 
@@ -298,12 +287,8 @@ class NodeAgent {
   }
 
   static void Kill(LocalRank& r) {
-    if (r.pid > 0) {
-      kill(r.pid, SIGKILL);
-      int status;
-      waitpid(r.pid, &status, 0);
-      r.pid = -1;
-    }
+    KillAndReap(r.pid);
+    r.pid = -1;
     if (r.pidfd >= 0) close(r.pidfd);
     r.pidfd = -1;
   }

@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "core/status.h"
+#include "core/util.h"
 
 namespace eep::transfer {
 
@@ -278,8 +279,8 @@ std::string DescribeBackends();
 Result<std::unique_ptr<Engine>> CreateEngine(const std::string& name,
                                              const EngineOptions& options = {});
 
-// base64 (RFC 4648, with padding), used for descriptor blobs.
-std::string Base64Encode(std::string_view bytes);
-Result<std::string> Base64Decode(std::string_view text);
+// base64 (RFC 4648, with padding), used for descriptor blobs: core/util.h's.
+using ::eep::Base64Decode;
+using ::eep::Base64Encode;
 
 }  // namespace eep::transfer
