@@ -331,19 +331,29 @@ TEST(Multinode, LosingAHostLosesNoRequest) {
   EXPECT_EQ(ClusterJson(mh, port)["events"].back()["kind"], "scale-up");
 }
 
+// Two hosts with their nodes, an active coordinator and a standby that is standing by.
+void StartWithStandby(MultiHost& mh, std::unique_ptr<ChildProcess>* active, int* port,
+                      std::unique_ptr<ChildProcess>* standby, int* standby_port) {
+  ASSERT_TRUE(mh.StartNode(0).ok());
+  ASSERT_TRUE(mh.StartNode(1).ok());
+  *port = mh.FreePort();
+  auto a = mh.StartCoordinator(*port, false);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  *active = std::move(*a);
+  *standby_port = mh.FreePort();
+  while (*standby_port == *port) *standby_port = mh.FreePort();
+  auto s = mh.StartCoordinator(*standby_port, true);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  *standby = std::move(*s);
+  ASSERT_TRUE((*standby)->WaitForStderr("standing by", 30000)) << (*standby)->Stderr();
+}
+
 TEST(Multinode, StandbyCoordinatorTakesOver) {
   MultiHost mh;
   if (std::string skip = mh.Start(); !skip.empty()) GTEST_SKIP() << skip;
-  ASSERT_TRUE(mh.StartNode(0).ok());
-  ASSERT_TRUE(mh.StartNode(1).ok());
-  const int port = mh.FreePort();
-  auto active = mh.StartCoordinator(port, false);
-  ASSERT_TRUE(active.ok()) << active.status().ToString();
-  int standby_port = mh.FreePort();
-  while (standby_port == port) standby_port = mh.FreePort();
-  auto standby = mh.StartCoordinator(standby_port, true);
-  ASSERT_TRUE(standby.ok()) << standby.status().ToString();
-  ASSERT_TRUE((*standby)->WaitForStderr("standing by", 30000)) << (*standby)->Stderr();
+  std::unique_ptr<ChildProcess> active, standby;
+  int port = 0, standby_port = 0;
+  ASSERT_NO_FATAL_FAILURE(StartWithStandby(mh, &active, &port, &standby, &standby_port));
   auto before = ClusterJson(mh, port);
   std::set<int> pids_before;
   for (const auto& r : before["ranks"]) pids_before.insert(r["pid"].get<int>());
@@ -356,13 +366,13 @@ TEST(Multinode, StandbyCoordinatorTakesOver) {
   auto t_kill = std::chrono::steady_clock::now();
   const auto outs = RunLoad(mh, {port, standby_port}, port, steps + 6, [&] {
     t_kill = std::chrono::steady_clock::now();
-    (*active)->Signal(SIGKILL);
+    active->Signal(SIGKILL);
   });
   const double kill_to_done = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_kill).count();
   for (int i = 0; i < kRequests; ++i)
     EXPECT_EQ(outs[static_cast<size_t>(i)].tokens, reference[static_cast<size_t>(i)].tokens)
         << "request " << i << ": " << outs[static_cast<size_t>(i)].error;
-  ASSERT_TRUE((*standby)->WaitForStderr("took over from the previous coordinator", 30000)) << (*standby)->Stderr();
+  ASSERT_TRUE(standby->WaitForStderr("took over from the previous coordinator", 30000)) << standby->Stderr();
   int retried = 0;
   for (const auto& o : outs) retried += o.attempts > 1;
   EXPECT_GT(retried, 0) << "the coordinator died with requests in flight, which clients retried";
@@ -393,21 +403,14 @@ namespace {
 TEST(Multinode, ReplacedCoordinatorIsFenced) {
   MultiHost mh;
   if (std::string skip = mh.Start(); !skip.empty()) GTEST_SKIP() << skip;
-  ASSERT_TRUE(mh.StartNode(0).ok());
-  ASSERT_TRUE(mh.StartNode(1).ok());
-  const int port = mh.FreePort();
-  auto old = mh.StartCoordinator(port, false);
-  ASSERT_TRUE(old.ok()) << old.status().ToString();
-  int standby_port = mh.FreePort();
-  while (standby_port == port) standby_port = mh.FreePort();
-  auto standby = mh.StartCoordinator(standby_port, true);
-  ASSERT_TRUE(standby.ok()) << standby.status().ToString();
-  ASSERT_TRUE((*standby)->WaitForStderr("standing by", 30000)) << (*standby)->Stderr();
+  std::unique_ptr<ChildProcess> old, standby;
+  int port = 0, standby_port = 0;
+  ASSERT_NO_FATAL_FAILURE(StartWithStandby(mh, &old, &port, &standby, &standby_port));
   const auto before = ClusterJson(mh, port);
 
-  (*old)->Signal(SIGSTOP);  // wedged: its lease lapses, the standby takes over
-  ASSERT_TRUE((*standby)->WaitForStderr("took over from the previous coordinator", 30000)) << (*standby)->Stderr();
-  (*old)->Signal(SIGCONT);
+  old->Signal(SIGSTOP);  // wedged: its lease lapses, the standby takes over
+  ASSERT_TRUE(standby->WaitForStderr("took over from the previous coordinator", 30000)) << standby->Stderr();
+  old->Signal(SIGCONT);
 
   const auto golden = LoadGolden(kModel);
   bool deposed = false;
@@ -418,7 +421,7 @@ TEST(Multinode, ReplacedCoordinatorIsFenced) {
         [](const nlohmann::json& j) { return j.value("health", std::string()).rfind("deposed", 0) == 0; },
         std::chrono::steady_clock::now() + std::chrono::seconds(20), &last, 20);
   });
-  EXPECT_TRUE(deposed) << (*old)->Stderr();
+  EXPECT_TRUE(deposed) << old->Stderr();
   // The old coordinator refuses work; the new one serves with every rank it adopted.
   Outcome refused;
   mh.OnHost0([&] { refused = Complete(mh.addr(0), {port}, Body(golden[0]), 0.01); });
@@ -434,7 +437,7 @@ TEST(Multinode, ReplacedCoordinatorIsFenced) {
     if (r["state"] == "alive") pids_after.insert(r["pid"].get<int>());
   EXPECT_EQ(pids_after, pids_before) << after.dump();
   EXPECT_EQ(after["health"], "ok");
-  EXPECT_TRUE((*old)->Stderr().find("deposed") != std::string::npos);
+  EXPECT_TRUE(old->Stderr().find("deposed") != std::string::npos);
 }
 
 }  // namespace
