@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fmt/format.h>
 #include <map>
+#include <optional>
 
 #include "backup/backup.h"
 #include "backup/sidecar.h"
@@ -101,6 +102,12 @@ class NodeAgent {
     if (!o_.gpus.empty()) o_.capacity = static_cast<int>(o_.gpus.size());
     if (o_.capacity < 1) return Status::InvalidArgument(fmt::format("--ranks must be >= 1, got {}", o_.capacity));
     EEP_ASSIGN_OR_RETURN(etcd_, cluster::EtcdClient::Connect(o_.coordinator));
+    // Fail before minutes of loading when the name is taken (registration checks it again).
+    EEP_ASSIGN_OR_RETURN_CTX(auto taken, etcd_->Get(ClusterKeys{o_.cluster}.Node(o_.name)),
+                             "--coordinator " + o_.coordinator);
+    if (taken)
+      return Status::AlreadyExists(fmt::format("--name {}: a live node of cluster '{}' already has this name ({})", o_.name,
+                                               o_.cluster, taken->value));
     try {
       router_.set(zmq::sockopt::linger, 0);
       router_.bind(fmt::format("tcp://{}:*", o_.address));
@@ -142,7 +149,11 @@ class NodeAgent {
     std::atomic<bool> lease_lost{false};
     EEP_ASSIGN_OR_RETURN(lease_, cluster::LeaseKeeper::Start(o_.coordinator, o_.lease_ttl_s, [&lease_lost] { lease_lost = true; }));
     ClusterKeys keys{o_.cluster};
-    EEP_RETURN_IF_ERROR(etcd_->Put(keys.Node(o_.name), record_.ToJson().dump(), lease_->id()).status());
+    std::optional<cluster::EtcdKv> holder;
+    EEP_ASSIGN_OR_RETURN(bool registered, etcd_->PutIf(keys.Node(o_.name), record_.ToJson().dump(), 0, lease_->id(), &holder));
+    if (!registered)
+      return Status::AlreadyExists(fmt::format("--name {}: a live node of cluster '{}' already has this name ({})", o_.name,
+                                               o_.cluster, holder ? holder->value : std::string("?")));
     if (sidecar_)
       EEP_RETURN_IF_ERROR(etcd_->Put(keys.Backup(o_.name), backup_record_.dump(), lease_->id()).status());
     EEP_LOG_INFO("node {}: registered at {} ({} rank slot(s)), control {}", o_.name, keys.Node(o_.name), o_.capacity,

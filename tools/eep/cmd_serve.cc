@@ -78,9 +78,10 @@ eep::Status CheckPortFree(const std::string& host, int port) {
 eep::Status SetUpCluster(const ServeCliOptions& o, eep::ep::EpOptions* ep, std::unique_ptr<eep::cluster::EtcdClient>* etcd,
                          std::unique_ptr<eep::cluster::LeaseKeeper>* lease) {
   EEP_ASSIGN_OR_RETURN(*etcd, eep::cluster::EtcdClient::Connect(o.coordinator));
-  EEP_ASSIGN_OR_RETURN(*lease, eep::cluster::LeaseKeeper::Start(o.coordinator, o.lease_ttl_s, [] {
-                         EEP_LOG_ERROR("serve: lost the etcd lease: another coordinator may take over");
-                       }));
+  EEP_ASSIGN_OR_RETURN_CTX(*lease, eep::cluster::LeaseKeeper::Start(o.coordinator, o.lease_ttl_s, [] {
+                             EEP_LOG_ERROR("serve: lost the etcd lease: another coordinator may take over");
+                           }),
+                           "--coordinator " + o.coordinator);
   const eep::ep::ClusterKeys keys{o.cluster};
   eep::ep::LeaderRecord me;
   me.id = fmt::format("{}@{}", getpid(), ep->control_host);
