@@ -10,6 +10,7 @@
 //                   written with compare-and-swap on its mod revision, so a coordinator that was
 //                   replaced cannot overwrite a newer epoch
 //   nodes/<name>    {"name", "address", "endpoint", "capacity", "backup", "node_rank"}  leased
+//   ranks/<id>      {"node", "pid", "gpu"}  leased by its node: the rank processes running now
 //   backups/<name>  {"endpoint", "node_rank", "num_nodes", "replicas", "placement",
 //                    "slots_per_node", "model"}  leased: the host's backup manager; its full
 //                   descriptor (every tensor's offset, size, shape, dtype, transport region)
@@ -46,6 +47,8 @@ struct ClusterKeys {
   std::string Nodes() const { return Prefix() + "nodes/"; }
   std::string Node(const std::string& name) const { return Nodes() + name; }
   std::string Backups() const { return Prefix() + "backups/"; }
+  std::string Ranks() const { return Prefix() + "ranks/"; }
+  std::string Rank(int id) const { return Ranks() + std::to_string(id); }
   std::string Backup(const std::string& name) const { return Backups() + name; }
 };
 

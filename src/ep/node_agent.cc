@@ -211,6 +211,7 @@ class NodeAgent {
       if (it != ranks_.end()) {
         Kill(it->second);
         ranks_.erase(it);
+        (void)etcd_->Delete(ClusterKeys{o_.cluster}.Rank(rank));
         EEP_LOG_INFO("node {}: rank {} killed (fenced by the coordinator)", o_.name, rank);
       }
     }
@@ -279,6 +280,8 @@ class NodeAgent {
     r.pidfd = static_cast<int>(syscall(SYS_pidfd_open, *pid, 0));
     r.gpu = gpu;
     ranks_[rank] = r;
+    (void)etcd_->Put(ClusterKeys{o_.cluster}.Rank(rank), nlohmann::json{{"node", o_.name}, {"pid", *pid}, {"gpu", gpu}}.dump(),
+                     lease_->id());
     EEP_LOG_INFO("node {}: started rank {} (pid {}{})", o_.name, rank, *pid, gpu >= 0 ? fmt::format(", GPU {}", gpu) : "");
     return Status::Ok();
   }
@@ -293,6 +296,7 @@ class NodeAgent {
     EEP_LOG_INFO("node {}: {}", o_.name, why);
     close(it->second.pidfd);
     ranks_.erase(it);
+    (void)etcd_->Delete(ClusterKeys{o_.cluster}.Rank(id));
     if (!coordinator_.empty())
       (void)SendControl(router_, coordinator_, {{{"type", "exited"}, {"rank", id}, {"why", why}, {"clean", WIFEXITED(status) && WEXITSTATUS(status) == 0}}, ""});
   }

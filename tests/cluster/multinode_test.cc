@@ -15,12 +15,14 @@
 #include <dirent.h>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
 
 #include "../backup/process_util.h"
 #include "../serve/serve_test_util.h"
+#include "cluster/etcd.h"
 #include "etcd_server_util.h"
 #include "netns_util.h"
 
@@ -159,6 +161,7 @@ class MultiHost {
   }
 
   const std::string& addr(int i) const { return addr_[static_cast<size_t>(i)]; }
+  std::string etcd_url() const { return etcd_->url(); }
   int FreePort() const { return testing::PickFreePort(addr_[0]); }
   std::vector<std::unique_ptr<ChildProcess>>& nodes() { return nodes_; }
 
@@ -268,6 +271,20 @@ TEST(Multinode, LosingAHostLosesNoRequest) {
   EXPECT_EQ(cluster["ranks"][0]["node"], "hosta");
   EXPECT_EQ(cluster["ranks"][3]["node"], "hostb");
   EXPECT_TRUE(cluster["backup"]["ready"].get<bool>()) << cluster.dump();
+  {
+    // Every rank and backup is registered in etcd under its host's lease.
+    auto etcd = cluster::EtcdClient::Connect(mh.etcd_url());
+    ASSERT_TRUE(etcd.ok());
+    std::optional<Result<std::vector<cluster::EtcdKv>>> ranks, backups;
+    mh.OnHost0([&] {
+      ranks = (*etcd)->GetPrefix("/eep/default/ranks/");
+      backups = (*etcd)->GetPrefix("/eep/default/backups/");
+    });
+    ASSERT_TRUE(ranks && ranks->ok() && backups && backups->ok());
+    EXPECT_EQ((*ranks)->size(), 4u);
+    EXPECT_EQ((*backups)->size(), 2u);
+    for (const auto& kv : **ranks) EXPECT_NE(kv.lease, 0) << kv.key;
+  }
 
   const auto reference = RunLoad(mh, {port}, port, 0, nullptr);
   ExpectGoldenPrefix(reference);
