@@ -721,6 +721,30 @@ class RankWorker {
         if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
       const DType dtype = checkpoint().Find(c.ExpertTensorNames(layer_id, ids[0])[0])->dtype;
       const size_t esize = DTypeSize(dtype);
+      // Same host (shm): convert straight out of this process's mapping of the mirror, with no
+      // intermediate copy of the stored bytes.
+      if (backup_) {
+        auto mapped = backup_->MapExpertParams(layer_id, ids, "");
+        if (mapped.ok() && mapped->size() == 3 * ids.size()) {
+          std::map<std::string, const uint8_t*> where;
+          for (const auto& m : *mapped) where[m.name] = m.num_bytes == mat * esize ? m.data : nullptr;
+          bool complete = true;
+          for (int64_t e : ids)
+            for (const auto& name : c.ExpertTensorNames(layer_id, e)) complete = complete && where[name] != nullptr;
+          if (complete) {
+            for (const auto& [slot, e] : list) {
+              std::vector<float> data(3 * mat);
+              const auto names = c.ExpertTensorNames(layer_id, e);
+              for (size_t m = 0; m < 3; ++m)
+                EEP_RETURN_IF_ERROR(ConvertToF32(dtype, where[names[m]], mat, data.data() + m * mat));
+              staged->slots.push_back({l, slot, std::move(data), nullptr});
+              ++staged->experts_backup;
+            }
+            staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
+            continue;
+          }
+        }
+      }
       std::vector<std::vector<uint8_t>> raw(ids.size(), std::vector<uint8_t>(3 * mat * esize));
       backup::FetchDestinations dest;
       for (size_t i = 0; i < ids.size(); ++i) {
