@@ -36,6 +36,7 @@ struct ScaleFlags {
   std::string model;
   int from = 2, to = 4;
   std::string communicator = "shm";
+  std::string backend = "cpu";  // cpu | cuda: where every rank computes
   int seqs = 16;
   int steady_steps = 10;
   int cycles = 1;
@@ -166,6 +167,7 @@ int RunBench(ScaleFlags f) {
   eep::ep::EpOptions opts;
   opts.ep_size = f.from;
   opts.communicator = f.communicator;
+  opts.backend = f.backend;
   opts.log_level = "warn";
   if (f.backup == "on") {
     auto s = eep::backup::BackupSidecar::Start("/proc/self/exe", f.model, 0, 1, "shm", {"--log-level", "warn"}, 300000);
@@ -301,7 +303,9 @@ EEP_REGISTER_BENCH(scale, "scale", "elastic scale up/down under decode load: blo
                      app->add_option("--model", f->model, "make-model checkpoint (see bench/scale.md)")->required();
                      app->add_option("--from", f->from, "ranks before scaling up (and after scaling down)")->check(CLI::Range(1, 64));
                      app->add_option("--to", f->to, "ranks after scaling up")->check(CLI::Range(1, 64));
-                     app->add_option("--communicator", f->communicator, "shm | ucx");
+                     app->add_option("--communicator", f->communicator, "shm | ucx | nccl (one GPU per rank)");
+                     app->add_option("--backend", f->backend, "where every rank computes: cpu | cuda")
+                         ->check(CLI::IsMember({"cpu", "cuda"}));
                      app->add_option("--seqs", f->seqs, "sequences decoding in every step")->check(CLI::Range(1, 4096));
                      app->add_option("--steady-steps", f->steady_steps, "steps measured before each scaling")->check(CLI::Range(2, 10000));
                      app->add_option("--cycles", f->cycles, "up+down cycles")->check(CLI::Range(1, 100));
