@@ -79,8 +79,8 @@ class MultiHost {
     std::string skip = "EEP_TEST_NO_NETNS is set";
     if (getenv("EEP_TEST_NO_NETNS") == nullptr) {  // set to run the loopback variant here
       auto lab = NetnsLab::Create(3, &skip);
-      if (!lab.ok()) return "network lab: " + lab.status().ToString();
-      lab_ = std::move(*lab);
+      if (lab.ok()) lab_ = std::move(*lab);
+      else skip = lab.status().ToString();  // namespaces half-permitted: loopback below
     }
     if (lab_) {
       for (int i = 0; i < 3; ++i) addr_.push_back(lab_->address(i));
