@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
-# GPU runs of issue 9 (restore into GPU slots, decode vs roofline) on the device machine, from a
-# .devbuild packed here with `scripts/device-run.sh pack build-cuda eep cuda_restore_gpu
-# cuda_golden_gpu cuda_ops_gpu`. Logs go to $OUT (or /tmp/eep-out); the last lines summarise.
-#   scripts/device-cuda-runs.sh [tests] [restore] [decode]   (default: all three)
+# GPU runs of issue 9 (restore into GPU slots; decode vs roofline: device-side MoE and CUDA
+# graphs) on the device machine, from a .devbuild packed here with
+#   scripts/device-run.sh pack build-cuda eep cuda_ops_gpu cuda_golden_gpu cuda_restore_gpu cuda_ep_gpu
+# and the device tool called with carry [".devbuild"]. Logs go to $OUT (or /tmp/eep-out); the
+# last lines of each step summarise.
+#   scripts/device-cuda-runs.sh [tests] [restore] [decode] [variants] [auto]
+#     tests     the GPU test binaries (ops, golden, restore, ep)
+#     restore   eep bench restore --backend cuda
+#     decode    make-model of the Qwen3-30B-A3B-shaped checkpoint + eep bench decode (defaults)
+#     variants  bench decode without programmatic dependent launch, without graphs, and with
+#               the fused MoE up to 256 tokens (split activations)
+#     auto      eep generate/logits with the default --backend auto on qwen3moe-tiny
+#     profile   ncu kernel durations of bench decode steps (no graphs) at batch 1 and 16 into
+#               $OUT/ncu_b*.csv (scripts/ncu_steps.py summarises one step)
+#   (default: tests decode variants auto)
+# When the binaries outgrow the device tool's 64 MiB (the CUDA fatbins of five binaries), pack
+# them compressed: `tar -C .devbuild -cJf .devbuild/pack.tar.xz bin lib && rm -rf
+# .devbuild/bin .devbuild/lib`; this script unpacks it (python3's lzma: no xz needed there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -f .devbuild/pack.tar.xz ] && [ ! -d .devbuild/bin ]; then
+  python3 -c "import tarfile; tarfile.open('.devbuild/pack.tar.xz').extractall('.devbuild')"
+fi
 eval "$(scripts/device-run.sh env)"
 out=${OUT:-/tmp/eep-out}
 mkdir -p "$out"
@@ -12,14 +29,25 @@ mkdir -p "$out"
 src=$(cat .devbuild/srcdir)
 mkdir -p "$src/build-cuda/bin" && ln -sf "$PWD/.devbuild/bin/eep" "$src/build-cuda/bin/eep"
 ulimit -l unlimited 2>/dev/null || true
-steps=${*:-tests restore decode}
+steps=${*:-tests decode variants auto}
 B=.devbuild/bin
+m=/tmp/qwen3-30b-shaped
+make_model() {
+  [ -f $m/config.json ] && return
+  /usr/bin/time -f 'make-model %e s' timeout 300 $B/eep make-model --arch qwen3_moe --layers 8 --hidden 2048 \
+    --experts 128 --experts-per-tok 8 --moe-intermediate 768 --intermediate 6144 --heads 32 --kv-heads 4 \
+    --head-dim 128 --vocab 151936 --seed 1 --out $m 2>&1 | tail -2
+  du -sh $m
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 for s in $steps; do
   case $s in
     tests)
-      for t in cuda_restore_gpu cuda_golden_gpu cuda_ops_gpu; do
-        timeout 300 $B/$t 2>&1 | tee "$out/$t.log" | grep -E '^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure' | head -20
+      for t in cuda_ops_gpu cuda_golden_gpu cuda_restore_gpu cuda_ep_gpu; do
+        [ -x $B/$t ] || continue
+        echo "== $t"
+        timeout 300 $B/$t 2>&1 | tee "$out/$t.log" |
+          grep -E '^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|fused MoE|rel err' | grep -v 'hidden' | head -40
       done
       ;;
     restore)
@@ -27,13 +55,39 @@ for s in $steps; do
         tee "$out/bench_restore_cuda.log" | grep -v '^\s*$' | tail -14
       ;;
     decode)
-      m=/tmp/qwen3-30b-shaped
-      /usr/bin/time -f 'make-model %e s' timeout 300 $B/eep make-model --arch qwen3_moe --layers 8 --hidden 2048 \
-        --experts 128 --experts-per-tok 8 --moe-intermediate 768 --intermediate 6144 --heads 32 --kv-heads 4 \
-        --head-dim 128 --vocab 151936 --seed 1 --out $m 2>&1 | tail -2
-      du -sh $m
+      make_model
       timeout 400 $B/eep bench decode --model $m --skip-cpu --mode both --tokens 32 --json 2>&1 |
         tee "$out/bench_decode.log" | grep -v '^{' | tail -14
+      ;;
+    variants)
+      make_model
+      echo "== no programmatic dependent launch (EEP_CUDA_PDL=0)"
+      EEP_CUDA_PDL=0 timeout 300 $B/eep bench decode --model $m --skip-cpu --mode split --tokens 32 --json 2>&1 |
+        tee "$out/bench_decode_nopdl.log" | grep -E '^cuda batch'
+      echo "== no graphs"
+      timeout 300 $B/eep bench decode --model $m --skip-cpu --mode split --tokens 32 --no-graphs --json 2>&1 |
+        tee "$out/bench_decode_nographs.log" | grep -E '^cuda batch'
+      echo "== fused MoE up to 256 tokens"
+      timeout 300 $B/eep bench decode --model $m --skip-cpu --mode split --tokens 32 --fused-moe-max-tokens 256 \
+        --batch 256 --json 2>&1 | tee "$out/bench_decode_fused256.log" | grep -E '^cuda batch'
+      ;;
+    auto)
+      tm=$src/tests/data/models/qwen3moe-tiny
+      timeout 60 $B/eep generate --model $tm --prompt-ids 1,2,3 --max-new-tokens 8 --ignore-eos --json 2>&1 |
+        tee "$out/generate_auto.log" | tail -3
+      timeout 60 $B/eep generate --model $tm --prompt-ids 1,2,3 --max-new-tokens 8 --ignore-eos --json \
+        --backend cpu 2>&1 | tail -1
+      ;;
+    profile)
+      make_model
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      for b in 1 16; do
+        timeout 240 $ncu --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
+          --cache-control none $B/eep bench decode --model $m --skip-cpu --mode split --tokens 1 --prompt-len 2 \
+          --batch $b --no-graphs > "$out/ncu_b$b.csv" 2> "$out/ncu_b$b.err"
+        echo "ncu batch $b: rc $?, $(grep -c gpu__time_duration "$out/ncu_b$b.csv") kernels"
+        python3 scripts/ncu_steps.py "$out/ncu_b$b.csv" 2 | tail -25
+      done
       ;;
   esac
 done

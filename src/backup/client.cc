@@ -390,6 +390,10 @@ Result<std::vector<MappedExpertParam>> ExpertBackupClient::MapExpertParams(
   out.reserve(selection.size());
   for (const Selection& s : selection) {
     const Manager& m = *s.manager;
+    // As a fetch does: a manager that is gone is not read, even though its mapping may outlive it.
+    if (m.region) {
+      if (Status alive = m.region->CheckAlive(); !alive.ok()) return alive.WithContext("backup manager " + m.Label());
+    }
     const uint8_t* base = m.region ? m.region->mapped_data() : nullptr;
     if (base == nullptr)
       return Status::Unimplemented(fmt::format(

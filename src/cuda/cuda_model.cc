@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <random>
@@ -38,6 +39,27 @@ std::string DeviceDescription() {
   if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "unknown CUDA device";
   return fmt::format("{} (sm_{}{}, {} SMs, {:.0f} GiB)", p.name, p.major, p.minor, p.multiProcessorCount,
                      static_cast<double>(p.totalGlobalMem) / (1 << 30));
+}
+
+Result<std::string> ResolveBackend(const std::string& requested) {
+  if (requested == "cpu") return std::string("cpu");
+  if (requested == "cuda") {
+    if (!Available()) return Status::Unavailable("--backend cuda: " + DeviceDescription());
+    return std::string("cuda");
+  }
+  if (requested != "auto")
+    return Status::InvalidArgument(fmt::format("--backend must be auto, cpu or cuda, not '{}'", requested));
+  static const std::string chosen = [] {
+    // The CPU fallback logs at debug level: on a machine without a GPU the commands' output
+    // (errors are one line) stays as it was before "auto" became the default.
+    const bool gpu = Available();
+    if (gpu)
+      EEP_LOG_INFO("backend auto: cuda ({})", DeviceDescription());
+    else
+      EEP_LOG_DEBUG("backend auto: cpu ({})", DeviceDescription());
+    return std::string(gpu ? "cuda" : "cpu");
+  }();
+  return chosen;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -149,10 +171,70 @@ struct CudaModel::Impl {
   // Scratch of RunExpertRows (separate from the forward's: it runs inside a forward).
   DeviceBuffer e_x, e_x16, e_g16, e_gu, e_act16, e_y, e_src, e_rows, e_w, e_out;
 
+  // Decode regime (CudaLoadOptions): thresholds resolved at load, and whether every dim the
+  // GEMV kernels read is a multiple of 8.
+  int64_t gemv_max = 8, fused_max = 64;
+  bool use_graphs = true, gemv_dims_ok = false, batched_attn = false, fuse_attn_norm = false,
+       fuse_next_norm = false;
+  bool UseGemv(int64_t n) const { return gemv_dims_ok && n <= gemv_max; }
+  // Per MoE layer, where each logical expert lives (MoeSlotTable), uploaded when the map,
+  // the slots or their filling changed (tables_dirty). tables_ok: every expert has a held,
+  // filled replica (else the host path, which reports what is missing).
+  DeviceBuffer b_table;
+  std::vector<uint8_t> h_table;
+  int64_t table_layer_bytes = 0, table_max_reps = 1;
+  bool tables_dirty = true, tables_ok = false;
+  Status BuildTables();
+  MoeSlotTable Table(int64_t ml) const {
+    const uint8_t* base = b_table.as<uint8_t>() + ml * table_layer_bytes;
+    const int64_t P = map.num_physical(), E = c.num_experts;
+    MoeSlotTable t;
+    t.slot_ptr = reinterpret_cast<const bf16_t* const*>(base);
+    t.num_slots = P;
+    t.rep_count = reinterpret_cast<const int32_t*>(base + P * 8);
+    t.rep_slot = t.rep_count + E;
+    t.max_replicas = table_max_reps;
+    return t;
+  }
+  // Step inputs, uploaded in one copy from pinned memory: [tokens N][positions N][LM head rows
+  // M] int32, then (8-aligned) per-token cache pointers [k|v][layer][N].
+  PinnedPtr h_in;
+  size_t h_in_bytes = 0;
+  DeviceBuffer b_in;
+  int64_t in_N = 0, in_M = 0, in_ptr_off = 0;
+  const int32_t* TokD() const { return b_in.as<int32_t>(); }
+  const int32_t* PosD() const { return b_in.as<int32_t>() + in_N; }
+  const int32_t* SelD() const { return b_in.as<int32_t>() + 2 * in_N; }
+  float* const* KPtrD(int64_t l) const {
+    return reinterpret_cast<float* const*>(b_in.as<uint8_t>() + in_ptr_off) + l * in_N;
+  }
+  float* const* VPtrD(int64_t l) const {
+    return reinterpret_cast<float* const*>(b_in.as<uint8_t>() + in_ptr_off) + (c.num_layers + l) * in_N;
+  }
+  // Captured decode steps, by shape; stale when any DeviceBuffer moved (generation).
+  struct StepGraph {
+    int64_t N = 0, M = 0;
+    bool greedy = false;
+    uint64_t generation = 0;
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::vector<StepGraph> graphs;
+  void DropGraphs() {
+    for (auto& g : graphs) cudaGraphExecDestroy(g.exec);
+    graphs.clear();
+  }
+  ~Impl() { DropGraphs(); }
+  DeviceBuffer b_actf, b_act, b_plan, b_argkey;
+  bool step_is_decode = false;  // this forward brings one token per sequence
+  // Two device words for the kernels whose last block finishes the work (router + plan, and
+  // combine + next norm); zero between launches.
+  DevicePtr<unsigned> counters;
+
+  DeviceBuffer blas_workspace;
   // Per-forward scratch.
   DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
-      b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_pos, b_tok, b_head16, b_out;
-  DeviceBuffer b_hsel, b_selrows, b_argmax;
+      b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_head16, b_out;
+  DeviceBuffer b_hsel, b_argmax;
   std::vector<int32_t> h_ids, h_src, h_rows;
 
   // Restore: a side stream, a pinned staging buffer of two halves, one event per half
@@ -257,9 +339,21 @@ struct CudaModel::Impl {
     return Linear(x16, T, m.w.get(), m.out, m.in, bias, y);
   }
 
-  Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N);
+  // Attention of layer l from the normed rows (b_hf / b_h16), its output added to x.
+  // norm_in: the GEMV path normalises x itself (input_norm fused into the q/k/v GEMV).
+  Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x, bool norm_in);
   Status RunMlp(const Mlp& m, int64_t N, float* out);
+  // The MLP by GEMV kernels from b_hf: out = (or +=) down(silu(gate)·up).
+  Status MlpGemv(const Mlp& m, int64_t N, float* out, bool accumulate);
   Status Moe(const Layer& ly, int64_t l, int64_t N, float* out);
+  // The routed experts on the device (no host sync unless traced or observed); adds to x.
+  // norm_in: x is not normed yet; the router GEMV applies post_norm and writes b_hf.
+  // next_norm (may be null): the combine also RMSNorms the new x with it into b_hf (the next
+  // layer's input norm, or the final norm).
+  Status FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in, const float* next_norm);
+  // Everything of a step from the embedding to the LM head and argmax, queued on the stream
+  // (captured into a graph for decode steps).
+  Status Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused);
   Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace);
   // Appends the first sequence's T0 rows of x [., H] to the trace (synchronous).
   Status TraceHidden(const float* x, int64_t T0, CudaForwardTrace* trace);
@@ -381,25 +475,36 @@ Status CudaModel::Impl::LoadWeights() {
 // ---------------------------------------------------------------------------------------
 // Forward
 
-Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N) {
+Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x,
+                                  bool norm_in) {
   const bool mla = c.arch == Arch::kDeepseekV3;
-  const int64_t nh = c.num_heads;
+  const int64_t H = c.hidden_size, nh = c.num_heads;
   const int64_t nkv = mla ? nh : c.num_kv_heads;
   const int64_t dk = mla ? c.qk_nope_head_dim + c.qk_rope_head_dim : c.head_dim;
   const int64_t dv = mla ? c.v_head_dim : c.head_dim;
   const int64_t rope_dim = mla ? c.qk_rope_head_dim : c.head_dim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
   float* q = b_q.as<float>();
   float* k = b_k.as<float>();
   float* v = b_v.as<float>();
   const bf16_t* h16 = b_h16.as<bf16_t>();
+  const bool gemv = UseGemv(N);
   if (!mla) {
-    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.q, ly.q_bias.get(), q));
-    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.k, ly.k_bias.get(), k));
-    EEP_RETURN_IF_ERROR(Linear(h16, N, ly.v, ly.v_bias.get(), v));
-    if (ly.q_norm) {
-      const float eps = static_cast<float>(c.rms_norm_eps);
-      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(q, dk, ly.q_norm.get(), N * nh, dk, eps, q, dk, nullptr, 1, s()));
-      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(k, dk, ly.k_norm.get(), N * nkv, dk, eps, k, dk, nullptr, 1, s()));
+    if (gemv) {
+      // q, k and v in one launch, straight from the f32 normed rows.
+      GemvSegments sg;
+      sg.seg[0] = {ly.q.w.get(), q, ly.q_bias.get(), ly.q.out};
+      sg.seg[1] = {ly.k.w.get(), k, ly.k_bias.get(), ly.k.out};
+      sg.seg[2] = {ly.v.w.get(), v, ly.v_bias.get(), ly.v.out};
+      sg.count = 3;
+      if (norm_in)
+        EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, x, H, N, false, s(), ly.input_norm.get(), eps, nullptr));
+      else
+        EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, b_hf.as<float>(), H, N, false, s()));
+    } else {
+      EEP_RETURN_IF_ERROR(Linear(h16, N, ly.q, ly.q_bias.get(), q));
+      EEP_RETURN_IF_ERROR(Linear(h16, N, ly.k, ly.k_bias.get(), k));
+      EEP_RETURN_IF_ERROR(Linear(h16, N, ly.v, ly.v_bias.get(), v));
     }
   } else {
     const int64_t nope = c.qk_nope_head_dim, kvr = c.kv_lora_rank, ca = kvr + rope_dim;
@@ -422,30 +527,59 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
   }
   const int64_t rope_off = mla ? c.qk_nope_head_dim : 0;
   const bool interleaved = mla && c.rope_interleave;
-  const int32_t* pos = b_pos.as<int32_t>();
-  EEP_CUDA_RETURN_IF_ERROR(
-      Rope(q, N, nh, nh * dk, dk, rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved, s()));
-  EEP_CUDA_RETURN_IF_ERROR(
-      Rope(k, N, nkv, nkv * dk, dk, rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved, s()));
+  const int32_t* pos = PosD();
+  const int64_t window = c.sliding_window ? *c.sliding_window : 0;
   float* attn = b_attn.as<float>();
-  int64_t tok = 0;
-  for (CudaSeqStep& st : batch) {
-    CudaKvCache::Impl& cache = *st.cache->impl_;
-    const int64_t T = static_cast<int64_t>(st.ids.size()), start = cache.length;
-    float* kc = cache.k[static_cast<size_t>(l)].get();
-    float* vc = cache.v[static_cast<size_t>(l)].get();
-    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(kc + start * nkv * dk, k + tok * nkv * dk,
-                                             static_cast<size_t>(T * nkv * dk) * 4, cudaMemcpyDeviceToDevice, s()));
-    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(vc + start * nkv * dv, v + tok * nkv * dv,
-                                             static_cast<size_t>(T * nkv * dv) * 4, cudaMemcpyDeviceToDevice, s()));
-    const int64_t window = c.sliding_window ? *c.sliding_window : 0;
-    EEP_CUDA_RETURN_IF_ERROR(eep::cuda::Attention(q + tok * nh * dk, kc, vc, T, start, nh, nkv, dk, dv, window,
-                                                  attn_scale, attn + tok * nh * dv, s()));
-    tok += T;
+  if (batched_attn && step_is_decode) {
+    // Every token is its sequence's only new one: norms, RoPE, cache writes and attention in
+    // one launch; positions and cache pointers come from device memory (graph-safe).
+    EEP_CUDA_RETURN_IF_ERROR(AttentionDecode(q, k, v, N, nh, nkv, dk, dv, ly.q_norm.get(), ly.k_norm.get(), eps,
+                                             rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved,
+                                             KPtrD(l), VPtrD(l), window, attn_scale, attn, s()));
+  } else if (batched_attn) {
+    // One launch for q/k norms, RoPE and the cache writes, one for every token's attention.
+    EEP_CUDA_RETURN_IF_ERROR(QkNormRopeKv(q, k, v, N, nh, nkv, dk, dv, ly.q_norm.get(), ly.k_norm.get(), eps, rope_off,
+                                          rope_dim, pos, inv_freq.get(), rope_factor, interleaved, KPtrD(l), VPtrD(l),
+                                          s()));
+    EEP_CUDA_RETURN_IF_ERROR(
+        AttentionBatched(q, KPtrD(l), VPtrD(l), pos, N, nh, nkv, dk, dv, window, attn_scale, attn, s()));
+  } else {
+    if (ly.q_norm) {
+      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(q, dk, ly.q_norm.get(), N * nh, dk, eps, q, dk, nullptr, 1, s()));
+      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(k, dk, ly.k_norm.get(), N * nkv, dk, eps, k, dk, nullptr, 1, s()));
+    }
+    EEP_CUDA_RETURN_IF_ERROR(
+        Rope(q, N, nh, nh * dk, dk, rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved, s()));
+    EEP_CUDA_RETURN_IF_ERROR(
+        Rope(k, N, nkv, nkv * dk, dk, rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved, s()));
+    int64_t tok = 0;
+    for (CudaSeqStep& st : batch) {
+      CudaKvCache::Impl& cache = *st.cache->impl_;
+      const int64_t T = static_cast<int64_t>(st.ids.size()), start = cache.length;
+      float* kc = cache.k[static_cast<size_t>(l)].get();
+      float* vc = cache.v[static_cast<size_t>(l)].get();
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(kc + start * nkv * dk, k + tok * nkv * dk,
+                                               static_cast<size_t>(T * nkv * dk) * 4, cudaMemcpyDeviceToDevice, s()));
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(vc + start * nkv * dv, v + tok * nkv * dv,
+                                               static_cast<size_t>(T * nkv * dv) * 4, cudaMemcpyDeviceToDevice, s()));
+      EEP_CUDA_RETURN_IF_ERROR(eep::cuda::Attention(q + tok * nh * dk, kc, vc, T, start, nh, nkv, dk, dv, window,
+                                                    attn_scale, attn + tok * nh * dv, s()));
+      tok += T;
+    }
+  }
+  if (gemv) {
+    // x += attn·Woᵀ (+ bias): the residual add rides on the GEMV.
+    GemvSegments sg;
+    sg.seg[0] = {ly.o.w.get(), x, ly.o_bias.get(), H};
+    sg.count = 1;
+    EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, nh * dv, attn, nh * dv, N, true, s()));
+    return Status::Ok();
   }
   bf16_t* attn16 = b_a16.as<bf16_t>();
   EEP_CUDA_RETURN_IF_ERROR(SplitBf16(attn, N, nh * dv, splits, attn16, s()));
-  return Linear(attn16, N, ly.o, ly.o_bias.get(), b_o.as<float>());
+  EEP_RETURN_IF_ERROR(Linear(attn16, N, ly.o, ly.o_bias.get(), b_o.as<float>()));
+  EEP_CUDA_RETURN_IF_ERROR(Add(x, b_o.as<float>(), N * H, s()));
+  return Status::Ok();
 }
 
 Status CudaModel::Impl::RunMlp(const Mlp& m, int64_t N, float* out) {
@@ -454,6 +588,128 @@ Status CudaModel::Impl::RunMlp(const Mlp& m, int64_t N, float* out) {
   EEP_RETURN_IF_ERROR(Gemm(b_h16.as<bf16_t>(), splits * N, m.gate_up.w.get(), m.gate_up.out, m.gate_up.in, gu));
   EEP_CUDA_RETURN_IF_ERROR(SiluMul(gu, N, m.inter, splits, nullptr, act16, s()));
   return Linear(act16, N, m.down, nullptr, out);
+}
+
+Status CudaModel::Impl::MlpGemv(const Mlp& m, int64_t N, float* out, bool accumulate) {
+  const int64_t H = c.hidden_size, F = m.inter;
+  float* gu = b_gu.as<float>();
+  float* act = b_actf.as<float>();
+  GemvSegments sg;
+  sg.seg[0] = {m.gate_up.w.get(), gu, nullptr, 2 * F};
+  sg.count = 1;
+  EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, b_hf.as<float>(), H, N, false, s()));
+  EEP_CUDA_RETURN_IF_ERROR(SiluMul(gu, N, F, 1, act, nullptr, s()));
+  sg.seg[0] = {m.down.w.get(), out, nullptr, H};
+  EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, F, act, F, N, accumulate, s()));
+  return Status::Ok();
+}
+
+Status CudaModel::Impl::BuildTables() {
+  tables_dirty = false;
+  tables_ok = false;
+  const int64_t ML = map.num_moe_layers(), E = c.num_experts, P = map.num_physical();
+  if (ML == 0 || static_cast<int64_t>(slots.size()) != ML) return Status::Ok();
+  int64_t reps_max = 1;
+  for (int64_t ml = 0; ml < ML; ++ml)
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& reps = map.Replicas(ml, e);
+      if (reps.empty()) return Status::Ok();  // the host path says which expert has no slot
+      for (int32_t slot : reps)
+        if (!HoldsSlot(slot) || !Filled(ml, slot)) return Status::Ok();
+      reps_max = std::max<int64_t>(reps_max, static_cast<int64_t>(reps.size()));
+    }
+  // [layer]: slot pointers [P] | replica counts [E] | replica slots [E][reps_max], 16-aligned.
+  table_max_reps = reps_max;
+  table_layer_bytes = (P * 8 + E * 4 + E * reps_max * 4 + 15) / 16 * 16;
+  h_table.assign(static_cast<size_t>(ML * table_layer_bytes), 0);
+  for (int64_t ml = 0; ml < ML; ++ml) {
+    uint8_t* base = h_table.data() + ml * table_layer_bytes;
+    auto* ptrs = reinterpret_cast<const bf16_t**>(base);
+    for (int64_t slot = 0; slot < P; ++slot) ptrs[slot] = HoldsSlot(slot) ? SlotPtr(ml, slot) : nullptr;
+    auto* count = reinterpret_cast<int32_t*>(base + P * 8);
+    int32_t* rep = count + E;
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& reps = map.Replicas(ml, e);
+      count[e] = static_cast<int32_t>(reps.size());
+      for (size_t r = 0; r < reps.size(); ++r) rep[e * reps_max + static_cast<int64_t>(r)] = reps[r];
+    }
+  }
+  EEP_RETURN_IF_ERROR(b_table.Reserve(h_table.size()));
+  // h_table stays alive until the next rebuild, which comes after this forward's final sync.
+  EEP_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(b_table.as<uint8_t>(), h_table.data(), h_table.size(), cudaMemcpyHostToDevice, s()));
+  tables_ok = true;
+  return Status::Ok();
+}
+
+Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in,
+                                 const float* next_norm) {
+  const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, A = N * k;
+  const int64_t ml = moe_index[static_cast<size_t>(l)], inter = I(), P = map.num_physical();
+  const int64_t G = MoeMaxGroups(A, P);
+  float* logits = b_logits.as<float>();
+  float* hf = b_hf.as<float>();
+  int32_t* ids = b_ids.as<int32_t>();
+  float* w = b_w.as<float>();
+  int32_t* pl = b_plan.as<int32_t>();
+  MoePlan plan;
+  plan.num_groups = pl;
+  plan.group_slot = pl + 4;
+  plan.group_off = plan.group_slot + G;
+  plan.group_cnt = plan.group_off + G;
+  plan.order = plan.group_cnt + G;
+  const MoeSlotTable table = Table(ml);
+  const bool ds = c.arch == Arch::kDeepseekV3;
+  const bool norm_topk = c.norm_topk_prob || c.arch == Arch::kMixtral;
+  const float* bias = ds ? ly.score_bias.get() : nullptr;
+  const int64_t n_group = ds ? c.n_group : 1, topk_group = ds ? c.topk_group : 1;
+  const float scaling = ds ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  if (RouterPlanSupported(N, E, k, P, H, norm_in)) {
+    // Router in f32 (routing decisions follow the CPU's values), top-k and grouping: one launch.
+    EEP_CUDA_RETURN_IF_ERROR(RouterPlan(ly.router.get(), H, norm_in ? x : hf, N,
+                                        norm_in ? ly.post_norm.get() : nullptr, eps, norm_in ? hf : nullptr, logits,
+                                        counters.get(), E, k, norm_topk, bias, n_group, topk_group, scaling, table,
+                                        ids, w, plan, s()));
+  } else {
+    GemvSegments sg;
+    sg.seg[0] = {ly.router.get(), logits, nullptr, E};
+    sg.count = 1;
+    if (norm_in)
+      EEP_CUDA_RETURN_IF_ERROR(GemvF32(sg, H, x, H, N, false, s(), ly.post_norm.get(), eps, hf));
+    else
+      EEP_CUDA_RETURN_IF_ERROR(GemvF32(sg, H, hf, H, N, false, s()));
+    EEP_CUDA_RETURN_IF_ERROR(MoeRoutePlan(logits, N, E, k, norm_topk, bias, n_group, topk_group, scaling, table, ids,
+                                          w, plan, s()));
+  }
+  if (trace != nullptr || route_observer) {
+    h_ids.resize(static_cast<size_t>(A));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_ids.data(), ids, static_cast<size_t>(A) * 4, cudaMemcpyDeviceToHost, s()));
+    if (trace != nullptr) {
+      auto& lg = trace->router_logits[static_cast<size_t>(ml)];
+      lg.resize(static_cast<size_t>(N * E));
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lg.data(), logits, lg.size() * 4, cudaMemcpyDeviceToHost, s()));
+    }
+    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+    if (trace != nullptr) trace->route_ids[static_cast<size_t>(ml)] = h_ids;
+    if (route_observer) route_observer(ml, h_ids.data(), A);
+  }
+  float* act = b_act.as<float>();
+  float* y = b_y.as<float>();
+  EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s()));
+  EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s()));
+  const float* shared = nullptr;
+  if (ly.shared.inter > 0) {
+    float* o2 = b_o2.as<float>();
+    if (UseGemv(N))
+      EEP_RETURN_IF_ERROR(MlpGemv(ly.shared, N, o2, false));
+    else
+      EEP_RETURN_IF_ERROR(RunMlp(ly.shared, N, o2));
+    shared = o2;
+  }
+  EEP_CUDA_RETURN_IF_ERROR(MoeCombineAdd(y, w, N, k, H, shared, x, s(), next_norm, static_cast<float>(c.rms_norm_eps),
+                                         next_norm != nullptr ? hf : nullptr, counters.get() + 1));
+  return Status::Ok();
 }
 
 Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
@@ -575,25 +831,101 @@ Status CudaModel::Impl::TraceHidden(const float* x, int64_t T0, CudaForwardTrace
   return Status::Ok();
 }
 
+Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused) {
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const bool mla = c.arch == Arch::kDeepseekV3;
+  const bool gemv = UseGemv(N);
+  float* x = b_x.as<float>();
+  float* hf = b_hf.as<float>();
+  bf16_t* h16 = b_h16.as<bf16_t>();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  CudaForwardTrace* tr = trace;
+  const int64_t T0 = static_cast<int64_t>(batch[0].ids.size());
+  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s()));
+  if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
+  bool hf_ready = false;  // the previous layer's combine already wrote this layer's normed rows
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Layer& ly = layers[static_cast<size_t>(l)];
+    // f32 rows for the GEMV kernels, split BF16 rows for cuBLAS.
+    const bool attn_gemv = gemv && !mla;
+    // Few tokens: the norms ride on the GEMVs that read them (one launch less each).
+    // (Measured on an H100 at batch 1: the q/k/v GEMV with the norm fused in, 640 blocks each
+    // normalising, took longer than RmsNorm + GEMV; the 16-block router GEMV gained.)
+    const bool attn_norm_in = attn_gemv && fuse_attn_norm && GemvNormFusable(N, H);
+    if (!attn_norm_in && !hf_ready)
+      EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.input_norm.get(), N, H, eps, attn_gemv ? hf : nullptr, H,
+                                       attn_gemv ? nullptr : h16, splits, s()));
+    hf_ready = false;
+    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N, x, attn_norm_in), fmt::format("layer {} attention", l));
+    const bool need16 = !gemv || (ly.is_moe && !fused);
+    const bool moe_norm_in = ly.is_moe && fused && !need16 && GemvNormFusable(N, H);
+    if (!moe_norm_in)
+      EEP_CUDA_RETURN_IF_ERROR(
+          RmsNorm(x, H, ly.post_norm.get(), N, H, eps, hf, H, need16 ? h16 : nullptr, splits, s()));
+    if (ly.is_moe && fused) {
+      // The combine's last block can produce what the next RmsNorm would (f32 rows only).
+      const bool last = l + 1 == c.num_layers;
+      // (Measured on an H100 at batch 1: the combine's single last block doing the norm took
+      // longer than a separate RmsNorm launch, so this is off unless EEP_CUDA_FUSE_NEXT_NORM=1.)
+      const bool next_f32_only = fuse_next_norm && (last || (attn_gemv && !fuse_attn_norm));
+      const float* next_norm =
+          next_f32_only ? (last ? final_norm.get() : layers[static_cast<size_t>(l + 1)].input_norm.get()) : nullptr;
+      EEP_RETURN_IF_ERROR_CTX(FusedMoe(ly, l, N, x, moe_norm_in, next_norm), fmt::format("layer {} MoE", l));
+      hf_ready = next_norm != nullptr;
+    } else if (ly.is_moe) {
+      EEP_RETURN_IF_ERROR_CTX(Moe(ly, l, N, b_o.as<float>()), fmt::format("layer {} MoE", l));
+      EEP_CUDA_RETURN_IF_ERROR(Add(x, b_o.as<float>(), N * H, s()));
+    } else if (gemv) {
+      EEP_RETURN_IF_ERROR_CTX(MlpGemv(ly.dense, N, x, true), fmt::format("layer {} MLP", l));
+    } else {
+      EEP_RETURN_IF_ERROR_CTX(RunMlp(ly.dense, N, b_o.as<float>()), fmt::format("layer {} MLP", l));
+      EEP_CUDA_RETURN_IF_ERROR(Add(x, b_o.as<float>(), N * H, s()));
+    }
+    if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
+  }
+  if (!hf_ready) EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, final_norm.get(), N, H, eps, hf, H, nullptr, 1, s()));
+  if (tr != nullptr) {
+    // MODELS.md §5: the last entry is the normed final state, not the raw last-layer output.
+    tr->hidden.pop_back();
+    EEP_RETURN_IF_ERROR(TraceHidden(hf, T0, tr));
+  }
+  if (M == 0) return Status::Ok();
+  // LM head once for the whole batch over the rows any sequence wants (its last token, or all
+  // of them), then argmax on the device.
+  const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
+  EEP_CUDA_RETURN_IF_ERROR(GatherRowsF32(hf, SelD(), M, H, b_hsel.as<float>(), s()));
+  if (UseGemv(M)) {
+    GemvSegments sg;
+    sg.seg[0] = {head, b_out.as<float>(), nullptr, V};
+    sg.count = 1;
+    EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, b_hsel.as<float>(), H, M, false, s()));
+  } else {
+    EEP_CUDA_RETURN_IF_ERROR(SplitBf16(b_hsel.as<float>(), M, H, splits, b_head16.as<bf16_t>(), s()));
+    EEP_RETURN_IF_ERROR(Linear(b_head16.as<bf16_t>(), M, head, V, H, nullptr, b_out.as<float>()));
+  }
+  if (any_greedy)
+    EEP_CUDA_RETURN_IF_ERROR(ArgmaxRowsWide(b_out.as<float>(), M, V, b_argkey.as<unsigned long long>(),
+                                            b_argmax.as<int32_t>(), s()));
+  return Status::Ok();
+}
+
 Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* tr) {
-  const int64_t H = c.hidden_size, V = c.vocab_size, S = splits;
+  const int64_t H = c.hidden_size, V = c.vocab_size, S = splits, L = c.num_layers;
   const bool mla = c.arch == Arch::kDeepseekV3;
   const int64_t nh = c.num_heads, nkv = mla ? nh : c.num_kv_heads;
   const int64_t dk = mla ? c.qk_nope_head_dim + c.qk_rope_head_dim : c.head_dim;
   const int64_t dv = mla ? c.v_head_dim : c.head_dim;
   int64_t N = 0;
-  std::vector<int32_t> ids32, pos32;
+  bool decode = true;  // every sequence brings one token
   for (const CudaSeqStep& st : batch) {
     if (st.cache == nullptr) return Status::InvalidArgument("forward: sequence without a KV cache");
-    const int64_t start = st.cache->impl_->length;
     for (size_t i = 0; i < st.ids.size(); ++i) {
       const int64_t id = st.ids[i];
       if (id < 0 || id >= V)
         return Status::InvalidArgument(fmt::format("token id {} is out of the vocabulary [0, {})", id, V));
-      ids32.push_back(static_cast<int32_t>(id));
-      pos32.push_back(static_cast<int32_t>(start + static_cast<int64_t>(i)));
     }
     N += static_cast<int64_t>(st.ids.size());
+    decode = decode && st.ids.size() == 1;
   }
   if (N == 0) {
     // A rank with no tokens still takes part in every MoE layer's exchange.
@@ -609,7 +941,7 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     if (c.max_position_embeddings > 0 && need > c.max_position_embeddings)
       return Status::OutOfRange(fmt::format("sequence of {} tokens exceeds max_position_embeddings {}", need,
                                             c.max_position_embeddings));
-    if (need > MaxAttentionKeys())
+    if (!batched_attn && need > MaxAttentionKeys())
       return Status::OutOfRange(fmt::format("sequence of {} tokens exceeds the CUDA attention limit {}", need,
                                             MaxAttentionKeys()));
     if (need <= kc.capacity) continue;
@@ -633,9 +965,25 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     }
     kc.capacity = cap;
   }
+  if (tables_dirty) EEP_RETURN_IF_ERROR(BuildTables());
+  const int64_t E = c.num_experts, k = c.num_experts_per_tok, P = map.num_physical();
+  const bool fused = moe_executor == nullptr && N <= fused_max && tables_ok && GemvSupported(H) &&
+                     GemvSupported(I()) && MoeRoutePlanSupported(N, E, k, P);
+  // LM head rows: the last token of each sequence that wants logits or a greedy token, or
+  // all of its tokens.
+  std::vector<int64_t> sel_first(batch.size(), -1);
+  int64_t M = 0;
+  bool any_greedy = false;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const CudaSeqStep& st = batch[i];
+    any_greedy |= st.greedy_token != nullptr;
+    if (st.logits == nullptr && st.greedy_token == nullptr) continue;
+    sel_first[i] = M;
+    M += st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
+  }
   // Scratch, sized for this step before any launch (Reserve may free a buffer in use).
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
-  const int64_t A = N * c.num_experts_per_tok;
+  const int64_t A = N * k;
   const int64_t F = std::max<int64_t>({c.intermediate_size, I(), c.moe_intermediate_size * c.n_shared_experts, 1});
   const int64_t wide = std::max<int64_t>({H, nh * dk, nh * dv, nh * (c.qk_nope_head_dim + c.v_head_dim),
                                           c.q_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim});
@@ -656,109 +1004,130 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   EEP_RETURN_IF_ERROR(R(b_kv, N * nh * (c.qk_nope_head_dim + c.v_head_dim) * 4));
   EEP_RETURN_IF_ERROR(R(b_gu, S * std::max(A, N) * 2 * F * 4));
   EEP_RETURN_IF_ERROR(R(b_act16, S * std::max(A, N) * F * 2));
-  EEP_RETURN_IF_ERROR(R(b_logits, N * std::max<int64_t>(c.num_experts, 1) * 4));
+  EEP_RETURN_IF_ERROR(R(b_actf, N * F * 4));
+  EEP_RETURN_IF_ERROR(R(b_logits, N * std::max<int64_t>(E, 1) * 4));
   EEP_RETURN_IF_ERROR(R(b_ids, A * 4));
   EEP_RETURN_IF_ERROR(R(b_w, A * 4));
   EEP_RETURN_IF_ERROR(R(b_g16, S * A * H * 2));
   EEP_RETURN_IF_ERROR(R(b_y, S * A * H * 4));
   EEP_RETURN_IF_ERROR(R(b_src, S * A * 4));
   EEP_RETURN_IF_ERROR(R(b_rows, S * A * 4));
-  EEP_RETURN_IF_ERROR(R(b_pos, N * 4));
-  EEP_RETURN_IF_ERROR(R(b_tok, N * 4));
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b_tok.as<int32_t>(), ids32.data(), ids32.size() * 4, cudaMemcpyHostToDevice, s()));
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b_pos.as<int32_t>(), pos32.data(), pos32.size() * 4, cudaMemcpyHostToDevice, s()));
-
-  float* x = b_x.as<float>();
-  float* o = b_o.as<float>();
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), b_tok.as<int32_t>(), N, H, x, s()));
-  const int64_t T0 = static_cast<int64_t>(batch[0].ids.size());
-  trace = tr;
-  if (tr != nullptr) {
-    tr->hidden.clear();
-    tr->router_logits.assign(static_cast<size_t>(map.num_moe_layers()), {});
-    tr->route_ids.assign(static_cast<size_t>(map.num_moe_layers()), {});
-    EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
+  if (fused) {
+    EEP_RETURN_IF_ERROR(R(b_act, A * I() * 4));
+    EEP_RETURN_IF_ERROR(R(b_plan, (4 + 3 * MoeMaxGroups(A, P) + A) * 4));
   }
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const Layer& ly = layers[static_cast<size_t>(l)];
-    EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.input_norm.get(), N, H, eps, nullptr, 0, b_h16.as<bf16_t>(), splits, s()));
-    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N), fmt::format("layer {} attention", l));
-    EEP_CUDA_RETURN_IF_ERROR(Add(x, o, N * H, s()));
-    EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.post_norm.get(), N, H, eps, b_hf.as<float>(), H, b_h16.as<bf16_t>(), splits, s()));
-    if (ly.is_moe) {
-      EEP_RETURN_IF_ERROR_CTX(Moe(ly, l, N, o), fmt::format("layer {} MoE", l));
-    } else {
-      EEP_RETURN_IF_ERROR_CTX(RunMlp(ly.dense, N, o), fmt::format("layer {} MLP", l));
-    }
-    EEP_CUDA_RETURN_IF_ERROR(Add(x, o, N * H, s()));
-    if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
-  }
-  trace = nullptr;
-  for (CudaSeqStep& st : batch) st.cache->impl_->length += static_cast<int64_t>(st.ids.size());
-  float* hf = b_hf.as<float>();
-  EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, final_norm.get(), N, H, eps, hf, H, nullptr, 1, s()));
-  if (tr != nullptr) {
-    // MODELS.md §5: the last entry is the normed final state, not the raw last-layer output.
-    tr->hidden.pop_back();
-    EEP_RETURN_IF_ERROR(TraceHidden(hf, T0, tr));
-  }
-  // LM head once for the whole batch: gather the rows any sequence wants (its last token, or
-  // all of them), one GEMM over them, then argmax on the device and/or logits to the host.
-  const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
-  std::vector<int32_t> sel;
-  std::vector<int64_t> sel_first(batch.size(), -1);
-  {
-    int64_t t = 0;
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const CudaSeqStep& st = batch[i];
-      const int64_t T = static_cast<int64_t>(st.ids.size());
-      if (st.logits != nullptr || st.greedy_token != nullptr) {
-        const bool all = st.all_logits && st.logits != nullptr;
-        sel_first[i] = static_cast<int64_t>(sel.size());
-        for (int64_t r = all ? 0 : T - 1; r < T; ++r) sel.push_back(static_cast<int32_t>(t + r));
-      }
-      t += T;
-    }
-  }
-  const int64_t M = static_cast<int64_t>(sel.size());
   if (M > 0) {
-    EEP_RETURN_IF_ERROR(R(b_selrows, M * 4));
     EEP_RETURN_IF_ERROR(R(b_hsel, M * H * 4));
     EEP_RETURN_IF_ERROR(R(b_head16, S * M * H * 2));
     EEP_RETURN_IF_ERROR(R(b_out, M * V * 4));
     EEP_RETURN_IF_ERROR(R(b_argmax, M * 4));
-    EEP_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(b_selrows.as<int32_t>(), sel.data(), sel.size() * 4, cudaMemcpyHostToDevice, s()));
-    EEP_CUDA_RETURN_IF_ERROR(GatherRowsF32(hf, b_selrows.as<int32_t>(), M, H, b_hsel.as<float>(), s()));
-    EEP_CUDA_RETURN_IF_ERROR(SplitBf16(b_hsel.as<float>(), M, H, splits, b_head16.as<bf16_t>(), s()));
-    EEP_RETURN_IF_ERROR(Linear(b_head16.as<bf16_t>(), M, head, V, H, nullptr, b_out.as<float>()));
-    bool any_greedy = false;
-    for (const CudaSeqStep& st : batch) any_greedy |= st.greedy_token != nullptr;
-    std::vector<int32_t> argmax;
-    if (any_greedy) {
-      EEP_CUDA_RETURN_IF_ERROR(ArgmaxRows(b_out.as<float>(), M, V, b_argmax.as<int32_t>(), s()));
-      argmax.resize(static_cast<size_t>(M));
-      EEP_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(argmax.data(), b_argmax.as<int32_t>(), argmax.size() * 4, cudaMemcpyDeviceToHost, s()));
-    }
+    EEP_RETURN_IF_ERROR(R(b_argkey, M * 8));
+  }
+  // Step inputs: one pinned buffer, one copy.
+  in_N = N;
+  in_M = M;
+  in_ptr_off = ((2 * N + M) * 4 + 15) / 16 * 16;
+  const size_t in_bytes = static_cast<size_t>(in_ptr_off + 2 * L * N * 8);
+  EEP_RETURN_IF_ERROR(R(b_in, static_cast<int64_t>(in_bytes)));
+  if (h_in_bytes < in_bytes) {
+    h_in.reset();
+    void* p = nullptr;
+    EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, in_bytes, cudaHostAllocDefault));
+    h_in.reset(static_cast<uint8_t*>(p));
+    h_in_bytes = in_bytes;
+  }
+  {
+    auto* ids32 = reinterpret_cast<int32_t*>(h_in.get());
+    int32_t* pos32 = ids32 + N;
+    int32_t* sel = ids32 + 2 * N;
+    auto* ptrs = reinterpret_cast<float**>(h_in.get() + in_ptr_off);
+    int64_t t = 0, m = 0;
     for (size_t i = 0; i < batch.size(); ++i) {
       const CudaSeqStep& st = batch[i];
-      if (st.logits == nullptr || sel_first[i] < 0) continue;
-      const int64_t rows = st.all_logits ? static_cast<int64_t>(st.ids.size()) : 1;
-      st.logits->resize(static_cast<size_t>(rows * V));
-      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(st.logits->data(), b_out.as<float>() + sel_first[i] * V,
-                                               static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s()));
-    }
-    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const CudaSeqStep& st = batch[i];
-      if (st.greedy_token == nullptr) continue;
-      const int64_t rows = st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
-      *st.greedy_token = argmax[static_cast<size_t>(sel_first[i] + rows - 1)];
+      CudaKvCache::Impl& kc = *st.cache->impl_;
+      const int64_t T = static_cast<int64_t>(st.ids.size());
+      for (int64_t j = 0; j < T; ++j, ++t) {
+        ids32[t] = static_cast<int32_t>(st.ids[static_cast<size_t>(j)]);
+        pos32[t] = static_cast<int32_t>(kc.length + j);
+        for (int64_t l = 0; l < L; ++l) {
+          ptrs[l * N + t] = kc.k[static_cast<size_t>(l)].get();
+          ptrs[(L + l) * N + t] = kc.v[static_cast<size_t>(l)].get();
+        }
+      }
+      if (sel_first[i] < 0) continue;
+      const bool all = st.all_logits && st.logits != nullptr;
+      for (int64_t r = all ? 0 : T - 1; r < T; ++r) sel[m++] = static_cast<int32_t>(t - T + r);
     }
   }
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b_in.as<uint8_t>(), h_in.get(), in_bytes, cudaMemcpyHostToDevice, s()));
+
+  trace = tr;
+  step_is_decode = decode;
+  if (tr != nullptr) {
+    tr->hidden.clear();
+    tr->router_logits.assign(static_cast<size_t>(map.num_moe_layers()), {});
+    tr->route_ids.assign(static_cast<size_t>(map.num_moe_layers()), {});
+  }
+  const bool graphable = use_graphs && fused && decode && batched_attn && tr == nullptr && !route_observer;
+  if (graphable) {
+    const uint64_t gen = DeviceBuffer::generation();
+    std::erase_if(graphs, [&](const StepGraph& g) {
+      if (g.generation == gen) return false;
+      cudaGraphExecDestroy(g.exec);
+      return true;
+    });
+    auto it = std::find_if(graphs.begin(), graphs.end(),
+                           [&](const StepGraph& g) { return g.N == N && g.M == M && g.greedy == any_greedy; });
+    if (it == graphs.end()) {
+      if (graphs.size() >= 8) {
+        cudaGraphExecDestroy(graphs.front().exec);
+        graphs.erase(graphs.begin());
+      }
+      EEP_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(s(), cudaStreamCaptureModeThreadLocal));
+      Status body = Body(batch, N, M, any_greedy, fused);
+      cudaGraph_t graph = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(s(), &graph);
+      if (!body.ok()) {
+        if (graph != nullptr) cudaGraphDestroy(graph);
+        return body.WithContext("capturing a decode step");
+      }
+      EEP_CUDA_RETURN_IF_ERROR(end);
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      EEP_CUDA_RETURN_IF_ERROR(inst);
+      graphs.push_back({N, M, any_greedy, gen, exec});
+      it = graphs.end() - 1;
+    }
+    EEP_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->exec, s()));
+  } else {
+    Status body = Body(batch, N, M, any_greedy, fused);
+    trace = nullptr;
+    EEP_RETURN_IF_ERROR(body);
+  }
+  trace = nullptr;
+  for (CudaSeqStep& st : batch) st.cache->impl_->length += static_cast<int64_t>(st.ids.size());
+  std::vector<int32_t> argmax;
+  if (M > 0 && any_greedy) {
+    argmax.resize(static_cast<size_t>(M));
+    EEP_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(argmax.data(), b_argmax.as<int32_t>(), argmax.size() * 4, cudaMemcpyDeviceToHost, s()));
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const CudaSeqStep& st = batch[i];
+    if (st.logits == nullptr || sel_first[i] < 0) continue;
+    const int64_t rows = st.all_logits ? static_cast<int64_t>(st.ids.size()) : 1;
+    st.logits->resize(static_cast<size_t>(rows * V));
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(st.logits->data(), b_out.as<float>() + sel_first[i] * V,
+                                             static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s()));
+  }
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const CudaSeqStep& st = batch[i];
+    if (st.greedy_token == nullptr) continue;
+    const int64_t rows = st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
+    *st.greedy_token = argmax[static_cast<size_t>(sel_first[i] + rows - 1)];
+  }
   return Status::Ok();
 }
 
@@ -787,7 +1156,34 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   // Default math: the router's SGEMM stays f32 (TF32 needs opting in), so routing decisions
   // follow the same values as on the CPU; BF16 GEMMs still use the tensor cores.
   EEP_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+  // An explicit workspace: cuBLAS must not allocate while a decode step is being captured.
+  EEP_RETURN_IF_ERROR(im.blas_workspace.Reserve(32u << 20));
+  EEP_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(h, im.blas_workspace.as<void>(), 32u << 20));
+  auto env_int = [](const char* name, int64_t fallback) {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != '\0' ? std::strtoll(v, nullptr, 10) : fallback;
+  };
+  im.gemv_max = options.gemv_max_tokens >= 0 ? options.gemv_max_tokens : env_int("EEP_CUDA_GEMV_MAX", 8);
+  im.fused_max = options.fused_moe_max_tokens >= 0 ? options.fused_moe_max_tokens : env_int("EEP_CUDA_MOE_FUSED_MAX", 64);
+  im.use_graphs = options.cuda_graphs && env_int("EEP_CUDA_GRAPHS", 1) != 0;
+  im.fuse_attn_norm = env_int("EEP_CUDA_FUSE_ATTN_NORM", 0) != 0;
+  im.fuse_next_norm = env_int("EEP_CUDA_FUSE_NEXT_NORM", 0) != 0;
   EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
+  EEP_ASSIGN_OR_RETURN(im.counters, DeviceAlloc<unsigned>(2));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.counters.get(), 0, 2 * sizeof(unsigned)));
+  {
+    const ModelConfig& c = im.c;
+    const bool mla = c.arch == Arch::kDeepseekV3;
+    const int64_t dk = mla ? c.qk_nope_head_dim + c.qk_rope_head_dim : c.head_dim;
+    const int64_t dv = mla ? c.v_head_dim : c.head_dim;
+    im.batched_attn = dk <= kMaxBatchedHeadDim && dv <= kMaxBatchedHeadDim;
+    bool ok = GemvSupported(c.hidden_size) && GemvSupported(c.num_heads * dv);
+    for (const Layer& ly : im.layers) {
+      if (!ly.is_moe) ok = ok && GemvSupported(ly.dense.inter);
+      if (ly.shared.inter > 0) ok = ok && GemvSupported(ly.shared.inter);
+    }
+    im.gemv_dims_ok = ok;
+  }
   im.ckpt.reset();  // everything is on the GPU; drop the shards' mappings
   EEP_LOG_INFO("CUDA model {} on {}: {:.1f} MiB of weights on the GPU", dir, DeviceDescription(),
                static_cast<double>(im.bytes) / (1 << 20));
@@ -817,6 +1213,7 @@ Status CudaModel::SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const vo
     EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst + i * mat, host.data(), mat * 2, cudaMemcpyHostToDevice));
   }
   im.Filled(moe_layer, slot) = true;
+  im.tables_dirty = true;
   return Status::Ok();
 }
 
@@ -827,6 +1224,7 @@ Status CudaModel::SetExpertMap(ExpertMap map) {
                                                map.num_moe_layers(), map.num_physical(), im.map.num_moe_layers(),
                                                im.map.num_physical()));
   im.map = std::move(map);
+  im.tables_dirty = true;
   return Status::Ok();
 }
 
@@ -840,6 +1238,7 @@ Status CudaModel::ConfigureExpertSlots(ExpertMap map, int64_t slot_begin, int64_
                                                map.num_physical()));
   if (slot_begin == im.slot_begin && slot_end == im.slot_end && im.slots.size() == static_cast<size_t>(ML)) {
     im.map = std::move(map);  // same slots held: nothing moves
+    im.tables_dirty = true;
     return Status::Ok();
   }
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
@@ -864,6 +1263,7 @@ Status CudaModel::ConfigureExpertSlots(ExpertMap map, int64_t slot_begin, int64_
   im.map = std::move(map);
   im.slot_begin = slot_begin;
   im.slot_end = slot_end;
+  im.tables_dirty = true;
   return Status::Ok();
 }
 
@@ -1109,6 +1509,7 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
       for (int64_t slot : ss) im.Filled(ml, slot) = true;
   }
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side));
+  im.tables_dirty = true;
   if (stats != nullptr) {
     stats->bytes = copied_bytes;
     stats->fetch_s = fetch_s;

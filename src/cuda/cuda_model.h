@@ -32,6 +32,13 @@ bool Available();
 int DeviceCount();
 // "NVIDIA H100 80GB HBM3 (sm_90)" or why there is none.
 std::string DeviceDescription();
+// The compute backend for a --backend value: "auto" gives "cuda" when a CUDA device is visible
+// (cudaGetDeviceCount > 0 in a CUDA build), else "cpu", and logs the choice once per process
+// (cuda at info level, the cpu fallback at debug level, so that output without a GPU is as before);
+// "cpu" and "cuda" are returned as given, "cuda" after checking that a device is visible.
+// kUnavailable for "cuda" without CUDA or a GPU, kInvalidArgument for any other name.
+// Thread-safe.
+Result<std::string> ResolveBackend(const std::string& requested);
 
 struct CudaLoadOptions {
   int device = 0;
@@ -41,6 +48,22 @@ struct CudaLoadOptions {
   // Load every routed expert into the slots of the identity map. An EP rank turns this off
   // and holds only its share (ConfigureExpertSlots, then SetSlot).
   bool load_experts = true;
+  // Decode regime. Steps of at most this many tokens run every dense projection (and the LM
+  // head's rows) as a GEMV kernel on f32 activations instead of cuBLAS. -1: the
+  // EEP_CUDA_GEMV_MAX environment variable, else 8.
+  int64_t gemv_max_tokens = -1;
+  // Steps of at most this many tokens run the MoE layers on the device with no host sync:
+  // router, top-k and grouping by slot in one kernel, then one grouped gate/up (+SwiGLU) and
+  // one grouped down kernel over every touched slot, and the combine. Larger steps permute on
+  // the host and run a cuBLAS GEMM pair per touched slot. -1: the EEP_CUDA_MOE_FUSED_MAX
+  // environment variable, else 64.
+  int64_t fused_moe_max_tokens = -1;
+  // Decode steps (every sequence one new token) that take the fused path are captured in a
+  // CUDA graph per (tokens, logits rows) shape and replayed. EEP_CUDA_GRAPHS=0 turns it off.
+  // (Also read from the environment, for measurements: EEP_CUDA_PDL=0, plain launches instead
+  // of programmatic dependent launch; EEP_CUDA_FUSE_ATTN_NORM=1 / EEP_CUDA_FUSE_NEXT_NORM=1,
+  // RMSNorms fused into the q/k/v GEMV / the MoE combine, measured slower on an H100.)
+  bool cuda_graphs = true;
 };
 
 // Per-sequence attention cache in device memory (f32, [position][kv_head][dim] per layer).
@@ -86,7 +109,9 @@ class CudaModel {
   const ModelConfig& config() const;
   std::unique_ptr<CudaKvCache> NewCache() const { return std::make_unique<CudaKvCache>(); }
   // Runs one step over a batch of sequences; one forward at a time per model. A trace costs
-  // a host sync per layer.
+  // a host sync per layer (and a route observer one per MoE layer). Without them, a step of
+  // at most fused_moe_max_tokens tokens syncs with the host only at its end (logits/argmax),
+  // and a decode step is replayed from a CUDA graph.
   Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace = nullptr);
 
   // Expert slots: device buffers [gate | up | down] in BF16 per (MoE layer, physical slot).

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <atomic>
 #include <memory>
 #include <type_traits>
 
@@ -65,8 +66,12 @@ class DeviceBuffer {
     ptr_.reset();
     EEP_ASSIGN_OR_RETURN(ptr_, DeviceAlloc<uint8_t>(bytes));
     bytes_ = bytes;
+    generation_.fetch_add(1, std::memory_order_relaxed);
     return Status::Ok();
   }
+  // Bumped whenever any DeviceBuffer of the process moves: CUDA graphs captured over these
+  // buffers are stale once it changes.
+  static uint64_t generation() { return generation_.load(std::memory_order_relaxed); }
   template <typename T>
   T* as() const {
     return reinterpret_cast<T*>(ptr_.get());
@@ -75,6 +80,7 @@ class DeviceBuffer {
  private:
   DevicePtr<uint8_t> ptr_;
   size_t bytes_ = 0;
+  static inline std::atomic<uint64_t> generation_{0};
 };
 
 }  // namespace eep::cuda

@@ -2,6 +2,10 @@
 // that the backend is unavailable, so callers and tests need no #ifdefs.
 #include "cuda/cuda_model.h"
 
+#include <fmt/format.h>
+
+#include "core/logging.h"
+
 namespace eep::cuda {
 
 namespace {
@@ -11,6 +15,19 @@ Status NoCuda() { return Status::Unavailable("eep was built without CUDA (EEP_EN
 bool Available() { return false; }
 int DeviceCount() { return 0; }
 std::string DeviceDescription() { return "none (built without CUDA)"; }
+
+Result<std::string> ResolveBackend(const std::string& requested) {
+  if (requested == "cpu") return std::string("cpu");
+  if (requested == "cuda") return Status::Unavailable("--backend cuda: eep was built without CUDA (EEP_ENABLE_CUDA=OFF)");
+  if (requested != "auto")
+    return Status::InvalidArgument(fmt::format("--backend must be auto, cpu or cuda, not '{}'", requested));
+  static const bool logged = [] {
+    EEP_LOG_DEBUG("backend auto: cpu (eep was built without CUDA)");
+    return true;
+  }();
+  (void)logged;
+  return std::string("cpu");
+}
 
 struct CudaKvCache::Impl {};
 CudaKvCache::CudaKvCache() = default;

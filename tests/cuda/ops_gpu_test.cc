@@ -3,10 +3,15 @@
 //   exact copies (Embed, GatherRows, MlaExpandKv) 0; element-wise f32 math (RmsNorm, SiluMul,
 //   Add, Rope, MoeCombine) 1e-5; Attention 1e-5; router ids equal and weights 1e-6;
 //   BF16 GEMM with split activations 5e-5, with plain BF16 activations 1e-2.
+// Decode-regime kernels (f32 activations × BF16 or f32 weights, f32 accumulation, against a
+// double reference on the same BF16 weights): Gemv 1e-5; fused MoE (MoeRoutePlan → MoeGateUp
+// → MoeDown → MoeCombineAdd) ids equal, weights 1e-6, output 1e-5; QkNormRopeKv and
+// AttentionBatched 1e-5. Each at 1, 7 and 64 tokens.
 // Skips (GTEST_SKIP) when there is no GPU or eep was built without CUDA.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -360,6 +365,398 @@ TEST_P(CudaGemm, MatchesCpuLinear) {
   EXPECT_LT(err, splits == 2 ? 5e-5 : 1e-2);
 }
 INSTANTIATE_TEST_SUITE_P(Splits, CudaGemm, ::testing::Values(1, 2));
+
+// ---------------------------------------------------------------------------------------
+// Decode-regime kernels
+
+double Dot(const float* a, const float* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+// Three segments (q/k/v-like, one with a bias), accumulate on and off, BF16 and f32 weights.
+class CudaGemv : public ::testing::TestWithParam<int64_t> {};  // tokens
+
+TEST_P(CudaGemv, MatchesCpu) {
+  REQUIRE_GPU();
+  const int64_t T = GetParam();
+  // 520 columns: a warp per row; 2048 columns and < 1024 rows: 8 warps share each row.
+  for (int64_t in : {int64_t{520}, int64_t{2048}}) {
+  const int64_t stride = in + 8;
+  const int64_t rows[3] = {96, 40, 17};
+  auto x = Random(T * stride, 30);
+  for (int f32 = 0; f32 < 2; ++f32)
+    for (int acc = 0; acc < 2; ++acc) {
+      std::vector<std::vector<float>> wf(3), ys(3), ref(3);
+      std::vector<std::unique_ptr<Dev<uint16_t>>> w16;
+      std::vector<std::unique_ptr<Dev<float>>> w32, dy;
+      auto bias = Random(rows[1], 31);
+      Dev<float> dbias(bias), dx(x);
+      cuda::GemvSegments sg;
+      sg.count = 3;
+      for (int s = 0; s < 3; ++s) {
+        auto w = Random(rows[s] * in, 32 + s, 0.05f);
+        if (!f32) {
+          auto b = ToBf16(w);
+          wf[s] = FromBf16(b);
+          w16.push_back(std::make_unique<Dev<uint16_t>>(b));
+        } else {
+          wf[s] = w;
+          w32.push_back(std::make_unique<Dev<float>>(w));
+        }
+        ys[s] = Random(T * rows[s], 40 + s);  // accumulated into when acc
+        dy.push_back(std::make_unique<Dev<float>>(ys[s]));
+        ref[s].resize(T * rows[s]);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t r = 0; r < rows[s]; ++r) {
+            double v = Dot(wf[s].data() + r * in, x.data() + t * stride, in) + (s == 1 ? bias[r] : 0.0);
+            ref[s][t * rows[s] + r] = static_cast<float>(acc ? ys[s][t * rows[s] + r] + v : v);
+          }
+        sg.seg[s].w = f32 ? static_cast<const void*>(w32.back()->p) : static_cast<const void*>(w16.back()->p);
+        sg.seg[s].y = dy.back()->p;
+        sg.seg[s].bias = s == 1 ? dbias.p : nullptr;
+        sg.seg[s].rows = rows[s];
+      }
+      ASSERT_EQ(f32 ? cuda::GemvF32(sg, in, dx.p, stride, T, acc, nullptr) : cuda::Gemv(sg, in, dx.p, stride, T, acc, nullptr),
+                cudaSuccess);
+      for (int s = 0; s < 3; ++s)
+        EXPECT_LT(RelErr(dy[s]->Host(), ref[s]), 1e-5)
+            << "in " << in << " f32 " << f32 << " acc " << acc << " segment " << s;
+    }
+  }
+}
+INSTANTIATE_TEST_SUITE_P(Tokens, CudaGemv, ::testing::Values(1, 7, 64));
+
+struct MoeCase {
+  int64_t N, E, k;
+  bool deepseek;
+};
+class CudaFusedMoe : public ::testing::TestWithParam<MoeCase> {};
+
+// Route, group by slot, grouped gate/up + SwiGLU, grouped down, combine into a residual: the
+// whole device MoE against the CPU, with replicas (experts in several slots, used by the
+// t mod replicas spread), slots that share one expert's bytes, and shared-expert rows.
+TEST_P(CudaFusedMoe, MatchesCpu) {
+  REQUIRE_GPU();
+  const MoeCase mc = GetParam();
+  const int64_t N = mc.N, E = mc.E, k = mc.k, H = 136, I = 72, A = N * k;
+  const int64_t G = mc.deepseek ? 4 : 1, topk_group = mc.deepseek ? 2 : 1;
+  // Physical slots: every expert once, then replicas of experts 0, 3 and 5 (expert 3 twice).
+  std::vector<std::vector<int32_t>> reps(E);
+  int64_t P = 0;
+  for (int64_t e = 0; e < E; ++e) reps[e].push_back(static_cast<int32_t>(P++));
+  for (int64_t e : {int64_t{0}, int64_t{3}, int64_t{5}, int64_t{3}})
+    if (e < E) reps[e].push_back(static_cast<int32_t>(P++));
+  int64_t max_reps = 1;
+  for (auto& r : reps) max_reps = std::max<int64_t>(max_reps, static_cast<int64_t>(r.size()));
+  // Expert weights (gate | up | down) per logical expert; every slot of it points at its own
+  // copy, except the last replica of expert 3, which shares the first one's bytes.
+  const int64_t elems = 3 * I * H;
+  std::vector<std::vector<float>> wexp(E);
+  std::vector<std::unique_ptr<Dev<uint16_t>>> slot_mem;
+  std::vector<const uint16_t*> slot_ptr(P, nullptr);
+  for (int64_t e = 0; e < E; ++e) {
+    auto b = ToBf16(Random(elems, 100 + e, 0.1f));
+    wexp[e] = FromBf16(b);
+    for (size_t r = 0; r < reps[e].size(); ++r) {
+      if (e == 3 && r == reps[e].size() - 1 && r > 1) {
+        slot_ptr[reps[e][r]] = slot_ptr[reps[e][0]];
+        continue;
+      }
+      slot_mem.push_back(std::make_unique<Dev<uint16_t>>(b));
+      slot_ptr[reps[e][r]] = slot_mem.back()->p;
+    }
+  }
+  std::vector<int32_t> rep_count(E), rep_slot(E * max_reps, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    rep_count[e] = static_cast<int32_t>(reps[e].size());
+    for (size_t r = 0; r < reps[e].size(); ++r) rep_slot[e * max_reps + r] = reps[e][r];
+  }
+  auto x = Random(N * H, 50);
+  auto residual = Random(N * H, 51);
+  auto shared = Random(N * H, 52);
+  auto logits = Random(N * E, 53, 2.0f);
+  auto bias = Random(E, 54, 0.1f);
+  std::vector<int32_t> ref_ids;
+  std::vector<float> ref_w;
+  RouteRef(logits, N, E, k, true, mc.deepseek ? bias.data() : nullptr, G, topk_group, mc.deepseek ? 2.5 : 1.0,
+           &ref_ids, &ref_w);
+  std::vector<float> ref = residual;
+  for (int64_t t = 0; t < N; ++t) {
+    std::vector<double> acc(H, 0.0);
+    for (int64_t j = 0; j < k; ++j) {
+      const std::vector<float>& w = wexp[ref_ids[t * k + j]];
+      std::vector<float> act(I);
+      for (int64_t i = 0; i < I; ++i) {
+        const double g = Dot(w.data() + i * H, x.data() + t * H, H), u = Dot(w.data() + (I + i) * H, x.data() + t * H, H);
+        act[i] = static_cast<float>(g / (1.0 + std::exp(-g)) * u);
+      }
+      for (int64_t o = 0; o < H; ++o) acc[o] += ref_w[t * k + j] * Dot(w.data() + 2 * I * H + o * I, act.data(), I);
+    }
+    for (int64_t o = 0; o < H; ++o) ref[t * H + o] += static_cast<float>(acc[o] + shared[t * H + o]);
+  }
+  Dev<float> dl(logits), db(bias), dx(x), dres(residual), dshared(shared), dw(A), dact(A * I), dy(A * H);
+  Dev<int32_t> dids(A), dcount(rep_count), drep(rep_slot);
+  std::vector<uint64_t> ptr_bits(P);
+  for (int64_t s = 0; s < P; ++s) ptr_bits[s] = reinterpret_cast<uint64_t>(slot_ptr[s]);
+  Dev<uint64_t> dptr(ptr_bits);
+  const int64_t maxg = cuda::MoeMaxGroups(A, P);
+  Dev<int32_t> dplan(4 + 3 * maxg + A);
+  cuda::MoeSlotTable table;
+  table.rep_count = dcount.p;
+  table.rep_slot = drep.p;
+  table.max_replicas = max_reps;
+  table.slot_ptr = reinterpret_cast<const uint16_t* const*>(dptr.p);
+  table.num_slots = P;
+  cuda::MoePlan plan;
+  plan.num_groups = dplan.p;
+  plan.group_slot = dplan.p + 4;
+  plan.group_off = plan.group_slot + maxg;
+  plan.group_cnt = plan.group_off + maxg;
+  plan.order = plan.group_cnt + maxg;
+  ASSERT_TRUE(cuda::MoeRoutePlanSupported(N, E, k, P));
+  ASSERT_EQ(cuda::MoeRoutePlan(dl.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
+                               mc.deepseek ? 2.5f : 1.0f, table, dids.p, dw.p, plan, nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::MoeGateUp(dx.p, H, I, k, table, plan, maxg, dact.p, nullptr), cudaSuccess);
+  ASSERT_EQ(cuda::MoeDown(dact.p, H, I, table, plan, maxg, dy.p, nullptr), cudaSuccess);
+  ASSERT_EQ(cuda::MoeCombineAdd(dy.p, dw.p, N, k, H, dshared.p, dres.p, nullptr), cudaSuccess);
+  EXPECT_EQ(dids.Host(), ref_ids);
+  EXPECT_LT(RelErr(dw.Host(), ref_w), 1e-6);
+  // The plan: every assignment once, in the group of the slot its replica rule picks.
+  auto hp = dplan.Host();
+  const int32_t groups = hp[0];
+  std::vector<int> seen(A, 0);
+  int64_t covered = 0;
+  for (int32_t g = 0; g < groups; ++g) {
+    const int32_t slot = hp[4 + g], off = hp[4 + maxg + g], cnt = hp[4 + 2 * maxg + g];
+    ASSERT_EQ(off, covered);
+    if (g > 0) {
+      EXPECT_LT(hp[4 + g - 1], slot);
+    }
+    for (int32_t i = 0; i < cnt; ++i) {
+      const int32_t a = hp[4 + 3 * maxg + off + i];
+      ASSERT_GE(a, 0);
+      ASSERT_LT(a, A);
+      ++seen[a];
+      const int32_t e = ref_ids[a];
+      EXPECT_EQ(slot, reps[e][(a / k) % reps[e].size()]) << "assignment " << a;
+    }
+    covered += cnt;
+  }
+  EXPECT_EQ(covered, A);
+  for (int64_t a = 0; a < A; ++a) EXPECT_EQ(seen[a], 1) << "assignment " << a;
+  // The one-launch router (GEMV + route + plan in its last block) against GemvF32 +
+  // MoeRoutePlan, the combine's fused next-layer norm against the CPU RmsNorm.
+  {
+    auto router = Random(E * H, 56, 0.1f), nw = Random(H, 57);
+    Dev<float> drouter(router), dnw(nw), dlog1(N * E), dlog2(N * E), dw2(A), dhf1(N * H), dhf2(N * H);
+    Dev<int32_t> dids2(A), dplan2(4 + 3 * maxg + A);
+    Dev<unsigned> counter(std::vector<unsigned>{0u});
+    cuda::MoePlan plan2 = plan;
+    plan2.num_groups = dplan2.p;
+    plan2.group_slot = dplan2.p + 4;
+    plan2.group_off = plan2.group_slot + maxg;
+    plan2.group_cnt = plan2.group_off + maxg;
+    plan2.order = plan2.group_cnt + maxg;
+    cuda::GemvSegments sg;
+    sg.seg[0] = {drouter.p, dlog1.p, nullptr, E};
+    sg.count = 1;
+    const bool fuse_norm = cuda::GemvNormFusable(N, H);
+    ASSERT_EQ(cuda::GemvF32(sg, H, dx.p, H, N, false, nullptr, fuse_norm ? dnw.p : nullptr, 1e-6f, dhf1.p), cudaSuccess);
+    ASSERT_EQ(cuda::MoeRoutePlan(dlog1.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
+                                 mc.deepseek ? 2.5f : 1.0f, table, dids.p, dw.p, plan, nullptr),
+              cudaSuccess);
+    ASSERT_TRUE(cuda::RouterPlanSupported(N, E, k, P, H, fuse_norm));
+    for (int rep = 0; rep < 2; ++rep)  // twice: the counter must be back to 0
+      ASSERT_EQ(cuda::RouterPlan(drouter.p, H, dx.p, N, fuse_norm ? dnw.p : nullptr, 1e-6f, dhf2.p, dlog2.p, counter.p,
+                                 E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group, mc.deepseek ? 2.5f : 1.0f,
+                                 table, dids2.p, dw2.p, plan2, nullptr),
+                cudaSuccess);
+    EXPECT_EQ(dlog1.Host(), dlog2.Host());
+    EXPECT_EQ(dids.Host(), dids2.Host());
+    EXPECT_EQ(dw.Host(), dw2.Host());
+    if (fuse_norm) EXPECT_EQ(dhf1.Host(), dhf2.Host());
+    auto p1 = dplan.Host(), p2 = dplan2.Host();
+    ASSERT_EQ(p1[0], p2[0]);
+    for (int32_t a = 0; a < 3; ++a)  // slot, offset and count of every group
+      for (int32_t g = 0; g < p1[0]; ++g) EXPECT_EQ(p1[4 + a * maxg + g], p2[4 + a * maxg + g]) << a << ", group " << g;
+    EXPECT_EQ(counter.Host()[0], 0u);
+
+    auto base = Random(N * H, 58);
+    Dev<float> dbase(base), dnorm(N * H);
+    ASSERT_EQ(cuda::MoeCombineAdd(dy.p, dw.p, N, k, H, nullptr, dbase.p, nullptr, dnw.p, 1e-6f, dnorm.p, counter.p),
+              cudaSuccess);
+    auto after = dbase.Host();
+    std::vector<float> ref_norm(N * H);
+    for (int64_t t = 0; t < N; ++t) cpu::RmsNorm(after.data() + t * H, nw.data(), 1, H, 1e-6f, ref_norm.data() + t * H);
+    EXPECT_LT(RelErr(dnorm.Host(), ref_norm), 1e-6);
+    EXPECT_EQ(counter.Host()[0], 0u);
+  }
+  const double err = RelErr(dres.Host(), ref);
+  std::printf("fused MoE N=%ld E=%ld k=%ld %s: %d groups, rel err %.3g\n", static_cast<long>(N), static_cast<long>(E),
+              static_cast<long>(k), mc.deepseek ? "deepseek" : "softmax", groups, err);
+  EXPECT_LT(err, 1e-5);
+}
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaFusedMoe,
+                         ::testing::Values(MoeCase{1, 16, 1, false}, MoeCase{1, 64, 8, false}, MoeCase{7, 8, 2, false},
+                                           MoeCase{7, 16, 4, true}, MoeCase{64, 64, 8, false},
+                                           MoeCase{64, 16, 3, true}, MoeCase{64, 8, 8, false}));
+
+// A batch of sequences of different lengths: q/k norm + RoPE + cache writes, then attention
+// of every token against its own sequence's cache in one launch.
+class CudaBatchedAttention : public ::testing::TestWithParam<int64_t> {};  // tokens
+
+TEST_P(CudaBatchedAttention, MatchesCpu) {
+  REQUIRE_GPU();
+  const int64_t N = GetParam(), nh = 4, nkv = 2, dk = 64, dv = 64, rope_dim = 64, cap = 80;
+  const float scale = 0.125f, eps = 1e-6f, factor = 1.0f;
+  for (int64_t window : {int64_t{0}, int64_t{5}}) {
+    auto q = Random(N * nh * dk, 60), k = Random(N * nkv * dk, 61), v = Random(N * nkv * dv, 62);
+    auto qn = Random(dk, 63), kn = Random(dk, 64);
+    std::vector<float> inv(rope_dim / 2);
+    for (int64_t i = 0; i < rope_dim / 2; ++i) inv[i] = 1.0f / std::pow(10000.0f, 2.0f * i / rope_dim);
+    // Token t belongs to sequence t % 3 (so batches share caches) at its own position.
+    const int64_t S = std::min<int64_t>(N, 3);
+    std::vector<std::vector<float>> kc(S, Random(cap * nkv * dk, 65)), vc(S, Random(cap * nkv * dv, 66));
+    std::vector<int32_t> pos(N);
+    std::vector<int64_t> next(S);
+    for (int64_t s = 0; s < S; ++s) next[s] = 3 + 17 * s;
+    for (int64_t t = 0; t < N; ++t) pos[t] = static_cast<int32_t>(next[t % S]++);
+    // CPU: norm + rope of q and k, cache writes, then attention per token.
+    auto rope = [&](float* vec, int64_t p) {
+      std::vector<float> c(rope_dim / 2), sn(rope_dim / 2);
+      for (int64_t i = 0; i < rope_dim / 2; ++i) {
+        double a = static_cast<double>(p) * static_cast<double>(inv[i]);
+        c[i] = static_cast<float>(std::cos(a)) * factor;
+        sn[i] = static_cast<float>(std::sin(a)) * factor;
+      }
+      cpu::RopeRotateHalf(vec, rope_dim, c.data(), sn.data());
+    };
+    auto rq = q;
+    auto rkc = kc;
+    auto rvc = vc;
+    for (int64_t t = 0; t < N; ++t) {
+      for (int64_t h = 0; h < nh; ++h) {
+        float* vec = rq.data() + (t * nh + h) * dk;
+        cpu::RmsNorm(vec, qn.data(), 1, dk, eps, vec);
+        rope(vec, pos[t]);
+      }
+      for (int64_t h = 0; h < nkv; ++h) {
+        std::vector<float> kv(k.begin() + (t * nkv + h) * dk, k.begin() + (t * nkv + h + 1) * dk);
+        cpu::RmsNorm(kv.data(), kn.data(), 1, dk, eps, kv.data());
+        rope(kv.data(), pos[t]);
+        std::copy(kv.begin(), kv.end(), rkc[t % S].begin() + (pos[t] * nkv + h) * dk);
+        std::copy(v.begin() + (t * nkv + h) * dv, v.begin() + (t * nkv + h + 1) * dv,
+                  rvc[t % S].begin() + (pos[t] * nkv + h) * dv);
+      }
+    }
+    std::vector<float> ref(N * nh * dv), scratch(cap);
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t h = 0; h < nh; ++h) {
+        const int64_t p = pos[t], kvh = h / (nh / nkv);
+        const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+        cpu::AttendOneHead(rq.data() + (t * nh + h) * dk, rkc[t % S].data() + (first * nkv + kvh) * dk, nkv * dk,
+                           rvc[t % S].data() + (first * nkv + kvh) * dv, nkv * dv, p + 1 - first, dk, dv, scale,
+                           scratch.data(), ref.data() + (t * nh + h) * dv);
+      }
+    Dev<float> dq(q), dk_(k), dv_(v), dqn(qn), dkn(kn), dinv(inv), dout(N * nh * dv);
+    Dev<int32_t> dpos(pos);
+    std::vector<std::unique_ptr<Dev<float>>> dkc, dvc;
+    for (int64_t s = 0; s < S; ++s) {
+      dkc.push_back(std::make_unique<Dev<float>>(kc[s]));
+      dvc.push_back(std::make_unique<Dev<float>>(vc[s]));
+    }
+    std::vector<uint64_t> kp(N), vp(N);
+    for (int64_t t = 0; t < N; ++t) {
+      kp[t] = reinterpret_cast<uint64_t>(dkc[t % S]->p);
+      vp[t] = reinterpret_cast<uint64_t>(dvc[t % S]->p);
+    }
+    Dev<uint64_t> dkp(kp), dvp(vp);
+    auto kpp = reinterpret_cast<float* const*>(dkp.p);
+    auto vpp = reinterpret_cast<float* const*>(dvp.p);
+    // Tokens of one sequence write their cache rows before any attends: two launches.
+    ASSERT_EQ(cuda::QkNormRopeKv(dq.p, dk_.p, dv_.p, N, nh, nkv, dk, dv, dqn.p, dkn.p, eps, 0, rope_dim, dpos.p, dinv.p,
+                                 factor, false, kpp, vpp, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cuda::AttentionBatched(dq.p, kpp, vpp, dpos.p, N, nh, nkv, dk, dv, window, scale, dout.p, nullptr),
+              cudaSuccess);
+    EXPECT_LT(RelErr(dq.Host(), rq), 1e-5) << "q, window " << window;
+    for (int64_t s = 0; s < S; ++s) EXPECT_LT(RelErr(dkc[s]->Host(), rkc[s]), 1e-5) << "k cache " << s;
+    EXPECT_LT(RelErr(dout.Host(), ref), 1e-5) << "window " << window;
+    // Decode (one token per sequence): the one-launch AttentionDecode against the above.
+    if (N <= S) {
+      Dev<float> dq2(q), dout2(N * nh * dv);
+      std::vector<std::unique_ptr<Dev<float>>> dkc2, dvc2;
+      std::vector<uint64_t> kp2(N), vp2(N);
+      for (int64_t t = 0; t < N; ++t) {
+        dkc2.push_back(std::make_unique<Dev<float>>(kc[t]));
+        dvc2.push_back(std::make_unique<Dev<float>>(vc[t]));
+        kp2[t] = reinterpret_cast<uint64_t>(dkc2.back()->p);
+        vp2[t] = reinterpret_cast<uint64_t>(dvc2.back()->p);
+      }
+      Dev<uint64_t> dkp2(kp2), dvp2(vp2);
+      ASSERT_EQ(cuda::AttentionDecode(dq2.p, dk_.p, dv_.p, N, nh, nkv, dk, dv, dqn.p, dkn.p, eps, 0, rope_dim, dpos.p,
+                                      dinv.p, factor, false, reinterpret_cast<float* const*>(dkp2.p),
+                                      reinterpret_cast<float* const*>(dvp2.p), window, scale, dout2.p, nullptr),
+                cudaSuccess);
+      EXPECT_LT(RelErr(dout2.Host(), ref), 1e-5) << "decode, window " << window;
+      for (int64_t t = 0; t < N; ++t) {
+        EXPECT_LT(RelErr(dkc2[t]->Host(), rkc[t]), 1e-5) << "decode k cache " << t;
+        EXPECT_LT(RelErr(dvc2[t]->Host(), rvc[t]), 1e-6) << "decode v cache " << t;
+      }
+    }
+  }
+}
+INSTANTIATE_TEST_SUITE_P(Tokens, CudaBatchedAttention, ::testing::Values(1, 3, 7, 64));
+
+// The wide argmax against the one-block ArgmaxRows (lowest index on ties, NaN never wins).
+TEST(CudaOps, ArgmaxRowsWideMatchesArgmaxRows) {
+  REQUIRE_GPU();
+  const int64_t rows = 5, cols = 151936;
+  auto x = Random(rows * cols, 70);
+  x[1 * cols + 7] = 50.0f;  // a tie at 7 and 90000: 7 wins
+  x[1 * cols + 90000] = 50.0f;
+  x[2 * cols + cols - 1] = 60.0f;  // the last column
+  x[3 * cols + 3] = NAN;
+  for (int64_t c = 0; c < cols; ++c) x[4 * cols + c] = -1.0f;  // all equal: 0 wins
+  Dev<float> dx(x);
+  Dev<int32_t> a(rows), b(rows);
+  Dev<unsigned long long> scratch(rows);
+  ASSERT_EQ(cuda::ArgmaxRows(dx.p, rows, cols, a.p, nullptr), cudaSuccess);
+  ASSERT_EQ(cuda::ArgmaxRowsWide(dx.p, rows, cols, scratch.p, b.p, nullptr), cudaSuccess);
+  auto ha = a.Host(), hb = b.Host();
+  EXPECT_EQ(ha, hb);
+  EXPECT_EQ(hb[1], 7);
+  EXPECT_EQ(hb[2], cols - 1);
+  EXPECT_EQ(hb[4], 0);
+}
+
+// The GEMV with the RMSNorm of its input fused in (every block normalises; block 0 writes the
+// normed rows): against RmsNorm + dot on the CPU.
+TEST(CudaOps, GemvWithFusedNorm) {
+  REQUIRE_GPU();
+  const int64_t in = 520, rows = 300;
+  for (int64_t T : {int64_t{1}, int64_t{7}}) {
+    ASSERT_TRUE(cuda::GemvNormFusable(T, in));
+    auto x = Random(T * in, 80, 3.0f), nw = Random(in, 81);
+    auto b = ToBf16(Random(rows * in, 82, 0.05f));
+    auto wf = FromBf16(b);
+    std::vector<float> normed(T * in), ref(T * rows);
+    for (int64_t t = 0; t < T; ++t) cpu::RmsNorm(x.data() + t * in, nw.data(), 1, in, 1e-6f, normed.data() + t * in);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < rows; ++r) ref[t * rows + r] = static_cast<float>(Dot(wf.data() + r * in, normed.data() + t * in, in));
+    Dev<float> dx(x), dnw(nw), dy(T * rows), dn(T * in);
+    Dev<uint16_t> dw(b);
+    cuda::GemvSegments sg;
+    sg.seg[0] = {dw.p, dy.p, nullptr, rows};
+    sg.count = 1;
+    ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, T, false, nullptr, dnw.p, 1e-6f, dn.p), cudaSuccess);
+    EXPECT_LT(RelErr(dy.Host(), ref), 1e-5) << T << " tokens";
+    EXPECT_LT(RelErr(dn.Host(), normed), 1e-6) << T << " tokens";
+  }
+}
 
 #endif  // EEP_WITH_CUDA
 

@@ -19,6 +19,7 @@
 #include "cluster/etcd.h"
 #include "core/logging.h"
 #include "core/util.h"
+#include "cuda/cuda_model.h"
 #include "ep/node.h"
 #include "ep_flags.h"
 #include "serve/serve.h"
@@ -28,7 +29,7 @@ namespace {
 struct ServeCliOptions {
   eep::serve::ServerOptions server;
   eep::cli::EpFlags ep;
-  std::string backend = "cpu";         // where every rank computes: cpu | cuda
+  std::string backend = "auto";        // where every rank computes: auto | cpu | cuda
   std::string expert_backup = "auto";  // on | off | auto (on when --ep > 1)
   std::string backup_transport = "shm";
   // Many hosts (src/ep/node.h): etcd control plane, ranks on `eep node` hosts.
@@ -183,7 +184,10 @@ int RunServe(const ServeCliOptions& o) {
     if (auto st = CheckPortFree(o.server.host, o.server.port); !st.ok()) return eep::cli::Fail(st);
   }
   // The node's DRAM backup of the expert weights: started here unless managers are given.
-  eep::ep::EpOptions ep_options = eep::cli::EpOptionsFor(o.ep, o.backend);
+  // auto: CUDA when this host has a GPU (ranks on other hosts compute like this one).
+  auto backend = eep::cuda::ResolveBackend(o.backend);
+  if (!backend.ok()) return eep::cli::Fail(backend.status().WithContext("--backend"));
+  eep::ep::EpOptions ep_options = eep::cli::EpOptionsFor(o.ep, *backend);
   std::unique_ptr<eep::backup::BackupSidecar> sidecar;
   std::unique_ptr<eep::cluster::LeaseKeeper> lease;
   std::unique_ptr<eep::cluster::EtcdClient> etcd;
@@ -294,8 +298,8 @@ EEP_REGISTER_COMMAND(
                       "keep a DRAM backup of the expert weights in a backup manager started here: on | off | auto "
                       "(on when --ep > 1; ignored when --expert-backup-endpoints is given)")
           ->check(CLI::IsMember({"on", "off", "auto"}));
-      app->add_option("--backend", o->backend, "where every rank computes: cpu (default) | cuda")
-          ->check(CLI::IsMember({"cpu", "cuda"}));
+      app->add_option("--backend", o->backend, "where every rank computes: auto (default: cuda when a GPU is present) | cpu | cuda")
+          ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
       app->add_option("--backup-transport", o->backup_transport, "transfer backend of that backup manager (shm | ucx)");
       app->add_option("--coordinator", o->coordinator,
                       "etcd://HOST:PORT[,...]: many hosts; ranks run on `eep node` hosts, membership lives in etcd");

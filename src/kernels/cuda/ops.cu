@@ -1,17 +1,39 @@
-// CUDA kernels; see ops.h for the contract of each. Kept plain (one block per row or per
-// (token, head)) because decode is launch- and weight-bandwidth-bound: the GEMMs go to cuBLAS,
-// and these kernels only have to avoid extra passes over activations.
+// CUDA kernels; see ops.h for the contract of each. The element-wise ones are kept plain (one
+// block per row or per (token, head)). For few tokens per step the weight-streaming work is
+// here too (GEMV, grouped expert GEMV through slot pointers): a warp per output row, 16-byte
+// streaming loads, several in flight per lane; larger steps use cuBLAS from cuda_model.cc.
+// Kernels of the decode path are launched with programmatic dependent launch (Launch below).
 #include "kernels/cuda/ops.h"
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <utility>
 
 namespace eep::cuda {
 namespace {
 
 constexpr int kWarp = 32;
+
+// Programmatic dependent launch (sm_90): kernels launched by Launch() below may start while
+// the previous kernel of the stream finishes; each lets its successor start early
+// (PdlTrigger, once all its blocks run) and waits for its predecessor's results (PdlWait)
+// before reading anything a previous kernel wrote. Static weights may be touched before.
+__device__ __forceinline__ void PdlTrigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void PdlWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float Bf16ToF32(bf16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
 
@@ -56,6 +78,8 @@ __device__ float BlockMax(float v, float* shared) {
 }
 
 __global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim, float* x) {
+  PdlTrigger();
+  PdlWait();
   const int64_t t = blockIdx.x;
   const bf16_t* row = table + static_cast<int64_t>(ids[t]) * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) x[t * dim + i] = Bf16ToF32(row[i]);
@@ -63,6 +87,8 @@ __global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim
 
 __global__ void RmsNormKernel(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim,
                               float eps, float* y, int64_t y_stride, bf16_t* y16, int splits) {
+  PdlTrigger();
+  PdlWait();
   __shared__ double partial[32];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * x_stride;
@@ -113,6 +139,8 @@ __global__ void AddKernel(float* x, const float* y, int64_t n) {
 
 __global__ void SiluMulKernel(const float* gu, int64_t rows, int64_t inter, int splits, float* out,
                               bf16_t* out16) {
+  PdlTrigger();
+  PdlWait();
   const int64_t n = rows * inter;
   const int64_t split_stride = rows * 2 * inter;  // the lo rows follow the hi rows
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -199,7 +227,7 @@ __global__ void AttentionKernel(const float* q, const float* kc, const float* vc
 
 constexpr int64_t kMaxAttnSmemBytes = 200 * 1024;
 
-// Index of the largest value not yet used (ties: lower index), as cpu::TopK orders.
+// Index of the largest value not yet used (ties: lower index), as cpu::TopK orders; serial.
 __device__ int PickMax(const float* v, bool* used, int64_t n) {
   int best = -1;
   for (int e = 0; e < n; ++e) {
@@ -210,72 +238,138 @@ __device__ int PickMax(const float* v, bool* used, int64_t n) {
   return best;
 }
 
-// One block per token; the selection is sequential on thread 0 (E ≤ a few hundred, k ≤ 8)
-// and the exp/sigmoid passes are spread over the warp.
-__global__ void RouteKernel(const float* logits, int64_t E, int64_t k, bool norm, const float* bias, int64_t G,
-                            int64_t topk_group, double scaling, int32_t* ids, float* weights) {
-  extern __shared__ float sm[];
-  float* p = sm;           // probabilities / sigmoid scores
-  float* sel = sm + E;     // selection scores (DeepSeek)
-  float* gs = sel + E;     // group scores
+// The same pick spread over a warp (every lane gets the index): each lane keeps the first
+// maximum of its share, then a butterfly keeps the larger value, the lower index on ties.
+__device__ int WarpPickMax(const float* v, bool* used, int n) {
+  const int lane = threadIdx.x % kWarp;
+  float bv = -INFINITY;
+  int bi = -1;
+  for (int e = lane; e < n; e += kWarp) {
+    if (used[e]) continue;
+    const float x = v[e];
+    if (bi < 0 || x > bv) {
+      bv = x;
+      bi = e;
+    }
+  }
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  __syncwarp();
+  if (lane == 0 && bi >= 0) used[bi] = true;
+  __syncwarp();
+  return bi;
+}
+
+// Shared memory one warp's routing needs: p[E], sel[E], gs[G] floats, used[E + G] bools.
+__host__ __device__ constexpr int64_t RouteSmemBytes(int64_t E, int64_t G) {
+  return ((2 * E + G) * 4 + E + G + 15) / 16 * 16;
+}
+
+// Routes token z [E] on one warp (see Route in ops.h); lane j < k gets choice j in *id, *w.
+__device__ void RouteToken(const float* z, int E, int k, bool norm, const float* bias, int G, int topk_group,
+                           double scaling, uint8_t* smem, int32_t* id_out, float* w_out) {
+  float* p = reinterpret_cast<float*>(smem);  // probabilities / sigmoid scores
+  float* sel = p + E;                         // selection scores (DeepSeek)
+  float* gs = sel + E;                        // group scores
   bool* used = reinterpret_cast<bool*>(gs + G);
-  const int64_t t = blockIdx.x;
-  const float* z = logits + t * E;
-  int32_t* it = ids + t * k;
-  float* wt = weights + t * k;
+  const int lane = threadIdx.x % kWarp;
+  int my_id = -1;
   if (bias == nullptr) {
     float m = -INFINITY;
-    for (int64_t e = threadIdx.x; e < E; e += blockDim.x) m = fmaxf(m, z[e]);
+    for (int e = lane; e < E; e += kWarp) m = fmaxf(m, z[e]);
     m = WarpMax(m);
     double sum = 0;
-    for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    for (int e = lane; e < E; e += kWarp) {
       p[e] = expf(z[e] - m);
       sum += p[e];
     }
     sum = WarpSum(sum);
     const float inv = static_cast<float>(1.0 / sum);
-    for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    for (int e = lane; e < E; e += kWarp) {
       p[e] *= inv;
       used[e] = false;
     }
     __syncwarp();
-    if (threadIdx.x != 0) return;
     double s = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      it[j] = PickMax(p, used, E);
-      s += p[it[j]];
+    for (int j = 0; j < k; ++j) {
+      const int id = WarpPickMax(p, used, E);
+      if (lane == j) my_id = id;
+      s += p[id];
     }
-    for (int64_t j = 0; j < k; ++j) wt[j] = norm ? static_cast<float>(p[it[j]] / s) : p[it[j]];
+    if (lane < k) {
+      *id_out = my_id;
+      *w_out = norm ? static_cast<float>(p[my_id] / s) : p[my_id];
+    }
+    __syncwarp();
     return;
   }
-  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+  for (int e = lane; e < E; e += kWarp) {
     p[e] = 1.0f / (1.0f + expf(-z[e]));
     sel[e] = p[e] + bias[e];
     used[e] = false;
   }
   __syncwarp();
-  if (threadIdx.x != 0) return;
-  const int64_t per = E / G, take = per < 2 ? per : 2;
-  for (int64_t g = 0; g < G; ++g) {
+  const int per = E / G, take = per < 2 ? per : 2;
+  // Group scores: the sum of each group's two best, a lane per group (top-2 by value, the
+  // lower index on ties, added in that order as cpu::TopK + the sum).
+  for (int g = lane; g < G; g += kWarp) {
+    const float* v = sel + g * per;
+    int b1 = 0;
+    for (int i = 1; i < per; ++i)
+      if (v[i] > v[b1]) b1 = i;
     float s = 0;
-    for (int64_t i = 0; i < take; ++i) s += sel[g * per + PickMax(sel + g * per, used + g * per, per)];
-    for (int64_t i = 0; i < per; ++i) used[g * per + i] = false;
+    s += v[b1];
+    if (take == 2) {
+      int b2 = b1 == 0 ? 1 : 0;
+      for (int i = 0; i < per; ++i)
+        if (i != b1 && v[i] > v[b2]) b2 = i;
+      s += v[b2];
+    }
     gs[g] = s;
   }
+  __syncwarp();
   bool* gused = used + E;
-  for (int64_t g = 0; g < G; ++g) gused[g] = false;
-  for (int64_t i = 0; i < topk_group; ++i) PickMax(gs, gused, G);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < per; ++i) sel[g * per + i] = gused[g] ? sel[g * per + i] : -INFINITY;
-  double sum = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    it[j] = PickMax(sel, used, E);
-    sum += p[it[j]];
+  if (lane == 0) {
+    for (int g = 0; g < G; ++g) gused[g] = false;
+    for (int i = 0; i < topk_group; ++i) PickMax(gs, gused, G);
   }
-  for (int64_t j = 0; j < k; ++j) {
-    double v = p[it[j]];
+  __syncwarp();
+  for (int e = lane; e < E; e += kWarp) sel[e] = gused[e / per] ? sel[e] : -INFINITY;
+  __syncwarp();
+  double sum = 0;
+  for (int j = 0; j < k; ++j) {
+    const int id = WarpPickMax(sel, used, E);
+    if (lane == j) my_id = id;
+    sum += p[id];
+  }
+  if (lane < k) {
+    double v = p[my_id];
     if (norm) v /= (sum + 1e-20);
-    wt[j] = static_cast<float>(v * scaling);
+    *id_out = my_id;
+    *w_out = static_cast<float>(v * scaling);
+  }
+  __syncwarp();
+}
+
+// One warp per token.
+__global__ void RouteKernel(const float* logits, int64_t E, int64_t k, bool norm, const float* bias, int64_t G,
+                            int64_t topk_group, double scaling, int32_t* ids, float* weights) {
+  extern __shared__ uint8_t route_sm[];
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x % kWarp;
+  int32_t id = 0;
+  float w = 0;
+  RouteToken(logits + t * E, static_cast<int>(E), static_cast<int>(k), norm, bias, static_cast<int>(G),
+             static_cast<int>(topk_group), scaling, route_sm, &id, &w);
+  if (lane < k) {
+    ids[t * k + lane] = id;
+    weights[t * k + lane] = w;
   }
 }
 
@@ -324,6 +418,8 @@ unsigned GridFor(int64_t n) {
 
 
 __global__ void GatherF32Kernel(const float* in, const int32_t* src, int64_t dim, float* out) {
+  PdlTrigger();
+  PdlWait();
   const int64_t r = blockIdx.x;
   const float* row = in + static_cast<int64_t>(src[r]) * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = row[i];
@@ -364,21 +460,43 @@ __global__ void ArgmaxKernel(const float* x, int64_t cols, int32_t* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = si[0] == kNone ? 0 : si[0];
 }
 
+// Launches with the programmatic-dependent-launch attribute (EEP_CUDA_PDL=0: plain launches).
+bool PdlEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("EEP_CUDA_PDL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = PdlEnabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 }  // namespace
 
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st) {
   if (n == 0) return cudaSuccess;
-  EmbedKernel<<<static_cast<unsigned>(n), kThreads, 0, st>>>(table, ids, dim, x);
-  return cudaGetLastError();
+  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x);
 }
 
 cudaError_t RmsNorm(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim, float eps,
                     float* y, int64_t y_stride, bf16_t* y16, int splits, cudaStream_t st) {
   if (rows == 0) return cudaSuccess;
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
-  RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, st>>>(x, x_stride, w, rows, dim, eps, y, y_stride, y16,
-                                                                 splits);
-  return cudaGetLastError();
+  return Launch(RmsNormKernel, dim3(static_cast<unsigned>(rows)), dim3(threads), 0, st, x, x_stride, w, rows, dim, eps, y,
+                y_stride, y16, splits);
 }
 
 cudaError_t SplitBf16(const float* x, int64_t rows, int64_t dim, int splits, bf16_t* out, cudaStream_t st) {
@@ -403,8 +521,7 @@ cudaError_t Add(float* x, const float* y, int64_t n, cudaStream_t st) {
 cudaError_t SiluMul(const float* gu, int64_t rows, int64_t inter, int splits, float* out, bf16_t* out16,
                     cudaStream_t st) {
   if (rows * inter == 0) return cudaSuccess;
-  SiluMulKernel<<<GridFor(rows * inter), kThreads, 0, st>>>(gu, rows, inter, splits, out, out16);
-  return cudaGetLastError();
+  return Launch(SiluMulKernel, dim3(GridFor(rows * inter)), dim3(kThreads), 0, st, gu, rows, inter, splits, out, out16);
 }
 
 cudaError_t Rope(float* x, int64_t n, int64_t heads, int64_t token_stride, int64_t head_stride, int64_t offset,
@@ -440,7 +557,8 @@ cudaError_t Route(const float* logits, int64_t n, int64_t E, int64_t k, bool nor
                   int64_t topk_group, float scaling, int32_t* ids, float* weights, cudaStream_t st) {
   if (n == 0) return cudaSuccess;
   if (G < 1 || E % G != 0 || k > E) return cudaErrorInvalidValue;
-  const size_t smem = (2 * E + G) * sizeof(float) + E + G;
+  if (k > kWarp) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(RouteSmemBytes(E, G));
   RouteKernel<<<static_cast<unsigned>(n), kWarp, smem, st>>>(logits, E, k, norm, bias, G, topk_group,
                                                               static_cast<double>(scaling), ids, weights);
   return cudaGetLastError();
@@ -456,8 +574,7 @@ cudaError_t GatherRows(const bf16_t* in, const int32_t* src, int64_t rows, int64
 cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, float* out,
                           cudaStream_t st) {
   if (rows == 0) return cudaSuccess;
-  GatherF32Kernel<<<static_cast<unsigned>(rows), 256, 0, st>>>(in, src, dim, out);
-  return cudaGetLastError();
+  return Launch(GatherF32Kernel, dim3(static_cast<unsigned>(rows)), dim3(256), 0, st, in, src, dim, out);
 }
 
 cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t st) {
@@ -479,6 +596,948 @@ cudaError_t MlaExpandKv(const float* kv, const float* c, int64_t n, int64_t nh, 
   if (n == 0) return cudaSuccess;
   MlaExpandKernel<<<static_cast<unsigned>(n * nh), 128, 0, st>>>(kv, c, nh, nope, rope, dv, ca, kvr, k, v);
   return cudaGetLastError();
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Decode-regime kernels (see ops.h).
+
+namespace {
+
+// Eight consecutive weights of a row, loaded as 16 (BF16) or 32 (f32) bytes, streamed past L1.
+template <typename WT>
+struct Raw8;
+template <>
+struct Raw8<bf16_t> {
+  uint4 v;
+  __device__ __forceinline__ void Load(const bf16_t* p) { v = __ldcs(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void Zero() { v = make_uint4(0, 0, 0, 0); }
+  __device__ __forceinline__ void Unpack(float (&f)[8]) const {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+};
+template <>
+struct Raw8<float> {
+  float4 a, b;
+  __device__ __forceinline__ void Load(const float* p) {
+    a = __ldcs(reinterpret_cast<const float4*>(p));
+    b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ __forceinline__ void Zero() { a = b = make_float4(0, 0, 0, 0); }
+  __device__ __forceinline__ void Unpack(float (&f)[8]) const {
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+  }
+};
+
+// acc[r][t] += Σ_i w[r][i]·x[t][i] over this lane's share of `in` (8 values per lane per 256),
+// for tokens t < n (kTok at most). kU chunks of every row are loaded before the first FMA so
+// that each lane keeps kU·kRows 16-byte loads in flight. Not reduced across the warp.
+// Chunks (of 256 values) first_chunk, first_chunk + step, ... are this warp's (split-K).
+template <typename WT, int kRows, int kTok, int kU = 4>
+__device__ __forceinline__ void WarpDotRows(const WT* const (&w)[kRows], int64_t in, const float* const (&x)[kTok],
+                                            int n, float (&acc)[kRows][kTok], int first_chunk = 0, int step = 1) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = 256 * static_cast<int64_t>(step);
+  for (int64_t c0 = lane * 8 + first_chunk * 256; c0 < in; c0 += stride * kU) {
+    Raw8<WT> raw[kU][kRows];
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (c0 + u * stride < in)
+          raw[u][r].Load(w[r] + c0 + u * stride);
+        else
+          raw[u][r].Zero();
+      }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t c = c0 + u * stride;
+      if (c >= in) break;
+      float wf[kRows][8];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) raw[u][r].Unpack(wf[r]);
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) {
+        if (t >= n) break;
+        // Generic loads: x may live in shared memory (GEMV with a fused RMSNorm).
+        const float4 xa = *reinterpret_cast<const float4*>(x[t] + c);
+        const float4 xb = *(reinterpret_cast<const float4*>(x[t] + c) + 1);
+        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[r][t] = fmaf(wf[r][i], xv[i], acc[r][t]);
+      }
+    }
+  }
+}
+
+constexpr int kGemvWarps = 8;  // rows per block (a warp per row)
+
+// One warp per output row; tokens in passes of kTok (weights re-read from L2 per pass).
+// With norm_w: x rows are RMSNorm-ed (as RmsNormKernel) into shared memory first (all
+// ntok <= kTok rows, one pass), and block 0 also writes them to norm_out (may be null).
+// kSplit > 1 (small matrices): kSplit warps share a row, each over every kSplit-th chunk of
+// it, summed in warp order through shared memory (deterministic), so that a few rows still
+// keep many warps loading.
+template <typename WT, int kTok, int kSplit>
+__device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride,
+                                         int64_t ntok, bool accumulate, const float* norm_w, float eps,
+                                         float* norm_out, float* xs) {
+  constexpr int kU = kTok == 1 ? 8 : 4;  // 16-byte loads in flight per lane and row
+  constexpr int kRowsPerBlock = kGemvWarps / kSplit;
+  __shared__ double partial[32];
+  __shared__ float split_sum[kSplit > 1 ? kGemvWarps : 1][kTok];
+  const int warp_id = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warp = warp_id / kSplit, slice = warp_id % kSplit;  // row of the block, K slice
+  PdlTrigger();
+  {
+    // Weights do not depend on earlier kernels: pull this warp's row into L2 while the
+    // previous kernel finishes (a 128-byte line per lane and step).
+    int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+    const WT* row = nullptr;
+#pragma unroll
+    for (int i = 0; i < kMaxGemvSegments; ++i) {
+      if (row == nullptr && i < segs.count) {
+        if (r < segs.seg[i].rows)
+          row = static_cast<const WT*>(segs.seg[i].w) + r * in;
+        else
+          r -= segs.seg[i].rows;
+      }
+    }
+    if (row != nullptr) {
+      const char* bytes = reinterpret_cast<const char*>(row);
+      for (int64_t b = static_cast<int64_t>(lane + slice * kWarp) * 128; b < in * static_cast<int64_t>(sizeof(WT));
+           b += kSplit * kWarp * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(bytes + b));
+    }
+  }
+  PdlWait();
+  if (norm_w != nullptr) {
+    for (int64_t t = 0; t < ntok; ++t) {
+      const float* xr = x + t * x_stride;
+      double sum = 0;
+      for (int64_t i = threadIdx.x; i < in; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
+      sum = BlockSum(sum, partial);
+      const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(in) + eps));
+      for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
+        const float v = norm_w[i] * (xr[i] * inv);
+        xs[t * in + i] = v;
+        if (norm_out != nullptr && blockIdx.x == 0) norm_out[t * in + i] = v;
+      }
+    }
+    __syncthreads();
+    x = xs;
+    x_stride = in;
+  }
+  int64_t o = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+  // The segment of row o, with constant indices only (a run-time index would copy the
+  // parameter struct to the stack).
+  GemvSegment sg;
+  bool found = false;
+#pragma unroll
+  for (int i = 0; i < kMaxGemvSegments; ++i) {
+    if (!found && i < segs.count) {
+      if (o < segs.seg[i].rows) {
+        sg = segs.seg[i];
+        found = true;
+      } else {
+        o -= segs.seg[i].rows;
+      }
+    }
+  }
+  if (kSplit == 1 && !found) return;  // split blocks stay for the barriers below
+  const WT* const w[1] = {found ? static_cast<const WT*>(sg.w) + o * in : nullptr};
+  const float bias = found && sg.bias ? sg.bias[o] : 0.0f;
+  for (int64_t t0 = 0; t0 < ntok; t0 += kTok) {
+    const int n = static_cast<int>(ntok - t0 < kTok ? ntok - t0 : kTok);
+    const float* xr[kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) xr[t] = x + (t0 + (t < n ? t : 0)) * x_stride;
+    float acc[1][kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) acc[0][t] = 0;
+    if (found) WarpDotRows<WT, 1, kTok, kU>(w, in, xr, n, acc, slice, kSplit);
+    if constexpr (kSplit > 1) {
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) {
+        const float v = WarpSum(acc[0][t]);
+        if (lane == 0) split_sum[warp_id][t] = v;
+      }
+      __syncthreads();
+      if (found && slice == 0 && lane < n) {
+        float v = 0;
+        for (int sl = 0; sl < kSplit; ++sl) v += split_sum[warp * kSplit + sl][lane];
+        v += bias;
+        float* y = sg.y + (t0 + lane) * sg.rows + o;
+        *y = accumulate ? *y + v : v;
+      }
+      __syncthreads();
+    } else {
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) {
+        if (t >= n) break;
+        const float v = WarpSum(acc[0][t]) + bias;
+        if (lane == 0) {
+          float* y = sg.y + (t0 + t) * sg.rows + o;
+          *y = accumulate ? *y + v : v;
+        }
+      }
+    }
+  }
+}
+
+template <typename WT, int kTok, int kSplit>
+__global__ void __launch_bounds__(kGemvWarps * kWarp) GemvKernel(GemvSegments segs, int64_t in, const float* x,
+                                                                 int64_t x_stride, int64_t ntok, bool accumulate,
+                                                                 const float* norm_w, float eps, float* norm_out) {
+  extern __shared__ float4 gemv_sm4[];
+  GemvBody<WT, kTok, kSplit>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
+                             reinterpret_cast<float*>(gemv_sm4));
+}
+
+template <typename WT>
+cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
+                       bool accumulate, const float* norm_w, float eps, float* norm_out, cudaStream_t st) {
+  if (ntok == 0) return cudaSuccess;
+  if (in % 8 != 0 || x_stride % 4 != 0 || segs.count < 1 || segs.count > kMaxGemvSegments)
+    return cudaErrorInvalidValue;
+  const size_t smem = norm_w != nullptr ? static_cast<size_t>(ntok * in) * 4 : 0;
+  if (norm_w != nullptr && (ntok > 8 || smem > 48 * 1024)) return cudaErrorInvalidValue;
+  int64_t rows = 0;
+  for (int i = 0; i < segs.count; ++i) rows += segs.seg[i].rows;
+  if (rows == 0) return cudaSuccess;
+  // Few rows (a router): 8 warps per row, so that the matrix still has enough loads in flight.
+  const bool split = rows < 1024 && in >= 8 * 256;
+  const unsigned blocks = static_cast<unsigned>(split ? rows : (rows + kGemvWarps - 1) / kGemvWarps);
+  const dim3 grid(blocks), block(kGemvWarps * kWarp);
+  cudaError_t e;
+  if (split) {
+    if (ntok == 1)
+      e = Launch(GemvKernel<WT, 1, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+                 eps, norm_out);
+    else if (ntok <= 4)
+      e = Launch(GemvKernel<WT, 4, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+                 eps, norm_out);
+    else
+      e = Launch(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+                 eps, norm_out);
+  } else {
+    if (ntok == 1)
+      e = Launch(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+                 norm_out);
+    else if (ntok <= 4)
+      e = Launch(GemvKernel<WT, 4, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+                 norm_out);
+    else
+      e = Launch(GemvKernel<WT, 8, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+                 norm_out);
+  }
+  return e;
+}
+
+// --- MoE: route + plan, grouped gate/up + SwiGLU, grouped down, combine ---
+
+constexpr int kPlanThreads = 256;
+
+// Block-wide exclusive scan of (a, b) pairs; returns the totals in *ta, *tb. `sh` holds 2 ints
+// per warp.
+__device__ void BlockExclusiveScan2(int& a, int& b, int* sh, int* ta, int* tb) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  int ia = a, ib = b;  // inclusive within the warp
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const int na = __shfl_up_sync(0xffffffffu, ia, o), nb = __shfl_up_sync(0xffffffffu, ib, o);
+    if (lane >= o) ia += na, ib += nb;
+  }
+  if (lane == kWarp - 1) sh[2 * warp] = ia, sh[2 * warp + 1] = ib;
+  __syncthreads();
+  int wa = 0, wb = 0, sa = 0, sb = 0;
+  for (int w = 0; w < warps; ++w) {
+    if (w < warp) wa += sh[2 * w], wb += sh[2 * w + 1];
+    sa += sh[2 * w], sb += sh[2 * w + 1];
+  }
+  a = wa + ia - a;
+  b = wb + ib - b;
+  *ta = sa;
+  *tb = sb;
+  __syncthreads();
+}
+
+// One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
+// the non-empty slots get group numbers in slot order (a block scan), and each assignment its
+// place in its group (the order within a group does not matter: every assignment's result is
+// computed on its own).
+// `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
+// caller has waited already.
+__device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E, int k, bool norm, const float* bias,
+                                              int G, int topk_group, double scaling, const MoeSlotTable& table,
+                                              int32_t* ids, float* weights, const MoePlan& plan, uint8_t* plan_sm,
+                                              bool pdl) {
+  const int warps = kPlanThreads / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t route_bytes = RouteSmemBytes(E, G);
+  const int P = static_cast<int>(table.num_slots), A = N * k;
+  int* count = reinterpret_cast<int*>(plan_sm + warps * route_bytes);  // [P]
+  int* offset = count + P;                                            // [P]
+  int* slot_of = offset + P;                                          // [A]
+  int* rank = slot_of + A;                                            // [A]
+  int* scan = rank + A;                                               // [2·warps]
+  int* reps = scan + 2 * warps;                                       // [E]: count | slots [E][R]
+  const int R = static_cast<int>(table.max_replicas);
+  if (pdl) PdlTrigger();
+  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
+  // The replica table (static during a step), loaded while the previous kernel finishes.
+  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
+    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
+  if (pdl) PdlWait();
+  __syncthreads();
+  for (int t = warp; t < N; t += warps) {
+    int32_t id = 0;
+    float w = 0;
+    RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
+               plan_sm + warp * route_bytes, &id, &w);
+    if (lane < k) {
+      ids[t * k + lane] = id;
+      weights[t * k + lane] = w;
+      slot_of[t * k + lane] = reps[E + id * R + t % reps[id]];
+    }
+  }
+  __syncthreads();
+  if (A <= kWarp) {
+    // Few assignments (decode at small batch): one warp groups them with no block barriers.
+    // Lanes are assignments; a group's leader is its lowest lane; groups and their rows come
+    // in slot order (counted over the lanes with smaller slots), rows within a group in
+    // assignment order.
+    if (warp != 0) return;
+    const bool valid = lane < A;
+    const int slot = valid ? slot_of[lane] : INT_MAX;
+    const unsigned same = __match_any_sync(0xffffffffu, slot);
+    const int rank_in = __popc(same & ((1u << lane) - 1));
+    const bool leader = valid && rank_in == 0;
+    const unsigned leaders = __ballot_sync(0xffffffffu, leader);
+    int g = 0, off = 0;
+    for (int j = 0; j < kWarp; ++j) {
+      const int sj = __shfl_sync(0xffffffffu, slot, j);
+      g += ((leaders >> j) & 1u) && sj < slot;
+      off += j < A && sj < slot;
+    }
+    if (leader) {
+      plan.group_slot[g] = slot;
+      plan.group_off[g] = off;
+      plan.group_cnt[g] = __popc(same);
+    }
+    if (valid) plan.order[off + rank_in] = lane;
+    if (lane == 0) *plan.num_groups = __popc(leaders);
+    return;
+  }
+  for (int a = threadIdx.x; a < A; a += kPlanThreads) rank[a] = atomicAdd(&count[slot_of[a]], 1);
+  __syncthreads();
+  // Each thread scans a contiguous run of slots.
+  const int per = (P + kPlanThreads - 1) / kPlanThreads, s0 = min(P, static_cast<int>(threadIdx.x) * per),
+            s1 = min(P, s0 + per);
+  int groups = 0, rows = 0;
+  for (int s = s0; s < s1; ++s) groups += count[s] > 0, rows += count[s];
+  int total_groups = 0, total_rows = 0;
+  BlockExclusiveScan2(groups, rows, scan, &total_groups, &total_rows);
+  for (int s = s0; s < s1; ++s) {
+    offset[s] = rows;
+    if (count[s] > 0) {
+      plan.group_slot[groups] = s;
+      plan.group_off[groups] = rows;
+      plan.group_cnt[groups] = count[s];
+      ++groups;
+      rows += count[s];
+    }
+  }
+  if (threadIdx.x == 0) *plan.num_groups = total_groups;
+  __syncthreads();
+  for (int a = threadIdx.x; a < A; a += kPlanThreads) plan.order[offset[slot_of[a]] + rank[a]] = a;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) MoeRoutePlanKernel(
+    const float* logits, int N, int E, int k, bool norm, const float* bias, int G, int topk_group, double scaling,
+    MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan) {
+  extern __shared__ uint8_t plan_sm[];
+  RoutePlanBody(logits, N, E, k, norm, bias, G, topk_group, scaling, table, ids, weights, plan, plan_sm, true);
+}
+
+// True in exactly one block of the grid: the last to get here (its earlier global writes, and
+// every other block's, visible to it). Resets *counter for the next launch.
+__device__ __forceinline__ bool LastBlock(unsigned* counter) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    if (threadIdx.x == 0) *counter = 0;
+  }
+  return last;
+}
+
+// The router GEMV (f32 weights, optional fused RMSNorm) and, in its last block, the routing
+// and grouping of MoeRoutePlanKernel: one launch.
+template <int kTok, int kSplit>
+__global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
+    GemvSegments segs, int64_t in, const float* x, int64_t ntok, const float* norm_w, float eps, float* norm_out,
+    unsigned* counter, int E, int k, bool norm, const float* bias, int G, int topk_group, double scaling,
+    MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan) {
+  extern __shared__ float4 router_sm4[];
+  GemvBody<float, kTok, kSplit>(segs, in, x, in, ntok, false, norm_w, eps, norm_out,
+                                reinterpret_cast<float*>(router_sm4));
+  if (!LastBlock(counter)) return;
+  RoutePlanBody(segs.seg[0].y, static_cast<int>(ntok), E, k, norm, bias, G, topk_group, scaling, table, ids, weights,
+                plan, reinterpret_cast<uint8_t*>(router_sm4), false);
+}
+
+int64_t PlanSmemBytes(int64_t N, int64_t E, int64_t k, int64_t G, int64_t P, int64_t R = 1) {
+  return (kPlanThreads / kWarp) * RouteSmemBytes(E, G) + (2 * P + 2 * N * k + 2 * (kPlanThreads / kWarp)) * 4 +
+         E * (1 + R) * 4;
+}
+
+__device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
+
+constexpr int kMoeWarps = 8;
+
+// Block (row tile, group): a warp per output row i; gate row i and up row i share the x loads.
+template <int kTok>
+__device__ __forceinline__ void GateUpRows(const bf16_t* base, const float* x, int64_t H, int64_t I, int k,
+                                           const int32_t* order, int cnt, int64_t i, float* act) {
+  const int lane = threadIdx.x % kWarp;
+  const bf16_t* const w[2] = {base + i * H, base + (I + i) * H};
+  for (int p = 0; p < cnt; p += kTok) {
+    const int n = min(kTok, cnt - p);
+    const float* xr[kTok];
+    int a_of[kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      a_of[t] = order[p + (t < n ? t : 0)];
+      xr[t] = x + static_cast<int64_t>(a_of[t] / k) * H;
+    }
+    float acc[2][kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) acc[0][t] = acc[1][t] = 0;
+    WarpDotRows<bf16_t, 2, kTok, kTok == 1 ? 8 : 4>(w, H, xr, n, acc);
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      if (t >= n) break;
+      const float g = WarpSum(acc[0][t]), u = WarpSum(acc[1][t]);
+      if (lane == 0) act[static_cast<int64_t>(a_of[t]) * I + i] = Silu(g) * u;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kMoeWarps * kWarp) MoeGateUpKernel(const float* x, int64_t H, int64_t I, int k,
+                                                                     MoeSlotTable table, MoePlan plan, float* act) {
+  PdlTrigger();
+  PdlWait();
+  const int g = blockIdx.y;
+  // Every load of the group's entry at once (g < the arrays' size), then the slot pointer.
+  const int groups = *plan.num_groups, slot = plan.group_slot[g], cnt = plan.group_cnt[g], off = plan.group_off[g];
+  if (g >= groups) return;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp;
+  if (i >= I) return;
+  const bf16_t* base = table.slot_ptr[slot];
+  const int32_t* order = plan.order + off;
+  if (cnt == 1)
+    GateUpRows<1>(base, x, H, I, k, order, cnt, i, act);
+  else
+    GateUpRows<8>(base, x, H, I, k, order, cnt, i, act);
+}
+
+// kDownRows consecutive output rows per warp (their loads in flight together, sharing the
+// act loads).
+constexpr int kDownRows = 4;
+
+template <int kTok>
+__device__ __forceinline__ void DownRows(const bf16_t* base, const float* act, int64_t H, int64_t I,
+                                         const int32_t* order, int cnt, int64_t o0, float* y) {
+  const int lane = threadIdx.x % kWarp;
+  const bf16_t* w[kDownRows];
+#pragma unroll
+  for (int r = 0; r < kDownRows; ++r) w[r] = base + 2 * I * H + min(o0 + r, H - 1) * I;
+  for (int p = 0; p < cnt; p += kTok) {
+    const int n = min(kTok, cnt - p);
+    const float* xr[kTok];
+    int a_of[kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      a_of[t] = order[p + (t < n ? t : 0)];
+      xr[t] = act + static_cast<int64_t>(a_of[t]) * I;
+    }
+    float acc[kDownRows][kTok];
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r)
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) acc[r][t] = 0;
+    WarpDotRows<bf16_t, kDownRows, kTok, 2>(w, I, xr, n, acc);
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      if (t >= n) break;
+#pragma unroll
+      for (int r = 0; r < kDownRows; ++r) {
+        const float v = WarpSum(acc[r][t]);
+        if (lane == 0 && o0 + r < H) y[static_cast<int64_t>(a_of[t]) * H + o0 + r] = v;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* act, int64_t H, int64_t I,
+                                                                   MoeSlotTable table, MoePlan plan, float* y) {
+  PdlTrigger();
+  PdlWait();
+  const int g = blockIdx.y;
+  const int groups = *plan.num_groups, slot = plan.group_slot[g], cnt = plan.group_cnt[g], off = plan.group_off[g];
+  if (g >= groups) return;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp) * kDownRows;
+  if (o0 >= H) return;
+  const bf16_t* base = table.slot_ptr[slot];
+  const int32_t* order = plan.order + off;
+  if (cnt == 1)
+    DownRows<1>(base, act, H, I, order, cnt, o0, y);
+  else
+    DownRows<4>(base, act, H, I, order, cnt, o0, y);
+}
+
+// Block (column tile, token), a thread per column: the k terms' loads are independent.
+// With norm_w: the last block also RMSNorms the n updated rows of x into norm_out (the next
+// layer's input norm), as RmsNormKernel does.
+__global__ void MoeCombineAddKernel(const float* y, const float* w, int64_t k, int64_t dim, const float* shared,
+                                    float* x, int64_t n, const float* norm_w, float eps, float* norm_out,
+                                    unsigned* counter) {
+  __shared__ double partial[32];
+  PdlTrigger();
+  PdlWait();
+  const int64_t t = blockIdx.y, i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < dim) {
+    float acc = 0;
+    for (int64_t j = 0; j < k; ++j) acc += w[t * k + j] * y[(t * k + j) * dim + i];
+    if (shared) acc += shared[t * dim + i];
+    x[t * dim + i] += acc;
+  }
+  if (norm_w == nullptr || !LastBlock(counter)) return;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * dim;
+    double sum = 0;  // double, like the CPU reference
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+      const float v = __ldcg(xr + c);
+      sum += static_cast<double>(v) * v;
+    }
+    sum = BlockSum(sum, partial);
+    const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(dim) + eps));
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) norm_out[r * dim + c] = norm_w[c] * (__ldcg(xr + c) * inv);
+  }
+}
+
+// --- attention ---
+
+// Block (token, head): q or k head gets RMSNorm and RoPE; k and v heads go to the cache.
+// q/k norms and RoPE of the attention (see QkNormRopeKv in ops.h).
+struct QkRope {
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  float eps = 0;
+  int64_t offset = 0, rope_dim = 0;
+  const float* inv_freq = nullptr;
+  float factor = 1;
+  bool interleaved = false;
+};
+
+// RMSNorm (nw may be null) and RoPE of one head vector src [dk] at position pos, written to
+// dst (global or shared; may be src); the whole block takes part, tmp [dk] is shared scratch.
+// Ends with a barrier.
+__device__ void NormRopeHead(const float* src, float* dst, int64_t dk, const float* nw, float eps, int64_t off,
+                             int64_t rope_dim, int64_t pos, const float* inv_freq, float factor, bool interleaved,
+                             float* tmp, double* partial) {
+  for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) tmp[i] = src[i];
+  __syncthreads();
+  if (nw != nullptr) {
+    double sum = 0;  // double, like the CPU reference
+    for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) sum += static_cast<double>(tmp[i]) * tmp[i];
+    sum = BlockSum(sum, partial);
+    const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(dk) + eps));
+    for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) tmp[i] = nw[i] * (tmp[i] * inv);
+    __syncthreads();
+  }
+  const int64_t half = rope_dim / 2;
+  for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) {
+    const int64_t r = i - off;
+    if (r < 0 || r >= rope_dim) {
+      dst[i] = tmp[i];
+      continue;
+    }
+    const int64_t pair = r < half ? r : r - half;
+    const double angle = static_cast<double>(pos) * static_cast<double>(inv_freq[pair]);
+    const float c = static_cast<float>(cos(angle)) * factor, sn = static_cast<float>(sin(angle)) * factor;
+    const float a = interleaved ? tmp[off + 2 * pair] : tmp[off + pair];
+    const float b = interleaved ? tmp[off + 2 * pair + 1] : tmp[off + pair + half];
+    dst[i] = r < half ? a * c - b * sn : b * c + a * sn;
+  }
+  __syncthreads();
+}
+
+// Block (token, head): q or k head gets RMSNorm and RoPE; k and v heads go to the cache.
+__global__ void QkNormRopeKvKernel(float* q, const float* k, const float* v, int64_t nh, int64_t nkv, int64_t dk,
+                                   int64_t dv, QkRope qr, const int32_t* positions, float* const* k_cache,
+                                   float* const* v_cache) {
+  PdlTrigger();
+  PdlWait();
+  extern __shared__ float qk_buf[];  // [dk]
+  __shared__ double partial[32];
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int64_t pos = positions[t];
+  const bool is_q = h < nh;
+  const int64_t kh = h - nh;
+  const float* src = is_q ? q + (t * nh + h) * dk : k + (t * nkv + kh) * dk;
+  float* dst = is_q ? q + (t * nh + h) * dk : k_cache[t] + (pos * nkv + kh) * dk;
+  if (!is_q) {
+    const float* vs = v + (t * nkv + kh) * dv;
+    float* vd = v_cache[t] + (pos * nkv + kh) * dv;
+    for (int64_t i = threadIdx.x; i < dv; i += blockDim.x) vd[i] = vs[i];
+  }
+  NormRopeHead(src, dst, dk, is_q ? qr.q_norm : qr.k_norm, qr.eps, qr.offset, qr.rope_dim, pos, qr.inv_freq,
+               qr.factor, qr.interleaved, qk_buf, partial);
+}
+
+constexpr int kAttnWarps = 8, kAttnKeys = 4;
+
+// Block (token, head): each warp takes kAttnKeys keys at a time, round robin (their K and V
+// rows loaded together, before the first use), with an online softmax (running max, sum and
+// weighted values in registers: lane holds dims lane + 32·i); the warps merge at the end.
+// decode: every token is its sequence's only new one; q, k and v are raw
+// projections, the block norms and ropes its q head and its kv head's new k itself, attends
+// to the cached keys before pos plus that new key, and the group's first head writes k and v
+// to the cache (QkNormRopeKv + AttentionBatched in one launch).
+__global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
+    const float* q, float* const* k_cache, float* const* v_cache, const int32_t* positions, int64_t nh,
+    int64_t nkv, int64_t dk, int64_t dv, int64_t window, float scale, float* out, QkRope qr, bool decode,
+    const float* k_new, const float* v_new) {
+  PdlTrigger();
+  PdlWait();
+  constexpr int kMaxPerLane = kMaxBatchedHeadDim / kWarp;
+  __shared__ float qs[kMaxBatchedHeadDim], kcur[kMaxBatchedHeadDim], vcur[kMaxBatchedHeadDim],
+      tmp[kMaxBatchedHeadDim];
+  __shared__ double partial[32];
+  __shared__ float wm[kAttnWarps], wl[kAttnWarps];
+  __shared__ float wacc[kAttnWarps][kMaxBatchedHeadDim];
+  const int64_t t = blockIdx.x / nh, h = blockIdx.x % nh;
+  const int64_t pos = positions[t];
+  const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
+  const int64_t kvh = h / (nh / nkv);
+  const float* kc = k_cache[t];
+  const float* vc = v_cache[t];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (decode) {
+    NormRopeHead(q + (t * nh + h) * dk, qs, dk, qr.q_norm, qr.eps, qr.offset, qr.rope_dim, pos, qr.inv_freq, qr.factor,
+                 qr.interleaved, tmp, partial);
+    NormRopeHead(k_new + (t * nkv + kvh) * dk, kcur, dk, qr.k_norm, qr.eps, qr.offset, qr.rope_dim, pos, qr.inv_freq,
+                 qr.factor, qr.interleaved, tmp, partial);
+    for (int64_t i = threadIdx.x; i < dv; i += blockDim.x) vcur[i] = v_new[(t * nkv + kvh) * dv + i];
+    __syncthreads();
+    if (h % (nh / nkv) == 0) {
+      // Only row pos is written; every block of the group reads rows before it.
+      float* kd = k_cache[t] + (pos * nkv + kvh) * dk;
+      float* vd = v_cache[t] + (pos * nkv + kvh) * dv;
+      for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) kd[i] = kcur[i];
+      for (int64_t i = threadIdx.x; i < dv; i += blockDim.x) vd[i] = vcur[i];
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) qs[i] = q[(t * nh + h) * dk + i];
+    __syncthreads();
+  }
+  const int64_t last = decode ? pos - 1 : pos;  // decode: key pos comes from kcur/vcur
+  float m = -INFINITY, l = 0, acc[kMaxPerLane];
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) acc[i] = 0;
+  if (decode && warp == 0) {
+    float dot = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i)
+      if (lane + i * kWarp < dk) dot += qs[lane + i * kWarp] * kcur[lane + i * kWarp];
+    m = WarpSum(dot) * scale;
+    l = 1;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i)
+      if (lane + i * kWarp < dv) acc[i] = vcur[lane + i * kWarp];
+  }
+  const int64_t pos_end = last;
+  for (int64_t j0 = first + warp * kAttnKeys; j0 <= pos_end; j0 += kAttnWarps * kAttnKeys) {
+    float kr[kAttnKeys][kMaxPerLane], vr[kAttnKeys][kMaxPerLane];
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      const int64_t j = j0 + u <= pos_end ? j0 + u : j0;
+      const float* kj = kc + (j * nkv + kvh) * dk;
+      const float* vj = vc + (j * nkv + kvh) * dv;
+#pragma unroll
+      for (int i = 0; i < kMaxPerLane; ++i) {
+        kr[u][i] = lane + i * kWarp < dk ? kj[lane + i * kWarp] : 0.0f;
+        vr[u][i] = lane + i * kWarp < dv ? vj[lane + i * kWarp] : 0.0f;
+      }
+    }
+    float sc[kAttnKeys];
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      float dot = 0;
+#pragma unroll
+      for (int i = 0; i < kMaxPerLane; ++i)
+        if (lane + i * kWarp < dk) dot += qs[lane + i * kWarp] * kr[u][i];
+      sc[u] = dot;
+    }
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) sc[u] = j0 + u <= pos_end ? WarpSum(sc[u]) * scale : -INFINITY;
+    float mn = m;
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) mn = fmaxf(mn, sc[u]);
+    const float corr = expf(m - mn);
+    float p[kAttnKeys];
+    l *= corr;
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      p[u] = expf(sc[u] - mn);
+      l += p[u];
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) {
+      float a = acc[i] * corr;
+#pragma unroll
+      for (int u = 0; u < kAttnKeys; ++u) a += p[u] * vr[u][i];
+      acc[i] = a;
+    }
+    m = mn;
+  }
+  if (lane == 0) wm[warp] = m, wl[warp] = l;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i)
+    if (lane + i * kWarp < dv) wacc[warp][lane + i * kWarp] = acc[i];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, wm[w]);
+  float L = 0;
+  for (int w = 0; w < kAttnWarps; ++w) L += wl[w] == 0 ? 0 : wl[w] * expf(wm[w] - M);
+  const float inv = 1.0f / L;
+  for (int64_t d = threadIdx.x; d < dv; d += blockDim.x) {
+    float o = 0;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (wl[w] != 0) o += wacc[w][d] * expf(wm[w] - M);
+    out[(t * nh + h) * dv + d] = o * inv;
+  }
+}
+
+// --- wide argmax ---
+
+// Larger key: larger value, then lower index (NaN never gets a key).
+__device__ __forceinline__ unsigned long long ArgmaxKey(float v, int64_t i) {
+  uint32_t u = __float_as_uint(v);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<unsigned long long>(u) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+}
+
+constexpr int kArgmaxWideThreads = 256, kArgmaxWidePerThread = 16;
+
+__global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const float* x, int64_t cols,
+                                                                       unsigned long long* keys) {
+  PdlTrigger();
+  PdlWait();
+  __shared__ unsigned long long warp_best[kArgmaxWideThreads / kWarp];
+  const int64_t row = blockIdx.y;
+  const float* xr = x + row * cols;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kArgmaxWideThreads * kArgmaxWidePerThread + threadIdx.x;
+  unsigned long long best = 0;
+#pragma unroll
+  for (int i = 0; i < kArgmaxWidePerThread; ++i) {
+    const int64_t c = base + static_cast<int64_t>(i) * kArgmaxWideThreads;
+    if (c < cols) {
+      const float v = xr[c];
+      if (!isnan(v)) {
+        const unsigned long long key = ArgmaxKey(v, c);
+        best = key > best ? key : best;
+      }
+    }
+  }
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+    best = other > best ? other : best;
+  }
+  if (threadIdx.x % kWarp == 0) warp_best[threadIdx.x / kWarp] = best;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kArgmaxWideThreads / kWarp; ++w) best = warp_best[w] > best ? warp_best[w] : best;
+    if (best != 0) atomicMax(keys + row, best);
+  }
+}
+
+__global__ void ArgmaxDecodeKernel(const unsigned long long* keys, int64_t rows, int32_t* out) {
+  PdlTrigger();
+  PdlWait();
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const unsigned long long k = keys[r];
+  out[r] = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
+}
+
+}  // namespace
+
+cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned long long* scratch, int32_t* out,
+                           cudaStream_t st) {
+  if (rows == 0) return cudaSuccess;
+  if (cols <= 0 || cols > 0x7ffffffe || rows > 65535) return cudaErrorInvalidValue;
+  cudaError_t e = cudaMemsetAsync(scratch, 0, static_cast<size_t>(rows) * sizeof(unsigned long long), st);
+  if (e != cudaSuccess) return e;
+  const int64_t per_block = kArgmaxWideThreads * kArgmaxWidePerThread;
+  e = Launch(ArgmaxWideKernel,
+             dim3(static_cast<unsigned>((cols + per_block - 1) / per_block), static_cast<unsigned>(rows)),
+             dim3(kArgmaxWideThreads), 0, st, x, cols, scratch);
+  if (e != cudaSuccess) return e;
+  return Launch(ArgmaxDecodeKernel, dim3(static_cast<unsigned>((rows + 255) / 256)), dim3(256), 0, st, scratch, rows,
+                out);
+}
+
+
+bool GemvSupported(int64_t in) { return in > 0 && in % 8 == 0; }
+
+cudaError_t Gemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
+                 bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out) {
+  return LaunchGemv<bf16_t>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out, st);
+}
+
+cudaError_t GemvF32(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
+                    bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out) {
+  return LaunchGemv<float>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out, st);
+}
+
+bool GemvNormFusable(int64_t ntok, int64_t in) { return ntok <= 8 && ntok * in * 4 <= 48 * 1024; }
+
+int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots) { return std::max<int64_t>(1, std::min(assignments, num_slots)); }
+
+bool MoeRoutePlanSupported(int64_t N, int64_t E, int64_t k, int64_t P) {
+  return N > 0 && k <= kWarp && k <= E && P > 0 && N * k <= 8192 && P <= 8192 && PlanSmemBytes(N, E, k, 1, P) <= 200 * 1024 &&
+         PlanSmemBytes(N, E, k, E, P) <= 200 * 1024;
+}
+
+cudaError_t MoeRoutePlan(const float* logits, int64_t N, int64_t E, int64_t k, bool norm, const float* bias, int64_t G,
+                         int64_t topk_group, float scaling, const MoeSlotTable& table, int32_t* ids, float* weights,
+                         const MoePlan& plan, cudaStream_t st) {
+  if (N == 0) return cudaSuccess;
+  if (G < 1 || E % G != 0 || !MoeRoutePlanSupported(N, E, k, table.num_slots)) return cudaErrorInvalidValue;
+  const int64_t smem = PlanSmemBytes(N, E, k, G, table.num_slots, table.max_replicas);
+  if (smem > 200 * 1024) return cudaErrorInvalidValue;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(MoeRoutePlanKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  return Launch(MoeRoutePlanKernel, dim3(1), dim3(kPlanThreads), static_cast<size_t>(smem), st, logits,
+                static_cast<int>(N), static_cast<int>(E), static_cast<int>(k), norm, bias, static_cast<int>(G),
+                static_cast<int>(topk_group), static_cast<double>(scaling), table, ids, weights, plan);
+}
+
+bool RouterPlanSupported(int64_t N, int64_t E, int64_t k, int64_t P, int64_t hidden, bool fused_norm) {
+  if (!MoeRoutePlanSupported(N, E, k, P) || hidden % 8 != 0) return false;
+  return !fused_norm || GemvNormFusable(N, hidden);
+}
+
+cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int64_t N, const float* norm_w, float eps,
+                       float* norm_out, float* logits, unsigned* counter, int64_t E, int64_t k, bool norm,
+                       const float* bias, int64_t G, int64_t topk_group, float scaling, const MoeSlotTable& table,
+                       int32_t* ids, float* weights, const MoePlan& plan, cudaStream_t st) {
+  if (N == 0) return cudaSuccess;
+  if (G < 1 || E % G != 0 || !RouterPlanSupported(N, E, k, table.num_slots, hidden, norm_w != nullptr))
+    return cudaErrorInvalidValue;
+  GemvSegments segs;
+  segs.seg[0] = {router, logits, nullptr, E};
+  segs.count = 1;
+  const int64_t plan_smem = PlanSmemBytes(N, E, k, G, table.num_slots, table.max_replicas);
+  const int64_t smem = std::max<int64_t>(plan_smem, norm_w != nullptr ? N * hidden * 4 : 0);
+  const bool split = E < 1024 && hidden >= 8 * 256;
+  const dim3 grid(static_cast<unsigned>(split ? E : (E + kGemvWarps - 1) / kGemvWarps)), block(kPlanThreads);
+  auto go = [&](auto kernel) -> cudaError_t {
+    if (smem > 48 * 1024) {
+      if (smem > 200 * 1024) return cudaErrorInvalidValue;
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    return Launch(kernel, grid, block, static_cast<size_t>(smem), st, segs, hidden, x, N, norm_w, eps, norm_out,
+                  counter, static_cast<int>(E), static_cast<int>(k), norm, bias, static_cast<int>(G),
+                  static_cast<int>(topk_group), static_cast<double>(scaling), table, ids, weights, plan);
+  };
+  if (split) {
+    if (N == 1) return go(RouterPlanKernel<1, kGemvWarps>);
+    if (N <= 4) return go(RouterPlanKernel<4, kGemvWarps>);
+    return go(RouterPlanKernel<8, kGemvWarps>);
+  }
+  if (N == 1) return go(RouterPlanKernel<1, 1>);
+  if (N <= 4) return go(RouterPlanKernel<4, 1>);
+  return go(RouterPlanKernel<8, 1>);
+}
+
+cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,
+                      int64_t max_groups, float* act, cudaStream_t st) {
+  if (max_groups == 0) return cudaSuccess;
+  if (H % 8 != 0) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((I + kMoeWarps - 1) / kMoeWarps), static_cast<unsigned>(max_groups));
+  return Launch(MoeGateUpKernel, grid, dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);
+}
+
+cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& table, const MoePlan& plan,
+                    int64_t max_groups, float* y, cudaStream_t st) {
+  if (max_groups == 0) return cudaSuccess;
+  if (I % 8 != 0) return cudaErrorInvalidValue;
+  const int64_t rows_per_block = kMoeWarps * kDownRows;
+  const dim3 grid(static_cast<unsigned>((H + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(max_groups));
+  return Launch(MoeDownKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
+}
+
+cudaError_t MoeCombineAdd(const float* y, const float* w, int64_t n, int64_t k, int64_t dim, const float* shared,
+                          float* x, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
+                          unsigned* counter) {
+  if (n == 0) return cudaSuccess;
+  if (norm_w != nullptr && (counter == nullptr || norm_out == nullptr)) return cudaErrorInvalidValue;
+  return Launch(MoeCombineAddKernel,
+                dim3(static_cast<unsigned>((dim + kThreads - 1) / kThreads), static_cast<unsigned>(n)),
+                dim3(kThreads), 0, st, y, w, k, dim, shared, x, n, norm_w, eps, norm_out, counter);
+}
+
+cudaError_t QkNormRopeKv(float* q, const float* k, const float* v, int64_t n, int64_t nh, int64_t nkv, int64_t dk,
+                         int64_t dv, const float* q_norm, const float* k_norm, float eps, int64_t off, int64_t rope_dim,
+                         const int32_t* positions, const float* inv_freq, float factor, bool interleaved,
+                         float* const* k_cache, float* const* v_cache, cudaStream_t st) {
+  if (n == 0) return cudaSuccess;
+  if (dk > 8192 || off + rope_dim > dk || rope_dim % 2 != 0) return cudaErrorInvalidValue;
+  const QkRope qr{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved};
+  return Launch(QkNormRopeKvKernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>(nh + nkv)), dim3(128),
+                static_cast<size_t>(dk) * 4, st, q, k, v, nh, nkv, dk, dv, qr, positions, k_cache, v_cache);
+}
+
+cudaError_t AttentionBatched(const float* q, const float* const* k_cache, const float* const* v_cache,
+                             const int32_t* positions, int64_t n, int64_t nh, int64_t nkv, int64_t dk, int64_t dv,
+                             int64_t window, float scale, float* out, cudaStream_t st) {
+  if (n == 0) return cudaSuccess;
+  if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0) return cudaErrorInvalidValue;
+  // Read-only in this mode: the kernel's writable pointer type serves AttentionDecode.
+  return Launch(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
+                const_cast<float* const*>(k_cache), const_cast<float* const*>(v_cache), positions, nh, nkv, dk, dv,
+                window, scale, out, QkRope{}, false,
+                static_cast<const float*>(nullptr), static_cast<const float*>(nullptr));
+}
+
+cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int64_t n, int64_t nh, int64_t nkv,
+                            int64_t dk, int64_t dv, const float* q_norm, const float* k_norm, float eps, int64_t off,
+                            int64_t rope_dim, const int32_t* positions, const float* inv_freq, float factor,
+                            bool interleaved, float* const* k_cache, float* const* v_cache, int64_t window, float scale,
+                            float* out, cudaStream_t st) {
+  if (n == 0) return cudaSuccess;
+  if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0 || off + rope_dim > dk ||
+      rope_dim % 2 != 0)
+    return cudaErrorInvalidValue;
+  return Launch(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
+                k_cache, v_cache, positions, nh, nkv, dk, dv, window, scale, out,
+                QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v);
 }
 
 }  // namespace eep::cuda

@@ -80,6 +80,11 @@ cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int
 // out[r] = argmax of row r of x [rows, cols] (f32), the lowest index on ties, as
 // std::max_element; NaN never wins over a number.
 cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
+// The same result spread over many blocks per row (rows as long as a vocabulary): each block
+// reduces 4096 values and atomicMax-es a 64-bit (ordered value, inverted index) key into
+// scratch[row] (zeroed here first), then out[row] is decoded from it. scratch: rows entries.
+cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned long long* scratch, int32_t* out,
+                           cudaStream_t stream);
 
 // Weighted combine in top-k order: out[t,:] = Σ_j w[t,j]·Σ_s y[rows[(t·k + j)·splits + s],:],
 // terms added in j order like the CPU LocalExperts.
@@ -90,5 +95,122 @@ cudaError_t MoeCombine(const float* y, const int32_t* rows, const float* weights
 // writes per-head k [T][nh][nope+rope] and v [T][nh][dv] (expanded as the CPU backend does).
 cudaError_t MlaExpandKv(const float* kv, const float* c, int64_t num_tokens, int64_t nh, int64_t nope,
                         int64_t rope, int64_t dv, int64_t ca, int64_t kvr, float* k, float* v, cudaStream_t stream);
+
+
+// ---------------------------------------------------------------------------------------
+// Decode-regime kernels: few tokens per step, so every weight is read once and the work is
+// spread over output rows (a warp per row, 16-byte loads, f32 activations and accumulation).
+// They take f32 activations directly (no split): x·Wᵀ is accumulated in f32 from BF16 weights.
+
+// One output segment of Gemv: rows [previous segments' rows, + rows) of the output space read
+// weight rows of `w` ([rows, in] row-major) and land in y [num_tokens, rows] (+ bias[rows]).
+struct GemvSegment {
+  const void* w = nullptr;  // bf16_t (Gemv) or float (GemvF32) rows
+  float* y = nullptr;
+  const float* bias = nullptr;  // may be null
+  int64_t rows = 0;
+};
+constexpr int kMaxGemvSegments = 3;
+struct GemvSegments {
+  GemvSegment seg[kMaxGemvSegments];
+  int count = 0;
+};
+// y_s[t, r] (+)= Σ_i w_s[r, i]·x[t·x_stride + i] (+ bias_s[r]) for every segment s, token
+// t < num_tokens; accumulate: added to y (one writer per element, so y may be a residual).
+// `in` must be a multiple of 8 and weights 16-byte aligned (GemvSupported).
+// norm_w (may be null): x rows are first RMSNorm-ed with weight norm_w and eps (as RmsNorm,
+// inside every block; GemvNormFusable says for which sizes), and written to norm_out
+// [num_tokens, in] (may be null) as RmsNorm would.
+cudaError_t Gemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t num_tokens,
+                 bool accumulate, cudaStream_t stream, const float* norm_w = nullptr, float eps = 0,
+                 float* norm_out = nullptr);
+cudaError_t GemvF32(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t num_tokens,
+                    bool accumulate, cudaStream_t stream, const float* norm_w = nullptr, float eps = 0,
+                    float* norm_out = nullptr);
+bool GemvNormFusable(int64_t num_tokens, int64_t in);
+// Whether Gemv takes rows of `in` values (in % 8 == 0).
+bool GemvSupported(int64_t in);
+
+// Where each logical expert of one MoE layer lives: expert e has rep_count[e] replicas,
+// physical slots rep_slot[e·max_replicas + r]; token t's choice of e goes to replica
+// t mod rep_count[e] (the fixed spread of LocalExperts). slot_ptr[slot] is the slot's device
+// base ([gate (I×H) | up (I×H) | down (H×I)] BF16).
+struct MoeSlotTable {
+  const int32_t* rep_count = nullptr;  // [E]
+  const int32_t* rep_slot = nullptr;   // [E][max_replicas]
+  int64_t max_replicas = 1;
+  const bf16_t* const* slot_ptr = nullptr;  // [num_slots]
+  int64_t num_slots = 0;
+};
+// The grouping of a step's N·k assignments (a = t·k + j) by physical slot, made on the device:
+// groups g < *num_groups, each slot group_slot[g] with assignments order[group_off[g] ..
+// + group_cnt[g]). Arrays of MoeMaxGroups(N·k, slots) (order: N·k) entries.
+struct MoePlan {
+  int32_t* num_groups = nullptr;
+  int32_t* group_slot = nullptr;
+  int32_t* group_off = nullptr;
+  int32_t* group_cnt = nullptr;
+  int32_t* order = nullptr;
+};
+int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots);
+// Whether MoeRoutePlan takes this shape (one block: slots and assignments bounded).
+bool MoeRoutePlanSupported(int64_t num_tokens, int64_t num_experts, int64_t top_k, int64_t num_slots);
+// Route (as Route above, same ids and weights) and group the assignments by slot, in one launch.
+cudaError_t MoeRoutePlan(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
+                         bool norm_topk, const float* bias, int64_t n_group, int64_t topk_group, float scaling,
+                         const MoeSlotTable& table, int32_t* ids, float* weights, const MoePlan& plan,
+                         cudaStream_t stream);
+// act[a, i] = silu(gate_s[i]·x_t)·(up_s[i]·x_t) for every assignment a (token t = a / top_k,
+// slot s of its group): one launch for all groups, each group's weights read once per 8 tokens.
+// x [N, hidden] f32, act [N·k, inter] f32.
+cudaError_t MoeGateUp(const float* x, int64_t hidden, int64_t inter, int64_t top_k, const MoeSlotTable& table,
+                      const MoePlan& plan, int64_t max_groups, float* act, cudaStream_t stream);
+// y[a, :] = down_s · act[a, :] for every assignment: y [N·k, hidden] f32.
+cudaError_t MoeDown(const float* act, int64_t hidden, int64_t inter, const MoeSlotTable& table, const MoePlan& plan,
+                    int64_t max_groups, float* y, cudaStream_t stream);
+// x[t,:] += Σ_j w[t,j]·y[t·k + j,:] (j in top-k order, like the CPU) (+ shared[t,:], added to
+// the routed sum first, as the CPU does); shared may be null. With norm_w, the updated rows
+// are also RMSNorm-ed into norm_out [num_tokens, dim] (as RmsNorm; the next layer's input
+// norm) by the grid's last block: counter is a device word that is 0 between launches.
+cudaError_t MoeCombineAdd(const float* y, const float* weights, int64_t num_tokens, int64_t top_k, int64_t dim,
+                          const float* shared, float* x, cudaStream_t stream, const float* norm_w = nullptr,
+                          float eps = 0, float* norm_out = nullptr, unsigned* counter = nullptr);
+// The router GEMV (logits [N, E] = x·routerᵀ, f32 weights [E, hidden]; with norm_w, x is first
+// RMSNorm-ed as in Gemv and the normed rows written to norm_out) and MoeRoutePlan in one launch
+// (the last block routes). counter: a device word that is 0 between launches.
+bool RouterPlanSupported(int64_t num_tokens, int64_t num_experts, int64_t top_k, int64_t num_slots, int64_t hidden,
+                         bool fused_norm);
+cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int64_t num_tokens, const float* norm_w,
+                       float eps, float* norm_out, float* logits, unsigned* counter, int64_t num_experts,
+                       int64_t top_k, bool norm_topk, const float* bias, int64_t n_group, int64_t topk_group,
+                       float scaling, const MoeSlotTable& table, int32_t* ids, float* weights, const MoePlan& plan,
+                       cudaStream_t stream);
+
+// Per token t (position positions[t]): q heads [t][nh][dk] get RMSNorm (q_norm, if not null)
+// and RoPE in place; k heads [t][nkv][dk] get k_norm and RoPE and are written to
+// k_cache[t] at [positions[t]][nkv][dk]; v heads are copied to v_cache[t] [pos][nkv][dv].
+// RoPE as Rope above (rope_dim values at rope_offset of each head). One launch for the batch.
+cudaError_t QkNormRopeKv(float* q, const float* k, const float* v, int64_t num_tokens, int64_t nh, int64_t nkv,
+                         int64_t dk, int64_t dv, const float* q_norm, const float* k_norm, float eps,
+                         int64_t rope_offset, int64_t rope_dim, const int32_t* positions, const float* inv_freq,
+                         float attention_factor, bool interleaved, float* const* k_cache, float* const* v_cache,
+                         cudaStream_t stream);
+// Causal attention of every token of a batch against its own sequence's cache (k_cache[t],
+// v_cache[t], keys 0..positions[t]; window as Attention), in one launch (online softmax: no
+// limit on the context). q [N][nh][dk], out [N][nh][dv]; dk, dv <= 256.
+cudaError_t AttentionBatched(const float* q, const float* const* k_cache, const float* const* v_cache,
+                             const int32_t* positions, int64_t num_tokens, int64_t nh, int64_t nkv, int64_t dk,
+                             int64_t dv, int64_t window, float scale, float* out, cudaStream_t stream);
+constexpr int64_t kMaxBatchedHeadDim = 256;
+// QkNormRopeKv + AttentionBatched in one launch for decode steps, where every token is the only
+// new token of its sequence: each block norms and ropes its q head and its kv head's new k
+// (q, k, v are the raw projections; q is not modified), attends to the cached keys before
+// positions[t] plus the new key, and the first head of each kv group writes k and v to the
+// cache. Same results as the two launches.
+cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int64_t num_tokens, int64_t nh,
+                            int64_t nkv, int64_t dk, int64_t dv, const float* q_norm, const float* k_norm, float eps,
+                            int64_t rope_offset, int64_t rope_dim, const int32_t* positions, const float* inv_freq,
+                            float attention_factor, bool interleaved, float* const* k_cache, float* const* v_cache,
+                            int64_t window, float scale, float* out, cudaStream_t stream);
 
 }  // namespace eep::cuda
