@@ -14,20 +14,15 @@
 #     profile   ncu kernel durations of bench decode steps (no graphs) at batch 1 and 16 into
 #               $OUT/ncu_b*.csv (scripts/ncu_steps.py summarises one step)
 #   (default: tests decode variants auto)
-# When the binaries outgrow the device tool's 64 MiB (the CUDA fatbins of five binaries), pack
-# them compressed: `tar -C .devbuild -cJf .devbuild/pack.tar.xz bin lib && rm -rf
-# .devbuild/bin .devbuild/lib`; this script unpacks it (python3's lzma: no xz needed there).
+# (`scripts/device-run.sh pack` compresses the binaries when they outgrow the device tool's 64 MiB;
+# `env` unpacks them.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -f .devbuild/pack.tar.xz ] && [ ! -d .devbuild/bin ]; then
-  python3 -c "import tarfile; tarfile.open('.devbuild/pack.tar.xz').extractall('.devbuild')"
-fi
 eval "$(scripts/device-run.sh env)"
 out=${OUT:-/tmp/eep-out}
 mkdir -p "$out"
 # Tests find the eep binary at the build path compiled into them.
 src=$(cat .devbuild/srcdir)
-mkdir -p "$src/build-cuda/bin" && ln -sf "$PWD/.devbuild/bin/eep" "$src/build-cuda/bin/eep"
 ulimit -l unlimited 2>/dev/null || true
 steps=${*:-tests decode variants auto}
 B=.devbuild/bin

@@ -9,7 +9,6 @@ eval "$(scripts/device-run.sh env)"
 out=${OUT:-/tmp/eep-out}
 mkdir -p "$out"
 src=$(cat .devbuild/srcdir)
-mkdir -p "$src/build-cuda/bin" && ln -sf "$PWD/.devbuild/bin/eep" "$src/build-cuda/bin/eep"
 ulimit -l unlimited 2>/dev/null || true
 B=.devbuild/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
