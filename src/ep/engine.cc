@@ -22,13 +22,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <fmt/format.h>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "cluster/etcd.h"
 #include "core/logging.h"
@@ -159,14 +162,33 @@ class EpEngine::Impl {
     std::unique_ptr<zmq::socket_t> sock;
     bool alive = true;
   };
+  // What etcd says about the cluster, read by a background thread so that a slow or
+  // unreachable etcd never stalls a step.
+  struct ClusterView {
+    bool valid = false;
+    std::string leader_control, leader_value;  // the leader record ("" when none)
+    std::vector<NodeRecord> nodes;
+    std::vector<std::string> backups;
+    uint64_t generation = 0;
+  };
+
   std::vector<NodeConn> nodes;
   std::unique_ptr<cluster::EtcdClient> etcd;
   ClusterKeys keys;
   int64_t state_rev = 0;     // mod revision of the state record this coordinator last wrote
   bool deposed = false;      // another coordinator wrote a newer state: hands off
-  double last_node_check = 0;
+  std::thread watcher;       // reads etcd into `view` (Remote() with a coordinator URL)
+  std::mutex view_mu;
+  std::condition_variable view_cv;
+  ClusterView view;                 // GUARDED_BY(view_mu)
+  bool watcher_stop = false;        // GUARDED_BY(view_mu)
+  bool view_wanted = false;         // GUARDED_BY(view_mu): read again now
+  uint64_t applied_generation = 0;  // the view CheckNodes applied last (coordinator thread)
 
-  ~Impl() { Shutdown(); }
+  ~Impl() {
+    Shutdown();
+    StopWatcher();
+  }
 
   bool Remote() const { return !nodes.empty(); }
 
@@ -309,47 +331,97 @@ class EpEngine::Impl {
 
   // A node whose etcd lease lapsed is gone with every rank on it, and a leader record naming
   // another coordinator deposes this one (checked a few times a second).
-  void CheckNodes(bool force = false) {
-    const double now = NowSeconds();
-    if (!etcd || deposed || (!force && now - last_node_check < HeartbeatTimeout() / 4)) return;
-    last_node_check = now;
-    if (auto leader = etcd->Get(keys.Leader()); leader.ok() && *leader) {
-      auto j = nlohmann::json::parse((*leader)->value, nullptr, false);
-      const std::string control = j.is_object() ? j.value("control", std::string()) : std::string();
-      if (!control.empty() && control != endpoint) {
-        deposed = true;
-        health = "deposed: another coordinator leads the cluster (" + (*leader)->value + ")";
-        EEP_LOG_ERROR("ep: {}; leaving the ranks to it", health);
-        return;
+  void StartWatcher() {
+    watcher = std::thread([this] {
+      auto client = cluster::EtcdClient::Connect(opts.coordinator_url);
+      if (!client.ok()) return;
+      std::unique_lock<std::mutex> lock(view_mu);
+      while (!watcher_stop) {
+        lock.unlock();
+        ClusterView v;
+        auto leader = (*client)->Get(keys.Leader());
+        auto node_kvs = (*client)->GetPrefix(keys.Nodes());
+        auto backup_kvs = (*client)->GetPrefix(keys.Backups());
+        v.valid = leader.ok() && node_kvs.ok() && backup_kvs.ok();
+        if (v.valid) {
+          if (*leader) {
+            v.leader_value = (*leader)->value;
+            auto j = nlohmann::json::parse(v.leader_value, nullptr, false);
+            if (j.is_object()) v.leader_control = j.value("control", std::string());
+          }
+          for (const auto& kv : *node_kvs)
+            if (auto rec = NodeRecord::FromJson(kv.value); rec.ok()) v.nodes.push_back(std::move(*rec));
+          for (const auto& kv : *backup_kvs) {
+            auto j = nlohmann::json::parse(kv.value, nullptr, false);
+            if (j.is_object() && j.contains("endpoint")) v.backups.push_back(j["endpoint"].get<std::string>());
+          }
+        }
+        lock.lock();
+        if (v.valid) {
+          v.generation = view.generation + 1;
+          view = std::move(v);
+          view_cv.notify_all();
+        }
+        view_cv.wait_for(lock, std::chrono::duration<double>(HeartbeatTimeout() / 4), [this] { return watcher_stop || view_wanted; });
+        view_wanted = false;
       }
+    });
+  }
+
+  void StopWatcher() {
+    {
+      std::lock_guard<std::mutex> lock(view_mu);
+      watcher_stop = true;
     }
-    auto kvs = etcd->GetPrefix(keys.Nodes());
-    if (!kvs.ok()) return;  // etcd unreachable: heartbeats still decide
+    view_cv.notify_all();
+    if (watcher.joinable()) watcher.join();
+  }
+
+  // Applies the latest view: a leader record naming another coordinator deposes this one;
+  // hosts that joined can take ranks; hosts whose lease lapsed are gone with their ranks.
+  // `fresh`: wait (bounded) for a view read after this call (a scale-up looking for hosts).
+  void CheckNodes(bool fresh = false) {
+    if (!etcd || deposed || !watcher.joinable()) return;
+    ClusterView v;
+    {
+      std::unique_lock<std::mutex> lock(view_mu);
+      if (fresh) {
+        const uint64_t after = view.generation;
+        view_wanted = true;
+        view_cv.notify_all();
+        view_cv.wait_for(lock, std::chrono::seconds(2), [&] { return view.generation > after; });
+      }
+      if (!view.valid || view.generation == applied_generation) return;
+      applied_generation = view.generation;
+      v = view;
+    }
+    if (!v.leader_control.empty() && v.leader_control != endpoint) {
+      deposed = true;
+      health = "deposed: another coordinator leads the cluster (" + v.leader_value + ")";
+      EEP_LOG_ERROR("ep: {}; leaving the ranks to it", health);
+      return;
+    }
     std::set<std::string> present;
-    for (const auto& kv : *kvs) {
-      auto rec = NodeRecord::FromJson(kv.value);
-      if (!rec.ok()) continue;
-      present.insert(rec->name);
-      // A host that joined (or came back) since: its agent can run ranks of a scale-up.
+    for (const NodeRecord& rec : v.nodes) {
+      present.insert(rec.name);
+      // A host that joined since, or registered again after an etcd outage: it can run ranks.
       bool known = false;
-      for (const NodeConn& n : nodes) known = known || (n.alive && n.rec.name == rec->name && n.rec.endpoint == rec->endpoint);
-      if (!known) (void)AddNode({rec->name, rec->endpoint, rec->capacity});
-    }
-    if (auto backups = etcd->GetPrefix(keys.Backups()); backups.ok()) {
-      // Ranks started from now on reach the backup managers that exist now.
-      std::vector<std::string> endpoints;
-      for (const auto& kv : *backups) {
-        auto j = nlohmann::json::parse(kv.value, nullptr, false);
-        if (j.is_object() && j.contains("endpoint")) endpoints.push_back(j["endpoint"].get<std::string>());
+      for (NodeConn& n : nodes) {
+        if (n.rec.name != rec.name || n.rec.endpoint != rec.endpoint) continue;
+        if (!n.alive) EEP_LOG_INFO("ep: node {} is registered again", rec.name);
+        n.alive = known = true;
       }
-      opts.backup_endpoints = endpoints;
+      if (!known) (void)AddNode({rec.name, rec.endpoint, rec.capacity});
     }
+    // Ranks started from now on reach the backup managers that exist now.
+    opts.backup_endpoints = v.backups;
+    // A host whose lease lapsed gets no new ranks. Its running ranks are judged by their
+    // heartbeats (a dead host's stop at once): an etcd outage must not take the cluster down.
     for (size_t n = 0; n < nodes.size(); ++n) {
       if (!nodes[n].alive || present.count(nodes[n].rec.name)) continue;
       nodes[n].alive = false;
-      EEP_LOG_WARN("ep: node {} lost its etcd lease: its ranks are dead", nodes[n].rec.name);
-      for (Proc& p : procs)
-        if (p.Live() && p.node == static_cast<int>(n)) RemoteExited(p.id, fmt::format("rank {}: node {} is gone", p.id, nodes[n].rec.name), false);
+      EEP_LOG_WARN("ep: node {}'s etcd lease lapsed: no new ranks there; its ranks stay while they heartbeat",
+                   nodes[n].rec.name);
     }
   }
 
@@ -672,6 +744,7 @@ class EpEngine::Impl {
     if (!opts.nodes.empty() && opts.communicator == "shm")
       return Status::InvalidArgument("--ep-communicator shm cannot span hosts: use ucx (or nccl)");
     for (const RemoteNode& r : opts.nodes) EEP_RETURN_IF_ERROR(AddNode(r));
+    if (etcd && !nodes.empty()) StartWatcher();
     return Status::Ok();
   }
 

@@ -146,8 +146,7 @@ class NodeAgent {
                    o_.backup_placement, record_.backup);
     }
     // The node is alive in the cluster's eyes while this lease is kept.
-    std::atomic<bool> lease_lost{false};
-    EEP_ASSIGN_OR_RETURN(lease_, cluster::LeaseKeeper::Start(o_.coordinator, o_.lease_ttl_s, [&lease_lost] { lease_lost = true; }));
+    EEP_ASSIGN_OR_RETURN(lease_, cluster::LeaseKeeper::Start(o_.coordinator, o_.lease_ttl_s));
     ClusterKeys keys{o_.cluster};
     std::optional<cluster::EtcdKv> holder;
     EEP_ASSIGN_OR_RETURN(bool registered, etcd_->PutIf(keys.Node(o_.name), record_.ToJson().dump(), 0, lease_->id(), &holder));
@@ -159,8 +158,17 @@ class NodeAgent {
     EEP_LOG_INFO("node {}: registered at {} ({} rank slot(s)), control {}", o_.name, keys.Node(o_.name), o_.capacity,
                  record_.endpoint);
     if (on_ready) on_ready(record_);
+    double next_register = 0;
     while (!stop.load()) {
-      if (lease_lost.load()) return Status::Unavailable(fmt::format("node {}: lost its etcd lease", o_.name));
+      // etcd was away past the lease: the ranks keep serving (the coordinator goes by their
+      // heartbeats); the node registers again with a new lease once etcd answers.
+      if (lease_->lost() && NowSeconds() >= next_register) {
+        if (Reregister().ok()) {
+          EEP_LOG_INFO("node {}: registered again after losing its etcd lease", o_.name);
+        } else {
+          next_register = NowSeconds() + 1.0;
+        }
+      }
       std::vector<zmq::pollitem_t> items{{router_.handle(), 0, ZMQ_POLLIN, 0}};
       std::vector<int> ids;
       for (auto& [id, r] : ranks_) {
@@ -229,6 +237,21 @@ class NodeAgent {
     EEP_LOG_WARN("node {}: refused '{}' of rank {} from a coordinator at epoch {} (epoch {} is recorded)", o_.name,
                  m.header.value("type", ""), m.header.value("rank", -1), epoch, recorded);
     return false;
+  }
+
+  Status Reregister() {
+    if (lease_->lost()) {
+      EEP_LOG_WARN("node {}: lost its etcd lease; its {} rank(s) keep running; registering again", o_.name, ranks_.size());
+      EEP_ASSIGN_OR_RETURN(auto fresh, cluster::LeaseKeeper::Start(o_.coordinator, o_.lease_ttl_s));
+      lease_ = std::move(fresh);
+    }
+    ClusterKeys keys{o_.cluster};
+    EEP_RETURN_IF_ERROR(etcd_->Put(keys.Node(o_.name), record_.ToJson().dump(), lease_->id()).status());
+    if (!backup_record_.is_null()) EEP_RETURN_IF_ERROR(etcd_->Put(keys.Backup(o_.name), backup_record_.dump(), lease_->id()).status());
+    for (const auto& [id, r] : ranks_)
+      EEP_RETURN_IF_ERROR(etcd_->Put(keys.Rank(id), nlohmann::json{{"node", o_.name}, {"pid", r.pid}, {"gpu", r.gpu}}.dump(),
+                                     lease_->id()).status());
+    return Status::Ok();
   }
 
   Status Spawn(const ControlMessage& m) {

@@ -162,6 +162,7 @@ class MultiHost {
 
   const std::string& addr(int i) const { return addr_[static_cast<size_t>(i)]; }
   std::string etcd_url() const { return etcd_->url(); }
+  TestEtcd& etcd() { return *etcd_; }
   int FreePort() const { return testing::PickFreePort(addr_[0]); }
   std::vector<std::unique_ptr<ChildProcess>>& nodes() { return nodes_; }
 
@@ -455,6 +456,47 @@ TEST(Multinode, ReplacedCoordinatorIsFenced) {
   EXPECT_EQ(pids_after, pids_before) << after.dump();
   EXPECT_EQ(after["health"], "ok");
   EXPECT_TRUE(old->Stderr().find("deposed") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace eep
+
+namespace eep {
+namespace {
+
+// etcd down is not the cluster down: serving goes on (ranks are judged by their heartbeats),
+// and when etcd is back the hosts register again with new leases.
+TEST(Multinode, EtcdOutageDoesNotStopServing) {
+  MultiHost mh;
+  if (std::string skip = mh.Start(); !skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_TRUE(mh.StartNode(0).ok());
+  ASSERT_TRUE(mh.StartNode(1).ok());
+  const int port = mh.FreePort();
+  auto coord = mh.StartCoordinator(port, false);
+  ASSERT_TRUE(coord.ok()) << coord.status().ToString();
+  const auto reference = RunLoad(mh, {port}, port, 0, nullptr);
+  ExpectGoldenPrefix(reference);
+
+  mh.etcd().Kill();
+  // Past the hosts' 1 s leases: their agents notice, their ranks keep serving.
+  ASSERT_TRUE(mh.nodes()[0]->WaitForStderr("lost its etcd lease", 20000)) << mh.nodes()[0]->Stderr();
+  const auto during = RunLoad(mh, {port}, port, 0, nullptr);
+  for (int i = 0; i < kRequests; ++i)
+    EXPECT_EQ(during[static_cast<size_t>(i)].tokens, reference[static_cast<size_t>(i)].tokens) << during[static_cast<size_t>(i)].error;
+  auto cluster = ClusterJson(mh, port);
+  EXPECT_EQ(cluster["health"], "ok") << cluster.dump();
+  EXPECT_TRUE(cluster["events"].empty()) << "no rank was declared dead: " << cluster.dump();
+
+  ASSERT_TRUE(mh.etcd().Restart().ok());
+  for (auto& n : mh.nodes())
+    EXPECT_TRUE(n->WaitForStderr("registered again", 30000)) << n->Stderr();
+  const auto after = RunLoad(mh, {port}, port, 0, nullptr);
+  for (int i = 0; i < kRequests; ++i)
+    EXPECT_EQ(after[static_cast<size_t>(i)].tokens, reference[static_cast<size_t>(i)].tokens) << after[static_cast<size_t>(i)].error;
+  cluster = ClusterJson(mh, port);
+  int alive = 0;
+  for (const auto& r : cluster["ranks"]) alive += r["state"] == "alive";
+  EXPECT_EQ(alive, 4) << cluster.dump();
 }
 
 }  // namespace
