@@ -88,7 +88,7 @@ class FakeStepEngine : public StepEngine {
     std::lock_guard lk(mu_);
     ep::ClusterInfo c;
     c.steps = static_cast<int64_t>(steps_.size());
-    c.ranks.push_back({0, 1234, "alive", static_cast<int64_t>(seqs_.size())});
+    c.ranks.push_back({0, 1234, "alive", static_cast<int64_t>(seqs_.size()), ""});
     return c;
   }
   std::vector<int64_t> ExpertLoad() const override { return std::vector<int64_t>(4, 0); }

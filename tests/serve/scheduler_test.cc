@@ -75,7 +75,9 @@ TEST(SchedulerTest, RespectsTokenBudgetAndMaxNumSeqs) {
   for (size_t s = 0; s < steps.size(); ++s) {
     const auto& st = steps[s];
     EXPECT_LE(st.seq_ids.size(), 4u) << "step " << s;
-    if (st.seq_ids.size() > 1) EXPECT_LE(st.total_tokens, 32) << "step " << s;
+    if (st.seq_ids.size() > 1) {
+      EXPECT_LE(st.total_tokens, 32) << "step " << s;
+    }
     // Decodes first, then prefills.
     bool seen_prefill = false;
     for (size_t i = 0; i < st.seq_ids.size(); ++i) {

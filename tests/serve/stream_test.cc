@@ -20,7 +20,9 @@ class StreamTest : public ::testing::Test {
     ASSERT_NE(server_, nullptr) << error;
   }
   static void TearDownTestSuite() {
-    if (server_) EXPECT_EQ(server_->Signal(SIGTERM, 30), 0) << server_->Log();
+    if (server_) {
+      EXPECT_EQ(server_->Signal(SIGTERM, 30), 0) << server_->Log();
+    }
     delete server_;
     server_ = nullptr;
   }
