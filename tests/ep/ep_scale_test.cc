@@ -72,6 +72,33 @@ TEST(EpScale, ScaleDownMovesTheLeavingRanksSequences) {
   EXPECT_EQ(ev[0].experts_from_disk, 0);
 }
 
+// With a DRAM backup, the ranks that stay read the leaving ranks' experts in the background
+// while steps go on; the switch then moves nothing between ranks.
+TEST(EpScale, ScaleDownPrefetchesFromTheBackupWhileServing) {
+  auto m = testing::StartManager(test::ModelDir("qwen3moe-tiny"), 0, 1, "shm");
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  auto o = Options(4);
+  o.backup_endpoints = {m->endpoint};
+  int asked_at = -1, switched_at = -1;
+  auto run = Generate("qwen3moe-tiny", o, [&](ep::EpEngine& e, int step) {
+    if (step == 10) {
+      ASSERT_TRUE(e.Scale(2).ok());  // not waiting: the steps go on
+      asked_at = step;
+    }
+    if (asked_at >= 0 && switched_at < 0 && !e.Cluster().events.empty()) switched_at = step;
+  });
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  ExpectSameTokens(*run, "qwen3moe-tiny");
+  const auto& ev = run->cluster.events;
+  ASSERT_EQ(ev.size(), 1u);
+  EXPECT_EQ(ev[0].kind, "scale-down");
+  EXPECT_EQ(ev[0].members, (std::vector<int>{0, 1}));
+  EXPECT_GT(switched_at, asked_at + 1) << "steps were served while the experts were prefetched";
+  EXPECT_GT(ev[0].experts_from_backup, 0) << "the leaving ranks' experts came from the DRAM backup";
+  EXPECT_EQ(ev[0].experts_from_peers, 0) << "nothing moved between ranks in the switch";
+  EXPECT_EQ(ev[0].experts_from_disk, 0);
+}
+
 TEST(EpScale, DeadRankIsReplacedByScalingUp) {
   auto m = testing::StartManager(test::ModelDir("mixtral-tiny"), 0, 1, "shm");
   ASSERT_TRUE(m.ok()) << m.status().ToString();
