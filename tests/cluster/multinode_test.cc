@@ -372,6 +372,14 @@ TEST(Multinode, StandbyCoordinatorTakesOver) {
   std::unique_ptr<ChildProcess> active, standby;
   int port = 0, standby_port = 0;
   ASSERT_NO_FATAL_FAILURE(StartWithStandby(mh, &active, &port, &standby, &standby_port));
+  // A standby answers, but only to say where the active coordinator is.
+  mh.OnHost0([&] {
+    httplib::Client c(mh.addr(0), standby_port);
+    auto r = c.Get("/health");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 503);
+    EXPECT_NE(r->body.find("http://" + mh.addr(0) + ":" + std::to_string(port)), std::string::npos) << r->body;
+  });
   auto before = ClusterJson(mh, port);
   std::set<int> pids_before;
   for (const auto& r : before["ranks"]) pids_before.insert(r["pid"].get<int>());

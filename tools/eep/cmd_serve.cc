@@ -14,6 +14,8 @@
 #include <cstring>
 #include <thread>
 
+#include <httplib.h>
+
 #include "command.h"
 #include "backup/sidecar.h"
 #include "cluster/etcd.h"
@@ -93,8 +95,37 @@ eep::Status SetUpCluster(const ServeCliOptions& o, eep::ep::EpOptions* ep, std::
           "cluster '{}' already has an active coordinator ({}); start this one with --standby to take over when it dies",
           o.cluster, active->value));
   }
-  EEP_ASSIGN_OR_RETURN(int64_t won, eep::ep::CampaignForLeader(**etcd, keys, (*lease)->id(), me, g_stopping));
-  (void)won;
+  // While standing by, the HTTP port answers 503 with the active coordinator's address, so a
+  // client that tries this one first learns where to go (and retries here after a take-over).
+  std::unique_ptr<httplib::Server> standby_http;
+  std::thread standby_thread;
+  if (o.standby && o.server.port != 0) {
+    standby_http = std::make_unique<httplib::Server>();
+    eep::cluster::EtcdClient* client = etcd->get();
+    auto answer = [client, keys](const httplib::Request&, httplib::Response& res) {
+      std::string leader;
+      if (auto kv = client->Get(keys.Leader()); kv.ok() && *kv) {
+        auto j = nlohmann::json::parse((*kv)->value, nullptr, false);
+        if (j.is_object()) leader = j.value("http", std::string());
+      }
+      res.status = 503;
+      res.set_content(nlohmann::json{{"error", {{"message", "standby coordinator: not serving until the active one fails"},
+                                                {"type", "standby"}, {"leader", leader}}}}
+                          .dump(),
+                      "application/json");
+    };
+    standby_http->Get(".*", answer);
+    standby_http->Post(".*", answer);
+    if (!standby_http->bind_to_port(o.server.host, o.server.port))
+      return eep::Status::IOError(fmt::format("--port {}: cannot listen on {}", o.server.port, o.server.host));
+    standby_thread = std::thread([srv = standby_http.get()] { srv->listen_after_bind(); });
+  }
+  auto won = eep::ep::CampaignForLeader(**etcd, keys, (*lease)->id(), me, g_stopping);
+  if (standby_http) {
+    standby_http->stop();
+    standby_thread.join();
+  }
+  if (!won.ok()) return won.status();
   EEP_LOG_INFO("serve: coordinator {} is the leader of cluster '{}'", me.id, o.cluster);
   // A recorded cluster with serving ranks is adopted (this coordinator replaces a dead one).
   EEP_ASSIGN_OR_RETURN(auto state, (*etcd)->Get(keys.State()));
