@@ -258,14 +258,22 @@ void ExpectGoldenPrefix(const std::vector<Outcome>& outs) {
   }
 }
 
+// Two hosts with their nodes (2 ranks and a backup each) and the active coordinator.
+void StartTwoHosts(MultiHost& mh, std::unique_ptr<ChildProcess>* coord, int* port) {
+  ASSERT_TRUE(mh.StartNode(0).ok());
+  ASSERT_TRUE(mh.StartNode(1).ok());
+  *port = mh.FreePort();
+  auto c = mh.StartCoordinator(*port, false);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  *coord = std::move(*c);
+}
+
 TEST(Multinode, LosingAHostLosesNoRequest) {
   MultiHost mh;
   if (std::string skip = mh.Start(); !skip.empty()) GTEST_SKIP() << skip;
-  ASSERT_TRUE(mh.StartNode(0).ok());
-  ASSERT_TRUE(mh.StartNode(1).ok());
-  const int port = mh.FreePort();
-  auto coord = mh.StartCoordinator(port, false);
-  ASSERT_TRUE(coord.ok()) << coord.status().ToString();
+  std::unique_ptr<ChildProcess> coord;
+  int port = 0;
+  ASSERT_NO_FATAL_FAILURE(StartTwoHosts(mh, &coord, &port));
   // Ranks 0,1 on host a, 2,3 on host b; each host's DRAM backup holds the other's experts.
   auto cluster = ClusterJson(mh, port);
   ASSERT_EQ(cluster["ranks"].size(), 4u) << cluster.dump();
@@ -352,12 +360,7 @@ TEST(Multinode, LosingAHostLosesNoRequest) {
 // Two hosts with their nodes, an active coordinator and a standby that is standing by.
 void StartWithStandby(MultiHost& mh, std::unique_ptr<ChildProcess>* active, int* port,
                       std::unique_ptr<ChildProcess>* standby, int* standby_port) {
-  ASSERT_TRUE(mh.StartNode(0).ok());
-  ASSERT_TRUE(mh.StartNode(1).ok());
-  *port = mh.FreePort();
-  auto a = mh.StartCoordinator(*port, false);
-  ASSERT_TRUE(a.ok()) << a.status().ToString();
-  *active = std::move(*a);
+  ASSERT_NO_FATAL_FAILURE(StartTwoHosts(mh, active, port));
   *standby_port = mh.FreePort();
   while (*standby_port == *port) *standby_port = mh.FreePort();
   auto s = mh.StartCoordinator(*standby_port, true);
@@ -477,11 +480,9 @@ namespace {
 TEST(Multinode, EtcdOutageDoesNotStopServing) {
   MultiHost mh;
   if (std::string skip = mh.Start(); !skip.empty()) GTEST_SKIP() << skip;
-  ASSERT_TRUE(mh.StartNode(0).ok());
-  ASSERT_TRUE(mh.StartNode(1).ok());
-  const int port = mh.FreePort();
-  auto coord = mh.StartCoordinator(port, false);
-  ASSERT_TRUE(coord.ok()) << coord.status().ToString();
+  std::unique_ptr<ChildProcess> coord;
+  int port = 0;
+  ASSERT_NO_FATAL_FAILURE(StartTwoHosts(mh, &coord, &port));
   const auto reference = RunLoad(mh, {port}, port, 0, nullptr);
   ExpectGoldenPrefix(reference);
 
