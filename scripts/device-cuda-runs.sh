@@ -11,6 +11,7 @@
 #     variants  bench decode without programmatic dependent launch, without graphs, and with
 #               the fused MoE up to 256 tokens (split activations)
 #     auto      eep generate/logits with the default --backend auto on qwen3moe-tiny
+#     ab        bench decode at batch 1 and 16: default vs each entry of EEP_AB_VARIANTS (twice)
 #     profile   ncu kernel durations of bench decode steps (no graphs) at batch 1 and 16 into
 #               $OUT/ncu_b*.csv (scripts/ncu_steps.py summarises one step)
 #   (default: tests decode variants auto)
@@ -72,6 +73,19 @@ for s in $steps; do
         tee "$out/generate_auto.log" | tail -3
       timeout 60 $B/eep generate --model $tm --prompt-ids 1,2,3 --max-new-tokens 8 --ignore-eos --json \
         --backend cpu 2>&1 | tail -1
+      ;;
+    ab)
+      # A/B of decode switches, interleaved twice at batch 1 and 16 (split mode): the default,
+      # then each space-separated entry of EEP_AB_VARIANTS (';' between the variables of one
+      # entry), e.g. EEP_AB_VARIANTS="EEP_CUDA_PDL=0 EEP_CUDA_GRAPHS=0".
+      make_model
+      for rep in 1 2; do
+        for v in EEP_AB=default ${EEP_AB_VARIANTS:-}; do
+          echo "== $v (round $rep)"
+          env ${v//;/ } timeout 200 $B/eep bench decode --model $m --skip-cpu --mode split --tokens 64 --batch 1 16 \
+            --json 2>&1 | tee -a "$out/bench_ab.log" | grep -E '^cuda batch' | sed 's/weights.step.*-> //'
+        done
+      done
       ;;
     profile)
       make_model

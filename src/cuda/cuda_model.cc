@@ -176,6 +176,8 @@ struct CudaModel::Impl {
   int64_t gemv_max = 8, fused_max = 64;
   bool use_graphs = true, gemv_dims_ok = false, batched_attn = false, fuse_attn_norm = false,
        fuse_next_norm = false;
+  bool norm_sums = true;  // EEP_CUDA_NORM_SUMS (Body)
+  static constexpr int64_t kSumTokens = 8;  // rows per norm-sum slot (GemvNormFusable's limit)
   bool UseGemv(int64_t n) const { return gemv_dims_ok && n <= gemv_max; }
   // Per MoE layer, where each logical expert lives (MoeSlotTable), uploaded when the map,
   // the slots or their filling changed (tables_dirty). tables_ok: every expert has a held,
@@ -232,6 +234,8 @@ struct CudaModel::Impl {
 
   DeviceBuffer blas_workspace;
   // Per-forward scratch.
+  // b_sums: Σ x² of the residual rows ahead of each norm, [2·layers + 1][8] f64 (norm_sums).
+  DeviceBuffer b_sums;
   DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
       b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_head16, b_out;
   DeviceBuffer b_hsel, b_argmax;
@@ -341,7 +345,10 @@ struct CudaModel::Impl {
 
   // Attention of layer l from the normed rows (b_hf / b_h16), its output added to x.
   // norm_in: the GEMV path normalises x itself (input_norm fused into the q/k/v GEMV).
-  Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x, bool norm_in);
+  // in_sums (norm_in only; may be null): Σ x² per row, so the q/k/v GEMV skips the reduction;
+  // sums_out (may be null): the o-proj GEMV adds Σ x² of the updated rows there.
+  Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x, bool norm_in,
+                   const double* in_sums = nullptr, double* sums_out = nullptr);
   Status RunMlp(const Mlp& m, int64_t N, float* out);
   // The MLP by GEMV kernels from b_hf: out = (or +=) down(silu(gate)·up).
   Status MlpGemv(const Mlp& m, int64_t N, float* out, bool accumulate);
@@ -350,7 +357,10 @@ struct CudaModel::Impl {
   // norm_in: x is not normed yet; the router GEMV applies post_norm and writes b_hf.
   // next_norm (may be null): the combine also RMSNorms the new x with it into b_hf (the next
   // layer's input norm, or the final norm).
-  Status FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in, const float* next_norm);
+  // post_sums (norm_in only; may be null): Σ x² per row for the router's norm; next_sums (may be
+  // null): the combine adds Σ x² of the updated rows there (the next layer's input norm).
+  Status FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in, const float* next_norm,
+                  const double* post_sums = nullptr, double* next_sums = nullptr);
   // Everything of a step from the embedding to the LM head and argmax, queued on the stream
   // (captured into a graph for decode steps).
   Status Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused);
@@ -476,7 +486,7 @@ Status CudaModel::Impl::LoadWeights() {
 // Forward
 
 Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x,
-                                  bool norm_in) {
+                                   bool norm_in, const double* in_sums, double* sums_out) {
   const bool mla = c.arch == Arch::kDeepseekV3;
   const int64_t H = c.hidden_size, nh = c.num_heads;
   const int64_t nkv = mla ? nh : c.num_kv_heads;
@@ -498,7 +508,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
       sg.seg[2] = {ly.v.w.get(), v, ly.v_bias.get(), ly.v.out};
       sg.count = 3;
       if (norm_in)
-        EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, x, H, N, false, s(), ly.input_norm.get(), eps, nullptr));
+        EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, x, H, N, false, s(), ly.input_norm.get(), eps, nullptr, in_sums));
       else
         EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, b_hf.as<float>(), H, N, false, s()));
     } else {
@@ -572,7 +582,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
     GemvSegments sg;
     sg.seg[0] = {ly.o.w.get(), x, ly.o_bias.get(), H};
     sg.count = 1;
-    EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, nh * dv, attn, nh * dv, N, true, s()));
+    EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, nh * dv, attn, nh * dv, N, true, s(), nullptr, 0, nullptr, nullptr, sums_out));
     return Status::Ok();
   }
   bf16_t* attn16 = b_a16.as<bf16_t>();
@@ -643,7 +653,7 @@ Status CudaModel::Impl::BuildTables() {
 }
 
 Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in,
-                                 const float* next_norm) {
+                                 const float* next_norm, const double* post_sums, double* next_sums) {
   const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, A = N * k;
   const int64_t ml = moe_index[static_cast<size_t>(l)], inter = I(), P = map.num_physical();
   const int64_t G = MoeMaxGroups(A, P);
@@ -670,13 +680,13 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     EEP_CUDA_RETURN_IF_ERROR(RouterPlan(ly.router.get(), H, norm_in ? x : hf, N,
                                         norm_in ? ly.post_norm.get() : nullptr, eps, norm_in ? hf : nullptr, logits,
                                         counters.get(), E, k, norm_topk, bias, n_group, topk_group, scaling, table,
-                                        ids, w, plan, s()));
+                                        ids, w, plan, s(), norm_in ? post_sums : nullptr));
   } else {
     GemvSegments sg;
     sg.seg[0] = {ly.router.get(), logits, nullptr, E};
     sg.count = 1;
     if (norm_in)
-      EEP_CUDA_RETURN_IF_ERROR(GemvF32(sg, H, x, H, N, false, s(), ly.post_norm.get(), eps, hf));
+      EEP_CUDA_RETURN_IF_ERROR(GemvF32(sg, H, x, H, N, false, s(), ly.post_norm.get(), eps, hf, post_sums));
     else
       EEP_CUDA_RETURN_IF_ERROR(GemvF32(sg, H, hf, H, N, false, s()));
     EEP_CUDA_RETURN_IF_ERROR(MoeRoutePlan(logits, N, E, k, norm_topk, bias, n_group, topk_group, scaling, table, ids,
@@ -708,7 +718,7 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     shared = o2;
   }
   EEP_CUDA_RETURN_IF_ERROR(MoeCombineAdd(y, w, N, k, H, shared, x, s(), next_norm, static_cast<float>(c.rms_norm_eps),
-                                         next_norm != nullptr ? hf : nullptr, counters.get() + 1));
+                                         next_norm != nullptr ? hf : nullptr, counters.get() + 1, next_sums));
   return Status::Ok();
 }
 
@@ -841,7 +851,25 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   const float eps = static_cast<float>(c.rms_norm_eps);
   CudaForwardTrace* tr = trace;
   const int64_t T0 = static_cast<int64_t>(batch[0].ids.size());
-  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s()));
+  // Norm sums (EEP_CUDA_NORM_SUMS, few tokens, every layer a fused-MoE one): the kernel that
+  // updates the residual (embedding, o-proj GEMV, MoE combine) also adds up Σ x² per row, so
+  // the input norm rides on the q/k/v GEMV and the post-attention norm on the router without
+  // a reduction of their own: no RmsNorm launches in the layers. Slots [2l]: layer l's input
+  // norm, [2l + 1]: its post-attention norm; zeroed once per step. (H100, batch 1: +2.6%
+  // tokens/s; a q/k/v GEMV normalising x in shared memory in every block instead was no faster
+  // than the RmsNorm launch it replaced, and neither were per-row atomics into the sums.)
+  bool all_moe = true;
+  for (const Layer& ly : layers) all_moe = all_moe && ly.is_moe;
+  const bool sums = norm_sums && gemv && !mla && fused && all_moe && tr == nullptr && !fuse_next_norm &&
+                    GemvNormFusable(N, H) && RouterPlanSupported(N, c.num_experts, c.num_experts_per_tok,
+                                                                 map.num_physical(), H, true);
+  double* sum_base = b_sums.as<double>();
+  auto in_sums = [&](int64_t l) { return sums ? sum_base + 2 * l * kSumTokens : nullptr; };
+  auto post_sums = [&](int64_t l) { return sums ? sum_base + (2 * l + 1) * kSumTokens : nullptr; };
+  if (sums)
+    EEP_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(sum_base, 0, static_cast<size_t>((2 * c.num_layers + 1) * kSumTokens) * 8, s()));
+  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s(), in_sums(0)));
   if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
   bool hf_ready = false;  // the previous layer's combine already wrote this layer's normed rows
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -851,12 +879,13 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
     // Few tokens: the norms ride on the GEMVs that read them (one launch less each).
     // (Measured on an H100 at batch 1: the q/k/v GEMV with the norm fused in, 640 blocks each
     // normalising, took longer than RmsNorm + GEMV; the 16-block router GEMV gained.)
-    const bool attn_norm_in = attn_gemv && fuse_attn_norm && GemvNormFusable(N, H);
+    const bool attn_norm_in = attn_gemv && (fuse_attn_norm || sums) && GemvNormFusable(N, H);
     if (!attn_norm_in && !hf_ready)
       EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, ly.input_norm.get(), N, H, eps, attn_gemv ? hf : nullptr, H,
                                        attn_gemv ? nullptr : h16, splits, s()));
     hf_ready = false;
-    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N, x, attn_norm_in), fmt::format("layer {} attention", l));
+    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N, x, attn_norm_in, in_sums(l), post_sums(l)),
+                            fmt::format("layer {} attention", l));
     const bool need16 = !gemv || (ly.is_moe && !fused);
     const bool moe_norm_in = ly.is_moe && fused && !need16 && GemvNormFusable(N, H);
     if (!moe_norm_in)
@@ -870,7 +899,9 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
       const bool next_f32_only = fuse_next_norm && (last || (attn_gemv && !fuse_attn_norm));
       const float* next_norm =
           next_f32_only ? (last ? final_norm.get() : layers[static_cast<size_t>(l + 1)].input_norm.get()) : nullptr;
-      EEP_RETURN_IF_ERROR_CTX(FusedMoe(ly, l, N, x, moe_norm_in, next_norm), fmt::format("layer {} MoE", l));
+      EEP_RETURN_IF_ERROR_CTX(FusedMoe(ly, l, N, x, moe_norm_in, next_norm, post_sums(l),
+                                       l + 1 < c.num_layers ? in_sums(l + 1) : nullptr),
+                              fmt::format("layer {} MoE", l));
       hf_ready = next_norm != nullptr;
     } else if (ly.is_moe) {
       EEP_RETURN_IF_ERROR_CTX(Moe(ly, l, N, b_o.as<float>()), fmt::format("layer {} MoE", l));
@@ -883,7 +914,11 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
     }
     if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
   }
-  if (!hf_ready) EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, final_norm.get(), N, H, eps, hf, H, nullptr, 1, s()));
+  // Without a trace only the selected rows need the final norm: gathered and normed in one
+  // launch below.
+  const bool norm_in_gather = !hf_ready && tr == nullptr;
+  if (!hf_ready && !norm_in_gather)
+    EEP_CUDA_RETURN_IF_ERROR(RmsNorm(x, H, final_norm.get(), N, H, eps, hf, H, nullptr, 1, s()));
   if (tr != nullptr) {
     // MODELS.md §5: the last entry is the normed final state, not the raw last-layer output.
     tr->hidden.pop_back();
@@ -893,7 +928,10 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   // LM head once for the whole batch over the rows any sequence wants (its last token, or all
   // of them), then argmax on the device.
   const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
-  EEP_CUDA_RETURN_IF_ERROR(GatherRowsF32(hf, SelD(), M, H, b_hsel.as<float>(), s()));
+  if (norm_in_gather)
+    EEP_CUDA_RETURN_IF_ERROR(GatherRmsNormF32(x, SelD(), M, H, final_norm.get(), eps, b_hsel.as<float>(), s()));
+  else
+    EEP_CUDA_RETURN_IF_ERROR(GatherRowsF32(hf, SelD(), M, H, b_hsel.as<float>(), s()));
   if (UseGemv(M)) {
     GemvSegments sg;
     sg.seg[0] = {head, b_out.as<float>(), nullptr, V};
@@ -991,6 +1029,7 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   EEP_RETURN_IF_ERROR(R(b_x, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_h16, S * N * H * 2));
   EEP_RETURN_IF_ERROR(R(b_hf, N * H * 4));
+  EEP_RETURN_IF_ERROR(R(b_sums, (2 * L + 1) * kSumTokens * 8));
   EEP_RETURN_IF_ERROR(R(b_o, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_o2, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_q, N * nh * dk * 4));
@@ -1168,6 +1207,7 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   im.use_graphs = options.cuda_graphs && env_int("EEP_CUDA_GRAPHS", 1) != 0;
   im.fuse_attn_norm = env_int("EEP_CUDA_FUSE_ATTN_NORM", 0) != 0;
   im.fuse_next_norm = env_int("EEP_CUDA_FUSE_NEXT_NORM", 0) != 0;
+  im.norm_sums = env_int("EEP_CUDA_NORM_SUMS", 1) != 0;
   EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
   EEP_ASSIGN_OR_RETURN(im.counters, DeviceAlloc<unsigned>(2));
   EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.counters.get(), 0, 2 * sizeof(unsigned)));

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <memory>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -112,6 +113,25 @@ TEST(CudaOps, RmsNormF32AndSplit) {
   std::vector<float> sum(rows * dim);
   for (size_t i = 0; i < sum.size(); ++i) sum[i] = s[i] + s[rows * dim + i];
   EXPECT_LT(RelErr(sum, ref), 2e-5);  // hi + lo carries ~16 bits of the f32 value
+}
+
+TEST(CudaOps, GatherRmsNormMatchesRmsNorm) {
+  REQUIRE_GPU();
+  for (int64_t dim : {int64_t{72}, int64_t{320}, int64_t{2048}}) {
+    const int64_t rows = 9;
+    auto x = Random(rows * dim, 4, 3.0f);
+    auto w = Random(dim, 5);
+    const std::vector<int32_t> sel = {8, 0, 3, 3};
+    std::vector<float> ref(sel.size() * dim);
+    for (size_t r = 0; r < sel.size(); ++r) cpu::RmsNorm(x.data() + sel[r] * dim, w.data(), 1, dim, 1e-6f, ref.data() + r * dim);
+    Dev<float> dx(x), dw(w), dy(std::vector<float>(sel.size() * dim, NAN));
+    Dev<int32_t> ds(sel);
+    ASSERT_EQ(cuda::GatherRmsNormF32(dx.p, ds.p, static_cast<int64_t>(sel.size()), dim, dw.p, 1e-6f, dy.p, nullptr),
+              cudaSuccess);
+    auto got = dy.Host();
+    for (float v : got) ASSERT_TRUE(std::isfinite(v)) << "dim " << dim;  // every element written
+    EXPECT_LT(RelErr(got, ref), 1e-6) << "dim " << dim;
+  }
 }
 
 TEST(CudaOps, SiluMulAndAdd) {
@@ -576,8 +596,34 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
                 cudaSuccess);
     EXPECT_EQ(dlog1.Host(), dlog2.Host());
     EXPECT_EQ(dids.Host(), dids2.Host());
+    if (fuse_norm) {
+      // With Σ x² given per row (norm_sums): the same routing, logits and normed rows to rounding.
+      std::vector<double> sums(N, 0.0);
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t i = 0; i < H; ++i) sums[t] += static_cast<double>(x[t * H + i]) * x[t * H + i];
+      Dev<double> dsums(sums);
+      Dev<float> dlog3(std::vector<float>(N * E, NAN)), dw3(A), dhf3(std::vector<float>(N * H, NAN));
+      Dev<int32_t> dids3(A), dplan3(4 + 3 * maxg + A);
+      cuda::MoePlan plan3 = plan2;
+      plan3.num_groups = dplan3.p;
+      plan3.group_slot = dplan3.p + 4;
+      plan3.group_off = plan3.group_slot + maxg;
+      plan3.group_cnt = plan3.group_off + maxg;
+      plan3.order = plan3.group_cnt + maxg;
+      ASSERT_EQ(cuda::RouterPlan(drouter.p, H, dx.p, N, dnw.p, 1e-6f, dhf3.p, dlog3.p, counter.p, E, k, true,
+                                 mc.deepseek ? db.p : nullptr, G, topk_group, mc.deepseek ? 2.5f : 1.0f, table,
+                                 dids3.p, dw3.p, plan3, nullptr, dsums.p),
+                cudaSuccess);
+      EXPECT_LT(RelErr(dlog3.Host(), dlog1.Host()), 1e-6);
+      EXPECT_LT(RelErr(dhf3.Host(), dhf1.Host()), 1e-6);
+      EXPECT_EQ(dids3.Host(), dids.Host());
+      EXPECT_LT(RelErr(dw3.Host(), dw.Host()), 1e-6);
+      EXPECT_EQ(counter.Host()[0], 0u);
+    }
     EXPECT_EQ(dw.Host(), dw2.Host());
-    if (fuse_norm) EXPECT_EQ(dhf1.Host(), dhf2.Host());
+    if (fuse_norm) {
+      EXPECT_EQ(dhf1.Host(), dhf2.Host());
+    }
     auto p1 = dplan.Host(), p2 = dplan2.Host();
     ASSERT_EQ(p1[0], p2[0]);
     for (int32_t a = 0; a < 3; ++a)  // slot, offset and count of every group
@@ -755,6 +801,90 @@ TEST(CudaOps, GemvWithFusedNorm) {
     ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, T, false, nullptr, dnw.p, 1e-6f, dn.p), cudaSuccess);
     EXPECT_LT(RelErr(dy.Host(), ref), 1e-5) << T << " tokens";
     EXPECT_LT(RelErr(dn.Host(), normed), 1e-6) << T << " tokens";
+    // The same with Σ x² given per row (norm_sums: no reduction in the blocks), split rows too
+    // (a 40-row segment takes the 8-warps-per-row path), outputs poisoned first.
+    std::vector<double> sums(T, 0.0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < in; ++i) sums[t] += static_cast<double>(x[t * in + i]) * x[t * in + i];
+    Dev<double> dsums(sums);
+    // Without norm_out the norm weight rides on the dot products (no shared-memory pass).
+    for (int64_t seg_rows : {rows, int64_t{40}})
+      for (bool want_norm : {true, false}) {
+      Dev<float> dy2(std::vector<float>(T * seg_rows, NAN)), dn2(std::vector<float>(T * in, NAN));
+      sg.seg[0] = {dw.p, dy2.p, nullptr, seg_rows};
+      ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, T, false, nullptr, dnw.p, 1e-6f, want_norm ? dn2.p : nullptr, dsums.p),
+                cudaSuccess);
+      std::vector<float> ref2(T * seg_rows);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t r = 0; r < seg_rows; ++r) ref2[t * seg_rows + r] = ref[t * rows + r];
+      auto y2 = dy2.Host();
+      for (float v : y2) ASSERT_TRUE(std::isfinite(v));
+      EXPECT_LT(RelErr(y2, ref2), 1e-5) << T << " tokens, norm_sums, " << seg_rows << " rows, normed rows "
+                                         << want_norm;
+      if (want_norm) {
+        EXPECT_LT(RelErr(dn2.Host(), normed), 1e-6) << T << " tokens, norm_sums";
+      }
+      }
+  }
+}
+
+// sums_out of the accumulating GEMV (both row paths), Embed and the MoE combine: Σ of the
+// squares of the rows each wrote, against the host in double.
+TEST(CudaOps, NormSumsOfResidualWriters) {
+  REQUIRE_GPU();
+  auto host_sums = [](const std::vector<float>& v, int64_t T, int64_t dim) {
+    std::vector<double> s(T, 0.0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < dim; ++i) s[t] += static_cast<double>(v[t * dim + i]) * v[t * dim + i];
+    return s;
+  };
+  auto expect_close = [](const std::vector<double>& got, const std::vector<double>& ref, const char* what) {
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-9 * ref[i]) << what << " row " << i;
+  };
+  // 2004 rows: a warp per row, the last block part empty; 30 rows of 2048: 8 warps per row.
+  for (int64_t T : {int64_t{1}, int64_t{5}}) {
+    for (auto [rows, in] : {std::pair<int64_t, int64_t>{2004, 264}, std::pair<int64_t, int64_t>{30, 2048}}) {
+      auto x = Random(T * in, 90, 1.0f), res = Random(T * rows, 91, 2.0f);
+      auto b = ToBf16(Random(rows * in, 92, 0.05f));
+      Dev<float> dx(x), dy(res);
+      Dev<uint16_t> dw(b);
+      Dev<double> dsum(std::vector<double>(T, 0.0));
+      cuda::GemvSegments sg;
+      sg.seg[0] = {dw.p, dy.p, nullptr, rows};
+      sg.count = 1;
+      ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, T, true, nullptr, nullptr, 0, nullptr, nullptr, dsum.p), cudaSuccess);
+      expect_close(dsum.Host(), host_sums(dy.Host(), T, rows), "gemv");
+    }
+  }
+  {
+    const int64_t V = 40, H = 72;
+    auto table = ToBf16(Random(V * H, 93));
+    std::vector<int32_t> ids = {3, 39, 3};
+    Dev<uint16_t> dt(table);
+    Dev<int32_t> di(ids);
+    Dev<float> dx(ids.size() * H);
+    Dev<double> dsum(std::vector<double>(ids.size(), -1.0));
+    ASSERT_EQ(cuda::Embed(dt.p, di.p, 3, H, dx.p, nullptr, dsum.p), cudaSuccess);
+    expect_close(dsum.Host(), host_sums(dx.Host(), 3, H), "embed");
+  }
+  {
+    const int64_t N = 3, k = 4, H = 600;
+    auto y = Random(N * k * H, 94), w = Random(N * k, 95), xr = Random(N * H, 96), sh = Random(N * H, 97);
+    Dev<float> dy(y), dw(w), dx(xr), dsh(sh);
+    Dev<double> dsum(std::vector<double>(N, 0.0));
+    ASSERT_EQ(cuda::MoeCombineAdd(dy.p, dw.p, N, k, H, dsh.p, dx.p, nullptr, nullptr, 0, nullptr, nullptr, dsum.p),
+              cudaSuccess);
+    auto after = dx.Host();
+    std::vector<float> ref = xr;
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t i = 0; i < H; ++i) {
+        float acc = 0;
+        for (int64_t j = 0; j < k; ++j) acc += w[t * k + j] * y[(t * k + j) * H + i];
+        ref[t * H + i] += acc + sh[t * H + i];
+      }
+    EXPECT_LT(RelErr(after, ref), 1e-6);
+    expect_close(dsum.Host(), host_sums(after, N, H), "combine");
   }
 }
 

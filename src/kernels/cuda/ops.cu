@@ -77,12 +77,21 @@ __device__ float BlockMax(float v, float* shared) {
   return m;
 }
 
-__global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim, float* x) {
+__global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim, float* x, double* sums) {
+  __shared__ double partial[32];
   PdlTrigger();
   PdlWait();
   const int64_t t = blockIdx.x;
   const bf16_t* row = table + static_cast<int64_t>(ids[t]) * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) x[t * dim + i] = Bf16ToF32(row[i]);
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = Bf16ToF32(row[i]);
+    x[t * dim + i] = v;
+    sum += static_cast<double>(v) * v;
+  }
+  if (sums == nullptr) return;
+  sum = BlockSum(sum, partial);
+  if (threadIdx.x == 0) sums[t] = sum;
 }
 
 __global__ void RmsNormKernel(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim,
@@ -417,6 +426,21 @@ unsigned GridFor(int64_t n) {
 }
 
 
+// Block per row: RmsNormKernel's arithmetic on a gathered row.
+__global__ void GatherRmsNormKernel(const float* in, const int32_t* src, int64_t dim, const float* w, float eps,
+                                    float* out) {
+  __shared__ double partial[32];
+  PdlTrigger();
+  PdlWait();
+  const int64_t r = blockIdx.x;
+  const float* xr = in + static_cast<int64_t>(src[r]) * dim;
+  double sum = 0;  // double, like the CPU reference
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
+  sum = BlockSum(sum, partial);
+  const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(dim) + eps));
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = w[i] * (xr[i] * inv);
+}
+
 __global__ void GatherF32Kernel(const float* in, const int32_t* src, int64_t dim, float* out) {
   PdlTrigger();
   PdlWait();
@@ -486,9 +510,10 @@ cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
 
 }  // namespace
 
-cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st) {
+cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st,
+                  double* sums_out) {
   if (n == 0) return cudaSuccess;
-  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x);
+  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out);
 }
 
 cudaError_t RmsNorm(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim, float eps,
@@ -577,6 +602,13 @@ cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int
   return Launch(GatherF32Kernel, dim3(static_cast<unsigned>(rows)), dim3(256), 0, st, in, src, dim, out);
 }
 
+cudaError_t GatherRmsNormF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, const float* w,
+                             float eps, float* out, cudaStream_t st) {
+  if (rows == 0) return cudaSuccess;
+  const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
+  return Launch(GatherRmsNormKernel, dim3(static_cast<unsigned>(rows)), dim3(threads), 0, st, in, src, dim, w, eps, out);
+}
+
 cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t st) {
   if (rows == 0) return cudaSuccess;
   if (cols <= 0 || cols > 0x7ffffffe) return cudaErrorInvalidValue;
@@ -638,9 +670,12 @@ struct Raw8<float> {
 // for tokens t < n (kTok at most). kU chunks of every row are loaded before the first FMA so
 // that each lane keeps kU·kRows 16-byte loads in flight. Not reduced across the warp.
 // Chunks (of 256 values) first_chunk, first_chunk + step, ... are this warp's (split-K).
-template <typename WT, int kRows, int kTok, int kU = 4>
+// kScale: x[t][i] is taken times g[i] (an RMSNorm weight; the 1/rms factor is applied by the
+// caller to the sums).
+template <typename WT, int kRows, int kTok, int kU = 4, bool kScale = false>
 __device__ __forceinline__ void WarpDotRows(const WT* const (&w)[kRows], int64_t in, const float* const (&x)[kTok],
-                                            int n, float (&acc)[kRows][kTok], int first_chunk = 0, int step = 1) {
+                                            int n, float (&acc)[kRows][kTok], int first_chunk = 0, int step = 1,
+                                            const float* g = nullptr) {
   const int lane = threadIdx.x % kWarp;
   const int64_t stride = 256 * static_cast<int64_t>(step);
   for (int64_t c0 = lane * 8 + first_chunk * 256; c0 < in; c0 += stride * kU) {
@@ -661,13 +696,23 @@ __device__ __forceinline__ void WarpDotRows(const WT* const (&w)[kRows], int64_t
       float wf[kRows][8];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) raw[u][r].Unpack(wf[r]);
+      float4 ga = make_float4(1, 1, 1, 1), gb = ga;
+      if constexpr (kScale) {
+        ga = *reinterpret_cast<const float4*>(g + c);
+        gb = *(reinterpret_cast<const float4*>(g + c) + 1);
+      }
 #pragma unroll
       for (int t = 0; t < kTok; ++t) {
         if (t >= n) break;
         // Generic loads: x may live in shared memory (GEMV with a fused RMSNorm).
         const float4 xa = *reinterpret_cast<const float4*>(x[t] + c);
         const float4 xb = *(reinterpret_cast<const float4*>(x[t] + c) + 1);
-        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        if constexpr (kScale) {
+          const float gv[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xv[i] *= gv[i];
+        }
 #pragma unroll
         for (int r = 0; r < kRows; ++r)
 #pragma unroll
@@ -685,10 +730,21 @@ constexpr int kGemvWarps = 8;  // rows per block (a warp per row)
 // kSplit > 1 (small matrices): kSplit warps share a row, each over every kSplit-th chunk of
 // it, summed in warp order through shared memory (deterministic), so that a few rows still
 // keep many warps loading.
+// inv[t] for a run-time t (constant indices only: keeps the array in registers).
+template <int kTok>
+__device__ __forceinline__ float inv_of(const float (&inv)[kTok], int t) {
+  float v = 1;
+#pragma unroll
+  for (int i = 0; i < kTok; ++i)
+    if (i == t) v = inv[i];
+  return v;
+}
+
 template <typename WT, int kTok, int kSplit>
 __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride,
                                          int64_t ntok, bool accumulate, const float* norm_w, float eps,
-                                         float* norm_out, float* xs) {
+                                         float* norm_out, float* xs, const double* norm_sums = nullptr,
+                                         double* sums_out = nullptr) {
   constexpr int kU = kTok == 1 ? 8 : 4;  // 16-byte loads in flight per lane and row
   constexpr int kRowsPerBlock = kGemvWarps / kSplit;
   __shared__ double partial[32];
@@ -718,12 +774,19 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
     }
   }
   PdlWait();
-  if (norm_w != nullptr) {
+  // Σ x² known and no normed rows wanted: the norm weight is applied inside the dot products and
+  // 1/rms to the sums, so the blocks need no shared-memory pass (and no barrier) before loading.
+  const bool scale_in_dot = norm_w != nullptr && norm_sums != nullptr && norm_out == nullptr;
+  if (norm_w != nullptr && !scale_in_dot) {
     for (int64_t t = 0; t < ntok; ++t) {
       const float* xr = x + t * x_stride;
       double sum = 0;
-      for (int64_t i = threadIdx.x; i < in; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
-      sum = BlockSum(sum, partial);
+      if (norm_sums != nullptr) {
+        sum = norm_sums[t];  // Σ x² of the row, summed by the kernel that wrote it
+      } else {
+        for (int64_t i = threadIdx.x; i < in; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
+        sum = BlockSum(sum, partial);
+      }
       const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(in) + eps));
       for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
         const float v = norm_w[i] * (xr[i] * inv);
@@ -751,7 +814,9 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
       }
     }
   }
-  if (kSplit == 1 && !found) return;  // split blocks stay for the barriers below
+  // (Split blocks, and blocks that add up sums_out, stay for the barriers below.)
+  if (kSplit == 1 && !found && sums_out == nullptr) return;
+  __shared__ double sq_sh[kSplit == 1 ? kGemvWarps : 1][kTok];
   const WT* const w[1] = {found ? static_cast<const WT*>(sg.w) + o * in : nullptr};
   const float bias = found && sg.bias ? sg.bias[o] : 0.0f;
   for (int64_t t0 = 0; t0 < ntok; t0 += kTok) {
@@ -762,7 +827,17 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
     float acc[1][kTok];
 #pragma unroll
     for (int t = 0; t < kTok; ++t) acc[0][t] = 0;
-    if (found) WarpDotRows<WT, 1, kTok, kU>(w, in, xr, n, acc, slice, kSplit);
+    float inv[kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) inv[t] = 1;
+    if (scale_in_dot) {
+#pragma unroll
+      for (int t = 0; t < kTok; ++t)
+        if (t < n) inv[t] = static_cast<float>(1.0 / sqrt(norm_sums[t0 + t] / static_cast<double>(in) + eps));
+      if (found) WarpDotRows<WT, 1, kTok, kU, true>(w, in, xr, n, acc, slice, kSplit, norm_w);
+    } else if (found) {
+      WarpDotRows<WT, 1, kTok, kU>(w, in, xr, n, acc, slice, kSplit);
+    }
     if constexpr (kSplit > 1) {
 #pragma unroll
       for (int t = 0; t < kTok; ++t) {
@@ -773,20 +848,36 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
       if (found && slice == 0 && lane < n) {
         float v = 0;
         for (int sl = 0; sl < kSplit; ++sl) v += split_sum[warp * kSplit + sl][lane];
-        v += bias;
+        v = v * inv_of(inv, lane) + bias;
         float* y = sg.y + (t0 + lane) * sg.rows + o;
         *y = accumulate ? *y + v : v;
+        if (sums_out != nullptr) atomicAdd(sums_out + t0 + lane, static_cast<double>(*y) * *y);
       }
       __syncthreads();
     } else {
 #pragma unroll
       for (int t = 0; t < kTok; ++t) {
         if (t >= n) break;
-        const float v = WarpSum(acc[0][t]) + bias;
+        const float v = WarpSum(acc[0][t]) * inv[t] + bias;
         if (lane == 0) {
-          float* y = sg.y + (t0 + t) * sg.rows + o;
-          *y = accumulate ? *y + v : v;
+          double sq = 0;
+          if (found) {
+            float* y = sg.y + (t0 + t) * sg.rows + o;
+            *y = accumulate ? *y + v : v;
+            sq = static_cast<double>(*y) * *y;
+          }
+          if (sums_out != nullptr) sq_sh[warp_id][t] = sq;
         }
+      }
+      if (sums_out != nullptr) {
+        // One atomic per block and token (not per row: same-address atomics serialise).
+        __syncthreads();
+        if (threadIdx.x < n) {
+          double sum = 0;
+          for (int wi = 0; wi < kGemvWarps; ++wi) sum += sq_sh[wi][threadIdx.x];
+          atomicAdd(sums_out + t0 + threadIdx.x, sum);
+        }
+        __syncthreads();
       }
     }
   }
@@ -795,20 +886,24 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
 template <typename WT, int kTok, int kSplit>
 __global__ void __launch_bounds__(kGemvWarps * kWarp) GemvKernel(GemvSegments segs, int64_t in, const float* x,
                                                                  int64_t x_stride, int64_t ntok, bool accumulate,
-                                                                 const float* norm_w, float eps, float* norm_out) {
+                                                                 const float* norm_w, float eps, float* norm_out,
+                                                                 const double* norm_sums, double* sums_out) {
   extern __shared__ float4 gemv_sm4[];
   GemvBody<WT, kTok, kSplit>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
-                             reinterpret_cast<float*>(gemv_sm4));
+                             reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
 }
 
 template <typename WT>
 cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
-                       bool accumulate, const float* norm_w, float eps, float* norm_out, cudaStream_t st) {
+                       bool accumulate, const float* norm_w, float eps, float* norm_out, cudaStream_t st,
+                       const double* norm_sums, double* sums_out) {
   if (ntok == 0) return cudaSuccess;
   if (in % 8 != 0 || x_stride % 4 != 0 || segs.count < 1 || segs.count > kMaxGemvSegments)
     return cudaErrorInvalidValue;
-  const size_t smem = norm_w != nullptr ? static_cast<size_t>(ntok * in) * 4 : 0;
+  const bool smem_norm = norm_w != nullptr && !(norm_sums != nullptr && norm_out == nullptr);  // GemvBody's xs
+  const size_t smem = smem_norm ? static_cast<size_t>(ntok * in) * 4 : 0;
   if (norm_w != nullptr && (ntok > 8 || smem > 48 * 1024)) return cudaErrorInvalidValue;
+  if (norm_sums != nullptr && norm_w == nullptr) return cudaErrorInvalidValue;
   int64_t rows = 0;
   for (int i = 0; i < segs.count; ++i) rows += segs.seg[i].rows;
   if (rows == 0) return cudaSuccess;
@@ -820,23 +915,23 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
   if (split) {
     if (ntok == 1)
       e = Launch(GemvKernel<WT, 1, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
-                 eps, norm_out);
+                 eps, norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
       e = Launch(GemvKernel<WT, 4, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
-                 eps, norm_out);
+                 eps, norm_out, norm_sums, sums_out);
     else
       e = Launch(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
-                 eps, norm_out);
+                 eps, norm_out, norm_sums, sums_out);
   } else {
     if (ntok == 1)
       e = Launch(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
-                 norm_out);
+                 norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
       e = Launch(GemvKernel<WT, 4, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
-                 norm_out);
+                 norm_out, norm_sums, sums_out);
     else
       e = Launch(GemvKernel<WT, 8, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
-                 norm_out);
+                 norm_out, norm_sums, sums_out);
   }
   return e;
 }
@@ -986,10 +1081,10 @@ template <int kTok, int kSplit>
 __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
     GemvSegments segs, int64_t in, const float* x, int64_t ntok, const float* norm_w, float eps, float* norm_out,
     unsigned* counter, int E, int k, bool norm, const float* bias, int G, int topk_group, double scaling,
-    MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan) {
+    MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan, const double* norm_sums) {
   extern __shared__ float4 router_sm4[];
   GemvBody<float, kTok, kSplit>(segs, in, x, in, ntok, false, norm_w, eps, norm_out,
-                                reinterpret_cast<float*>(router_sm4));
+                                reinterpret_cast<float*>(router_sm4), norm_sums);
   if (!LastBlock(counter)) return;
   RoutePlanBody(segs.seg[0].y, static_cast<int>(ntok), E, k, norm, bias, G, topk_group, scaling, table, ids, weights,
                 plan, reinterpret_cast<uint8_t*>(router_sm4), false);
@@ -1110,16 +1205,24 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* 
 // layer's input norm), as RmsNormKernel does.
 __global__ void MoeCombineAddKernel(const float* y, const float* w, int64_t k, int64_t dim, const float* shared,
                                     float* x, int64_t n, const float* norm_w, float eps, float* norm_out,
-                                    unsigned* counter) {
+                                    unsigned* counter, double* sums_out) {
   __shared__ double partial[32];
   PdlTrigger();
   PdlWait();
   const int64_t t = blockIdx.y, i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  double sq = 0;
   if (i < dim) {
     float acc = 0;
     for (int64_t j = 0; j < k; ++j) acc += w[t * k + j] * y[(t * k + j) * dim + i];
     if (shared) acc += shared[t * dim + i];
-    x[t * dim + i] += acc;
+    const float v = x[t * dim + i] + acc;
+    x[t * dim + i] = v;
+    sq = static_cast<double>(v) * v;
+  }
+  if (sums_out != nullptr) {
+    sq = BlockSum(sq, partial);
+    if (threadIdx.x == 0) atomicAdd(sums_out + t, sq);
+    __syncthreads();  // partial is reused below
   }
   if (norm_w == nullptr || !LastBlock(counter)) return;
   for (int64_t r = 0; r < n; ++r) {
@@ -1402,13 +1505,15 @@ cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned 
 bool GemvSupported(int64_t in) { return in > 0 && in % 8 == 0; }
 
 cudaError_t Gemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
-                 bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out) {
-  return LaunchGemv<bf16_t>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out, st);
+                 bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
+                 const double* norm_sums, double* sums_out) {
+  return LaunchGemv<bf16_t>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out, st, norm_sums, sums_out);
 }
 
 cudaError_t GemvF32(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
-                    bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out) {
-  return LaunchGemv<float>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out, st);
+                    bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
+                    const double* norm_sums, double* sums_out) {
+  return LaunchGemv<float>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out, st, norm_sums, sums_out);
 }
 
 bool GemvNormFusable(int64_t ntok, int64_t in) { return ntok <= 8 && ntok * in * 4 <= 48 * 1024; }
@@ -1445,8 +1550,10 @@ bool RouterPlanSupported(int64_t N, int64_t E, int64_t k, int64_t P, int64_t hid
 cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int64_t N, const float* norm_w, float eps,
                        float* norm_out, float* logits, unsigned* counter, int64_t E, int64_t k, bool norm,
                        const float* bias, int64_t G, int64_t topk_group, float scaling, const MoeSlotTable& table,
-                       int32_t* ids, float* weights, const MoePlan& plan, cudaStream_t st) {
+                       int32_t* ids, float* weights, const MoePlan& plan, cudaStream_t st,
+                       const double* norm_sums) {
   if (N == 0) return cudaSuccess;
+  if (norm_sums != nullptr && norm_w == nullptr) return cudaErrorInvalidValue;
   if (G < 1 || E % G != 0 || !RouterPlanSupported(N, E, k, table.num_slots, hidden, norm_w != nullptr))
     return cudaErrorInvalidValue;
   GemvSegments segs;
@@ -1464,7 +1571,7 @@ cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int6
     }
     return Launch(kernel, grid, block, static_cast<size_t>(smem), st, segs, hidden, x, N, norm_w, eps, norm_out,
                   counter, static_cast<int>(E), static_cast<int>(k), norm, bias, static_cast<int>(G),
-                  static_cast<int>(topk_group), static_cast<double>(scaling), table, ids, weights, plan);
+                  static_cast<int>(topk_group), static_cast<double>(scaling), table, ids, weights, plan, norm_sums);
   };
   if (split) {
     if (N == 1) return go(RouterPlanKernel<1, kGemvWarps>);
@@ -1495,12 +1602,12 @@ cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& 
 
 cudaError_t MoeCombineAdd(const float* y, const float* w, int64_t n, int64_t k, int64_t dim, const float* shared,
                           float* x, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
-                          unsigned* counter) {
+                          unsigned* counter, double* sums_out) {
   if (n == 0) return cudaSuccess;
   if (norm_w != nullptr && (counter == nullptr || norm_out == nullptr)) return cudaErrorInvalidValue;
   return Launch(MoeCombineAddKernel,
                 dim3(static_cast<unsigned>((dim + kThreads - 1) / kThreads), static_cast<unsigned>(n)),
-                dim3(kThreads), 0, st, y, w, k, dim, shared, x, n, norm_w, eps, norm_out, counter);
+                dim3(kThreads), 0, st, y, w, k, dim, shared, x, n, norm_w, eps, norm_out, counter, sums_out);
 }
 
 cudaError_t QkNormRopeKv(float* q, const float* k, const float* v, int64_t n, int64_t nh, int64_t nkv, int64_t dk,

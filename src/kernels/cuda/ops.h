@@ -18,9 +18,10 @@ namespace eep::cuda {
 
 using bf16_t = uint16_t;  // raw BF16 bits, as stored in checkpoints
 
-// x[t,:] = f32(table[ids[t],:]).
+// x[t,:] = f32(table[ids[t],:]); sums_out (may be null): sums_out[t] = Σ x[t,:]² (f64, for a
+// Gemv's norm_sums).
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t num_tokens, int64_t dim, float* x,
-                  cudaStream_t stream);
+                  cudaStream_t stream, double* sums_out = nullptr);
 
 // Row-wise RMSNorm: y = w ⊙ x / sqrt(mean(x²) + eps) over `dim` values of each of `rows` rows
 // (row r of x at x + r·x_stride). Writes f32 rows to y (stride y_stride; may be null) and/or
@@ -74,6 +75,9 @@ cudaError_t GatherRows(const bf16_t* in, const int32_t* src, int64_t rows, int64
                        cudaStream_t stream);
 
 // out[r,:] = in[src[r],:] for r < rows (f32 rows of `dim`): picks the rows the LM head needs.
+// out[r, :] = RMSNorm(in[src[r], :]) with weight w and eps (as RmsNorm): gather + norm in one launch.
+cudaError_t GatherRmsNormF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, const float* w, float eps,
+                             float* out, cudaStream_t stream);
 cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, float* out,
                           cudaStream_t stream);
 
@@ -121,12 +125,16 @@ struct GemvSegments {
 // norm_w (may be null): x rows are first RMSNorm-ed with weight norm_w and eps (as RmsNorm,
 // inside every block; GemvNormFusable says for which sizes), and written to norm_out
 // [num_tokens, in] (may be null) as RmsNorm would.
+//   norm_sums (with norm_w; may be null): Σ x² of each row [num_tokens], already summed by the
+//   kernel that wrote x, so that the blocks skip the reduction.
+// sums_out (may be null): Σ y² of each updated row [num_tokens] (f64) is added there (atomics;
+// one output segment, zeroed before), for the norm of the next kernel to read.
 cudaError_t Gemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t num_tokens,
                  bool accumulate, cudaStream_t stream, const float* norm_w = nullptr, float eps = 0,
-                 float* norm_out = nullptr);
+                 float* norm_out = nullptr, const double* norm_sums = nullptr, double* sums_out = nullptr);
 cudaError_t GemvF32(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t num_tokens,
                     bool accumulate, cudaStream_t stream, const float* norm_w = nullptr, float eps = 0,
-                    float* norm_out = nullptr);
+                    float* norm_out = nullptr, const double* norm_sums = nullptr, double* sums_out = nullptr);
 bool GemvNormFusable(int64_t num_tokens, int64_t in);
 // Whether Gemv takes rows of `in` values (in % 8 == 0).
 bool GemvSupported(int64_t in);
@@ -172,19 +180,22 @@ cudaError_t MoeDown(const float* act, int64_t hidden, int64_t inter, const MoeSl
 // the routed sum first, as the CPU does); shared may be null. With norm_w, the updated rows
 // are also RMSNorm-ed into norm_out [num_tokens, dim] (as RmsNorm; the next layer's input
 // norm) by the grid's last block: counter is a device word that is 0 between launches.
+// sums_out (may be null): Σ x[t,:]² of the updated rows is added to sums_out[t] (zeroed before).
 cudaError_t MoeCombineAdd(const float* y, const float* weights, int64_t num_tokens, int64_t top_k, int64_t dim,
                           const float* shared, float* x, cudaStream_t stream, const float* norm_w = nullptr,
-                          float eps = 0, float* norm_out = nullptr, unsigned* counter = nullptr);
+                          float eps = 0, float* norm_out = nullptr, unsigned* counter = nullptr,
+                          double* sums_out = nullptr);
 // The router GEMV (logits [N, E] = x·routerᵀ, f32 weights [E, hidden]; with norm_w, x is first
 // RMSNorm-ed as in Gemv and the normed rows written to norm_out) and MoeRoutePlan in one launch
-// (the last block routes). counter: a device word that is 0 between launches.
+// (the last block routes). counter: a device word that is 0 between launches. norm_sums (with
+// norm_w; may be null): Σ x² per row, as Gemv's.
 bool RouterPlanSupported(int64_t num_tokens, int64_t num_experts, int64_t top_k, int64_t num_slots, int64_t hidden,
                          bool fused_norm);
 cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int64_t num_tokens, const float* norm_w,
                        float eps, float* norm_out, float* logits, unsigned* counter, int64_t num_experts,
                        int64_t top_k, bool norm_topk, const float* bias, int64_t n_group, int64_t topk_group,
                        float scaling, const MoeSlotTable& table, int32_t* ids, float* weights, const MoePlan& plan,
-                       cudaStream_t stream);
+                       cudaStream_t stream, const double* norm_sums = nullptr);
 
 // Per token t (position positions[t]): q heads [t][nh][dk] get RMSNorm (q_norm, if not null)
 // and RoPE in place; k heads [t][nkv][dk] get k_norm and RoPE and are written to
