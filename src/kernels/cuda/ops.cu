@@ -1099,6 +1099,21 @@ __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 
 constexpr int kMoeWarps = 8;
 
+// The next up-to-kTok assignments of a slot's group (from position p of `order`): their ids and
+// input rows (row a / div of `rows`, `stride` floats apart; padding repeats the first). Returns
+// how many are real.
+template <int kTok>
+__device__ __forceinline__ int GatherAssignments(const int32_t* order, int p, int cnt, const float* rows, int div,
+                                                 int64_t stride, const float* (&xr)[kTok], int (&a_of)[kTok]) {
+  const int n = min(kTok, cnt - p);
+#pragma unroll
+  for (int t = 0; t < kTok; ++t) {
+    a_of[t] = order[p + (t < n ? t : 0)];
+    xr[t] = rows + static_cast<int64_t>(a_of[t] / div) * stride;
+  }
+  return n;
+}
+
 // Block (row tile, group): a warp per output row i; gate row i and up row i share the x loads.
 template <int kTok>
 __device__ __forceinline__ void GateUpRows(const bf16_t* base, const float* x, int64_t H, int64_t I, int k,
@@ -1106,14 +1121,9 @@ __device__ __forceinline__ void GateUpRows(const bf16_t* base, const float* x, i
   const int lane = threadIdx.x % kWarp;
   const bf16_t* const w[2] = {base + i * H, base + (I + i) * H};
   for (int p = 0; p < cnt; p += kTok) {
-    const int n = min(kTok, cnt - p);
     const float* xr[kTok];
     int a_of[kTok];
-#pragma unroll
-    for (int t = 0; t < kTok; ++t) {
-      a_of[t] = order[p + (t < n ? t : 0)];
-      xr[t] = x + static_cast<int64_t>(a_of[t] / k) * H;
-    }
+    const int n = GatherAssignments<kTok>(order, p, cnt, x, k, H, xr, a_of);
     float acc[2][kTok];
 #pragma unroll
     for (int t = 0; t < kTok; ++t) acc[0][t] = acc[1][t] = 0;
@@ -1157,14 +1167,9 @@ __device__ __forceinline__ void DownRows(const bf16_t* base, const float* act, i
 #pragma unroll
   for (int r = 0; r < kDownRows; ++r) w[r] = base + 2 * I * H + min(o0 + r, H - 1) * I;
   for (int p = 0; p < cnt; p += kTok) {
-    const int n = min(kTok, cnt - p);
     const float* xr[kTok];
     int a_of[kTok];
-#pragma unroll
-    for (int t = 0; t < kTok; ++t) {
-      a_of[t] = order[p + (t < n ? t : 0)];
-      xr[t] = act + static_cast<int64_t>(a_of[t]) * I;
-    }
+    const int n = GatherAssignments<kTok>(order, p, cnt, act, 1, I, xr, a_of);
     float acc[kDownRows][kTok];
 #pragma unroll
     for (int r = 0; r < kDownRows; ++r)
