@@ -22,8 +22,7 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/device-run.sh env)"
 out=${OUT:-/tmp/eep-out}
 mkdir -p "$out"
-# Tests find the eep binary at the build path compiled into them.
-src=$(cat .devbuild/srcdir)
+src=$(cat .devbuild/srcdir)  # the source path compiled into the binaries (test data)
 ulimit -l unlimited 2>/dev/null || true
 steps=${*:-tests decode variants auto}
 B=.devbuild/bin

@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/device-run.sh env)"
 out=${OUT:-/tmp/eep-out}
 mkdir -p "$out"
-src=$(cat .devbuild/srcdir)
 ulimit -l unlimited 2>/dev/null || true
 B=.devbuild/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"

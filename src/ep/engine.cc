@@ -38,6 +38,7 @@
 #include "core/util.h"
 #include "ep/control.h"
 #include "ep/ep.h"
+#include "ep/internal.h"
 #include "ep/node.h"
 #include "eplb/eplb.h"
 
@@ -200,8 +201,7 @@ class EpEngine::Impl {
 
   Status Spawn(int id, const std::string& state) {
     if (Remote()) return SpawnRemote(id, state);
-    std::vector<std::string> args{"eep",     "--log-level", opts.log_level, "rank-worker", "--control", endpoint,
-                                  "--heartbeat", hb_endpoint, "--rank",   std::to_string(id), "--session", session};
+    std::vector<std::string> args = RankWorkerArgs(opts.log_level, endpoint, hb_endpoint, id, session);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -212,17 +212,24 @@ class EpEngine::Impl {
     Proc p;
     p.id = id;
     p.pid = pid;
-    // The lowest device slot no live rank uses: a rank replacing a dead one takes its GPU.
-    std::set<int> used;
-    for (const Proc& q : procs)
-      if (q.Live() && q.pid > 0) used.insert(q.device_slot);
-    while (used.count(p.device_slot)) ++p.device_slot;
+    p.device_slot = FreeDeviceSlot(-1);
     p.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
     p.state = state;
     p.last_hb = NowSeconds();
     if (static_cast<int>(procs.size()) <= id) procs.resize(static_cast<size_t>(id) + 1);
     procs[static_cast<size_t>(id)] = std::move(p);
     return Status::Ok();
+  }
+
+  // The lowest device slot no live rank of `node` (-1: this host) uses: a rank replacing a dead
+  // one takes its GPU.
+  int FreeDeviceSlot(int node) const {
+    std::set<int> used;
+    for (const Proc& q : procs)
+      if (q.Live() && q.node == node && (node >= 0 || q.pid > 0)) used.insert(q.device_slot);
+    int slot = 0;
+    while (used.count(slot)) ++slot;
+    return slot;
   }
 
   // On the first node (in order) with a free rank slot, so that a host's ranks hold
@@ -249,7 +256,7 @@ class EpEngine::Impl {
     Proc p;
     p.id = id;
     p.node = chosen;
-    p.device_slot = used[static_cast<size_t>(chosen)];  // GPUs are per host
+    p.device_slot = FreeDeviceSlot(chosen);  // GPUs are per host
     p.state = state;
     p.last_hb = NowSeconds();
     if (static_cast<int>(procs.size()) <= id) procs.resize(static_cast<size_t>(id) + 1);
@@ -299,34 +306,35 @@ class EpEngine::Impl {
       if (!p.Live() || (p.pid <= 0 && p.node < 0)) continue;
       int status = 0;
       std::string why;
-      if (p.node >= 0) {
-        // A rank on another host: its node agent reports its exit; heartbeats say the rest.
-        if (p.hb_seen && now - p.last_hb > HeartbeatTimeout())
-          why = fmt::format("rank {} (node {}) sent no heartbeat for {:.0f} ms", p.id,
-                            nodes[static_cast<size_t>(p.node)].rec.name, (now - p.last_hb) * 1000);
-      } else if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
+      // A rank on another host (node >= 0): its node agent reports its exit; heartbeats say the rest.
+      if (p.node < 0 && waitpid(p.pid, &status, WNOHANG) == p.pid) {
         p.pid = -1;
         // A leaving rank exits by itself once it has handed its experts over.
         if (p.state == "draining" && WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
         why = WIFSIGNALED(status) ? fmt::format("rank {} exited on signal {}", p.id, WTERMSIG(status))
                                   : fmt::format("rank {} exited with code {}", p.id, WEXITSTATUS(status));
       } else if (p.hb_seen && now - p.last_hb > HeartbeatTimeout()) {
-        why = fmt::format("rank {} sent no heartbeat for {:.0f} ms", p.id, (now - p.last_hb) * 1000);
-      } else if (now - p.last_hb > 2.0 * static_cast<double>(opts.heartbeat_interval_ms) / 1000.0 && ProcessStopped(p.pid)) {
+        why = fmt::format("rank {}{} sent no heartbeat for {:.0f} ms", p.id,
+                          p.node >= 0 ? fmt::format(" (node {})", nodes[static_cast<size_t>(p.node)].rec.name) : "",
+                          (now - p.last_hb) * 1000);
+      } else if (p.node < 0 && now - p.last_hb > 2.0 * static_cast<double>(opts.heartbeat_interval_ms) / 1000.0 &&
+                 ProcessStopped(p.pid)) {
         // (checked only once heartbeats lag, to keep the common path cheap)
         why = fmt::format("rank {} is stopped (wedged)", p.id);
       }
-      if (why.empty()) continue;
-      if (p.state == "joining") {
-        DropJoiner(p.id, why);
-      } else if (p.state == "starting") {
-        NoteDead(p.id, why);
-      } else {
-        EEP_LOG_WARN("ep: {}", why);
-        NoteDead(p.id, why);
-      }
+      if (!why.empty()) RankFailed(p, why);
     }
     return failure && !failure->dead.empty();
+  }
+
+  // A joining rank is dropped (it serves nothing yet); any other is dead.
+  void RankFailed(Proc& p, const std::string& why) {
+    if (p.state == "joining") {
+      DropJoiner(p.id, why);
+      return;
+    }
+    if (p.state != "starting") EEP_LOG_WARN("ep: {}", why);
+    NoteDead(p.id, why);
   }
 
   // A node whose etcd lease lapsed is gone with every rank on it, and a leader record naming
@@ -431,12 +439,7 @@ class EpEngine::Impl {
     Proc& p = procs[static_cast<size_t>(id)];
     if (!p.Live()) return;
     if (p.state == "draining" && clean) return;  // left after handing its experts over
-    if (p.state == "joining") {
-      DropJoiner(id, why);
-      return;
-    }
-    EEP_LOG_WARN("ep: {}", why);
-    NoteDead(id, why);
+    RankFailed(p, why);
   }
 
   void DrainNodes() {

@@ -18,6 +18,7 @@
 #include "core/util.h"
 #include "ep/control.h"
 #include "ep/ep.h"
+#include "ep/internal.h"
 #include "ep/node.h"
 #include "model/config.h"
 
@@ -260,22 +261,10 @@ class NodeAgent {
     if (ranks_.count(rank)) return Status::AlreadyExists(fmt::format("rank {} already runs on node {}", rank, o_.name));
     if (static_cast<int>(ranks_.size()) >= o_.capacity)
       return Status::ResourceExhausted(fmt::format("node {} already runs {} rank(s) (--ranks {})", o_.name, ranks_.size(), o_.capacity));
-    std::vector<std::string> args{"eep",
-                                  "--log-level",
-                                  m.header.value("log_level", o_.log_level),
-                                  "rank-worker",
-                                  "--control",
-                                  m.header.value("control", ""),
-                                  "--heartbeat",
-                                  m.header.value("heartbeat", ""),
-                                  "--rank",
-                                  std::to_string(rank),
-                                  "--session",
-                                  m.header.value("session", ""),
-                                  "--coordinator",
-                                  o_.coordinator,
-                                  "--cluster",
-                                  o_.cluster};
+    std::vector<std::string> args =
+        RankWorkerArgs(m.header.value("log_level", o_.log_level), m.header.value("control", ""),
+                       m.header.value("heartbeat", ""), rank, m.header.value("session", ""));
+    args.insert(args.end(), {"--coordinator", o_.coordinator, "--cluster", o_.cluster});
     const std::string binary = o_.worker_binary.empty() ? "/proc/self/exe" : o_.worker_binary;
     // With --gpus, the lowest listed GPU no rank of this node uses, and only it visible.
     int gpu = -1;
