@@ -14,6 +14,9 @@
 #     ab        bench decode at batch 1 and 16: default vs each entry of EEP_AB_VARIANTS (twice)
 #     profile   ncu kernel durations of bench decode steps (no graphs) at batch 1 and 16 into
 #               $OUT/ncu_b*.csv (scripts/ncu_steps.py summarises one step)
+#     detail    ncu sections (speed of light, launch, occupancy, warp states) of the router,
+#               attention and GEMV kernels of one batch-1 decode step into $OUT/ncu_detail.txt
+#     sass      per-instruction stall samples of one router, attention and GEMV launch ($OUT/sass_*.csv)
 #   (default: tests decode variants auto)
 # (`scripts/device-run.sh pack` compresses the binaries when they outgrow the device tool's 64 MiB;
 # `env` unpacks them.)
@@ -38,7 +41,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for s in $steps; do
   case $s in
     tests)
-      for t in cuda_ops_gpu cuda_golden_gpu cuda_restore_gpu cuda_ep_gpu; do
+      for t in cuda_ops_gpu cuda_golden_gpu cuda_restore_gpu cuda_ep_gpu cuda_moe_mma_gpu cuda_compute_gpu; do
         [ -x $B/$t ] || continue
         echo "== $t"
         timeout 300 $B/$t 2>&1 | tee "$out/$t.log" |
@@ -96,6 +99,32 @@ for s in $steps; do
         echo "ncu batch $b: rc $?, $(grep -c gpu__time_duration "$out/ncu_b$b.csv") kernels"
         python3 scripts/ncu_steps.py "$out/ncu_b$b.csv" 2 | tail -25
       done
+      ;;
+    detail)
+      make_model
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      # Step 2 of `--tokens 2 --prompt-len 2` (prefill, decode, decode): skip the prefill's and first
+      # decode's launches of each kernel (8 layers: 8 + 8 router/attention launches, 16 + 16 GEMVs).
+      timeout 300 $ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --clock-control none \
+        -k regex:'RouterPlanKernel|AttentionBatchedKernel|GemvKernel|MoeGateUpKernel|MoeDownKernel|MoeCombine' \
+        --launch-skip 60 --launch-count 12 $B/eep bench decode --model $m --skip-cpu --mode split --tokens 2 \
+        --prompt-len 2 --batch 1 --no-graphs > "$out/ncu_detail.txt" 2> "$out/ncu_detail.err"
+      echo "ncu detail: rc $?"
+      ;;
+    sass)
+      make_model
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      # Per-instruction stall samples (SASS) of one router, attention and q/k/v GEMV launch.
+      for k in RouterPlanKernel AttentionBatchedKernel GemvKernel; do
+        timeout 200 $ncu --section SourceCounters --section WarpStateStats --clock-control none -k regex:$k \
+          --launch-skip 9 --launch-count 1 -f -o /tmp/src_$k $B/eep bench decode --model $m --skip-cpu --mode split \
+          --tokens 2 --prompt-len 2 --batch 1 --no-graphs > /dev/null 2>&1
+        $ncu -i /tmp/src_$k.ncu-rep --page source --csv --print-source sass > "$out/sass_$k.csv" 2>&1
+        echo "sass $k: $(wc -l < "$out/sass_$k.csv") lines"
+      done
+      grep -E '^  [A-Za-z].*\(|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Block Limit|Stall|Warp Cycles Per Issued|Dynamic Shared|Grid Size|Waves Per SM|One or More Eligible|Issued Warp' \
+        "$out/ncu_detail.txt" | head -150
       ;;
   esac
 done

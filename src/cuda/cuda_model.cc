@@ -13,6 +13,7 @@
 #include "backup/backup.h"
 #include "core/logging.h"
 #include "cuda/cuda_util.h"
+#include "kernels/cuda/moe_mma.h"
 #include "kernels/cuda/ops.h"
 #include "model/rope.h"
 #include "model/safetensors.h"
@@ -173,7 +174,10 @@ struct CudaModel::Impl {
 
   // Decode regime (CudaLoadOptions): thresholds resolved at load, and whether every dim the
   // GEMV kernels read is a multiple of 8.
-  int64_t gemv_max = 8, fused_max = 64;
+  int64_t gemv_max = 8, fused_max = 256;
+  // Fused MoE steps of at least this many tokens run the tensor-core grouped kernels (moe_mma.h)
+  // instead of the CUDA-core GEMV ones (efficient up to a few tokens per expert).
+  int64_t mma_min = 32;
   bool use_graphs = true, gemv_dims_ok = false, batched_attn = false, fuse_attn_norm = false,
        fuse_next_norm = false;
   bool norm_sums = true;  // EEP_CUDA_NORM_SUMS (Body)
@@ -706,8 +710,13 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
   }
   float* act = b_act.as<float>();
   float* y = b_y.as<float>();
-  EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s()));
-  EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s()));
+  if (N >= mma_min && MoeMmaSupported(H, inter)) {
+    EEP_CUDA_RETURN_IF_ERROR(MoeGateUpMma(hf, H, inter, k, table, plan, G, splits > 1, act, s()));
+    EEP_CUDA_RETURN_IF_ERROR(MoeDownMma(act, H, inter, table, plan, G, splits > 1, y, s()));
+  } else {
+    EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s()));
+    EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s()));
+  }
   const float* shared = nullptr;
   if (ly.shared.inter > 0) {
     float* o2 = b_o2.as<float>();
@@ -1203,7 +1212,8 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
     return v != nullptr && *v != '\0' ? std::strtoll(v, nullptr, 10) : fallback;
   };
   im.gemv_max = options.gemv_max_tokens >= 0 ? options.gemv_max_tokens : env_int("EEP_CUDA_GEMV_MAX", 8);
-  im.fused_max = options.fused_moe_max_tokens >= 0 ? options.fused_moe_max_tokens : env_int("EEP_CUDA_MOE_FUSED_MAX", 64);
+  im.fused_max = options.fused_moe_max_tokens >= 0 ? options.fused_moe_max_tokens : env_int("EEP_CUDA_MOE_FUSED_MAX", 256);
+  im.mma_min = env_int("EEP_CUDA_MOE_MMA_MIN", 32);
   im.use_graphs = options.cuda_graphs && env_int("EEP_CUDA_GRAPHS", 1) != 0;
   im.fuse_attn_norm = env_int("EEP_CUDA_FUSE_ATTN_NORM", 0) != 0;
   im.fuse_next_norm = env_int("EEP_CUDA_FUSE_NEXT_NORM", 0) != 0;

@@ -54,9 +54,10 @@ struct CudaLoadOptions {
   int64_t gemv_max_tokens = -1;
   // Steps of at most this many tokens run the MoE layers on the device with no host sync:
   // router, top-k and grouping by slot in one kernel, then one grouped gate/up (+SwiGLU) and
-  // one grouped down kernel over every touched slot, and the combine. Larger steps permute on
-  // the host and run a cuBLAS GEMM pair per touched slot. -1: the EEP_CUDA_MOE_FUSED_MAX
-  // environment variable, else 64.
+  // one grouped down kernel over every touched slot, and the combine. The grouped kernels are
+  // GEMVs on CUDA cores below 32 tokens (EEP_CUDA_MOE_MMA_MIN) and tensor-core GEMMs
+  // (kernels/cuda/moe_mma.h) from there. Larger steps permute on the host and run a cuBLAS GEMM
+  // pair per touched slot. -1: the EEP_CUDA_MOE_FUSED_MAX environment variable, else 256.
   int64_t fused_moe_max_tokens = -1;
   // Decode steps (every sequence one new token) that take the fused path are captured in a
   // CUDA graph per (tokens, logits rows) shape and replayed. EEP_CUDA_GRAPHS=0 turns it off.

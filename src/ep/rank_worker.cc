@@ -32,7 +32,7 @@
 #include "cluster/etcd.h"
 #include "core/logging.h"
 #include "core/util.h"
-#include "cuda/cuda_model.h"
+#include "cuda/compute_cuda.h"
 #include "ep/control.h"
 #include "ep/ep.h"
 #include "ep/node.h"
@@ -76,14 +76,10 @@ class ControlBootstrap : public Bootstrap {
 
 // A sequence's cache lives where the rank computes: host (cpu) or device (cuda).
 struct SeqState {
-  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<ComputeCache> cache;
   std::mt19937_64 rng;
-  std::unique_ptr<cuda::CudaKvCache> device_cache;
-  int64_t length() const { return device_cache ? device_cache->length() : cache->length(); }
-  void Truncate(int64_t n) {
-    if (device_cache) device_cache->Truncate(n);
-    else cache->Truncate(n);
-  }
+  int64_t length() const { return cache->length(); }
+  void Truncate(int64_t n) { cache->Truncate(n); }
 };
 
 // What a step changed, so that an aborted step can be undone.
@@ -247,7 +243,8 @@ class RankWorker {
     co.world_size = static_cast<int>(members.size());
     co.session = fmt::format("{}-e{}-{}", session_, epoch, tag);
     co.peer_timeout_ms = peer_timeout_ms_;
-    if (gpu_) co.device = gpu_->device();  // nccl: the GPU this rank computes on
+    // nccl: the GPU this rank computes on.
+    if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_)) co.device = gpu->device();
     ControlBootstrap boot(socket_, epoch, &deferred_);
     EEP_ASSIGN_OR_RETURN(auto comm, CreateCommunicator(communicator_, co, &boot));
     // A silent peer is reported to the coordinator (heartbeat channel) and waited for: only the
@@ -271,35 +268,35 @@ class RankWorker {
   }
 
   void InstallExecutor() {
-    if (gpu_) {
+    if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_)) {
       // Received rows are computed on the GPU in one batch per layer (D2H/H2D staging around
       // the host-side exchange).
       executor_ = std::make_unique<EpMoeExecutor>(
           config(), experts_.get(), comm_.get(), layout_,
-          [this](int64_t ml, const int32_t* slots, const float* x, int64_t n, float* y) {
-            return gpu_->RunExpertRows(ml, slots, x, n, y);
+          [gpu](int64_t ml, const int32_t* slots, const float* x, int64_t n, float* y) {
+            return gpu->RunExpertRows(ml, slots, x, n, y);
           });
-      gpu_->SetMoeExecutor(executor_.get());
-      return;
+    } else {
+      executor_ = std::make_unique<EpMoeExecutor>(config(), experts_.get(), comm_.get(), layout_);
     }
-    executor_ = std::make_unique<EpMoeExecutor>(config(), experts_.get(), comm_.get(), layout_);
     model_->SetMoeExecutor(executor_.get());
   }
 
-  const ModelConfig& config() const { return gpu_ ? gpu_->config() : model_->config(); }
-  const Checkpoint& checkpoint() const { return gpu_ ? *ckpt_ : model_->checkpoint(); }
+  const ModelConfig& config() const { return model_->config(); }
+  const Checkpoint& checkpoint() const { return *ckpt_; }
 
   // CUDA ranks: the host LocalExperts stay the record of what each slot holds and the source
   // of peer transfers; the device slots mirror them. Re-shapes the device slots to the held
   // range and map (kept slots keep their bytes) and uploads the listed (layer, slot) pairs.
   Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload) {
-    if (!gpu_) return Status::Ok();
-    EEP_RETURN_IF_ERROR_CTX(gpu_->ConfigureExpertSlots(experts_->map(), experts_->slot_begin(), experts_->slot_end()),
+    cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
+    if (gpu == nullptr) return Status::Ok();
+    EEP_RETURN_IF_ERROR_CTX(gpu->ConfigureExpertSlots(experts_->map(), experts_->slot_begin(), experts_->slot_end()),
                             "device expert slots");
     for (const auto& [l, slot] : upload) {
       const ExpertWeights& w = experts_->Slot(l, slot);
       if (w.data.empty()) continue;
-      EEP_RETURN_IF_ERROR_CTX(gpu_->SetSlot(l, slot, DType::kF32, w.gate(), w.up(), w.down()),
+      EEP_RETURN_IF_ERROR_CTX(gpu->SetSlot(l, slot, DType::kF32, w.gate(), w.up(), w.down()),
                               fmt::format("uploading slot {} of MoE layer {}", slot, l));
     }
     return Status::Ok();
@@ -322,22 +319,16 @@ class RankWorker {
     epoch_.store(h["epoch"].get<int64_t>());
     members_ = h["members"].get<std::vector<int>>();
     const std::string backend = h.value("backend", std::string("cpu"));
-    if (backend == "cuda") {
-      cuda::CudaLoadOptions lo;
-      lo.load_experts = false;
-      // nccl needs one rank per GPU: rank i on GPU i mod visible. shm/ucx ranks may share GPU 0.
-      // TODO(gpu-ep): a rank that replaces a dead one should take the freed GPU.
-      // One rank per GPU: the coordinator hands out device slots (a replacement rank gets the
-      // dead rank's GPU).
-      if (communicator_ == "nccl" && cuda::DeviceCount() > 0)
-        lo.device = h.value("device_slot", id_) % cuda::DeviceCount();
-      EEP_ASSIGN_OR_RETURN_CTX(gpu_, cuda::CudaModel::Load(model_dir_, lo), fmt::format("rank {}: --backend cuda", id_));
-      EEP_ASSIGN_OR_RETURN(ckpt_, Checkpoint::Open(model_dir_));
-    } else if (backend == "cpu") {
-      EEP_ASSIGN_OR_RETURN(model_, Model::Load(model_dir_, {.load_experts = false, .show_progress = false}));
-    } else {
-      return Status::InvalidArgument(fmt::format("unknown backend '{}' (cpu | cuda)", backend));
-    }
+    // The routed experts are this rank's share (LocalExperts below), not the model's.
+    ComputeOptions co{.load_experts = false, .show_progress = false};
+    // nccl needs one rank per GPU: the coordinator hands out device slots (a replacement rank
+    // gets the dead rank's GPU), rank i on GPU slot i mod visible. shm/ucx ranks may share
+    // GPU 0.
+    if (backend == "cuda" && communicator_ == "nccl" && cuda::DeviceCount() > 0)
+      co.device = h.value("device_slot", id_) % cuda::DeviceCount();
+    EEP_ASSIGN_OR_RETURN_CTX(model_, OpenComputeModel(backend, model_dir_, co), fmt::format("rank {}", id_));
+    // Experts are read from disk into the host LocalExperts on either backend.
+    EEP_ASSIGN_OR_RETURN(ckpt_, Checkpoint::Open(model_dir_));
     const ModelConfig& c = config();
     layout_ = LayoutFor(c.num_experts, members_.size(), h["slots_per_rank"].get<int64_t>());
     EEP_ASSIGN_OR_RETURN(ExpertMap map, ExpertMap::FromPhy2Log(h["phy2log"].get<std::vector<std::vector<int32_t>>>(), c.num_experts));
@@ -373,8 +364,7 @@ class RankWorker {
     auto observer = [this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
       for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
     };
-    if (gpu_) gpu_->SetRouteObserver(observer);
-    else model_->SetRouteObserver(observer);
+    model_->SetRouteObserver(observer);
     return Status::Ok();
   }
 
@@ -412,8 +402,7 @@ class RankWorker {
       if (it != seqs_.end()) snap = {true, it->second.length(), it->second.rng};
       snapshot_[id] = std::move(snap);
     }
-    std::vector<SeqStep> batch;
-    std::vector<cuda::CudaSeqStep> device_batch;
+    std::vector<ComputeStep> batch;
     std::vector<std::vector<int64_t>> ids;
     std::vector<std::vector<float>> logits;
     ids.reserve(in.size());
@@ -428,17 +417,14 @@ class RankWorker {
         rng.discard(s.value("rng_skip", uint64_t{0}));
         SeqState state;
         state.rng = rng;
-        if (gpu_) state.device_cache = gpu_->NewCache();
-        else state.cache = model_->NewCache();
+        state.cache = model_->NewCache();
         it = seqs_.insert_or_assign(id, std::move(state)).first;
       }
       ids.push_back(s["ids"].get<std::vector<int64_t>>());
       const size_t i = ids.size() - 1;
-      if (gpu_) device_batch.push_back({it->second.device_cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
-      else batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
+      batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
     }
-    if (gpu_) EEP_RETURN_IF_ERROR(gpu_->Forward(device_batch));
-    else EEP_RETURN_IF_ERROR(model_->Forward(batch));
+    EEP_RETURN_IF_ERROR(model_->Forward(batch));
     ++steps_done_;
     ControlMessage out;
     out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};
@@ -990,9 +976,8 @@ class RankWorker {
   std::vector<int> suspects_out_;  // GUARDED_BY(outbox_mu_): silent peers to report
   std::mutex comm_mu_;
   std::vector<std::pair<std::shared_ptr<Communicator>, int64_t>> live_comms_;  // GUARDED_BY(comm_mu_)
-  std::unique_ptr<Model> model_;                // backend cpu
-  std::unique_ptr<cuda::CudaModel> gpu_;        // backend cuda
-  std::unique_ptr<Checkpoint> ckpt_;            // backend cuda: expert sources (disk)
+  std::unique_ptr<ComputeModel> model_;  // cpu or cuda (cuda::CudaModelOf: the device slots)
+  std::unique_ptr<Checkpoint> ckpt_;      // expert sources (disk)
   SlotLayout layout_;
   std::unique_ptr<LocalExperts> experts_;
   std::shared_ptr<Communicator> comm_;

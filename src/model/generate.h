@@ -1,4 +1,4 @@
-// Single-sequence generation on a Model: prefill the prompt, then decode token by token
+// Single-sequence generation on a model: prefill the prompt, then decode token by token
 // with the KV cache. The server's scheduler batches many of these; this is the simple path
 // used by `eep generate` and tests.
 #pragma once
@@ -14,6 +14,8 @@
 
 namespace eep {
 
+class ComputeModel;  // model/compute.h
+
 struct GenerateOptions {
   int64_t max_new_tokens = 16;
   SamplingParams sampling;
@@ -25,6 +27,9 @@ struct GenerateOptions {
 // Returns the generated ids (prompt excluded).
 Result<std::vector<int64_t>> Generate(Model& model, const std::vector<int64_t>& prompt_ids,
                                       const GenerateOptions& options);
+// The same on any compute backend (defined in model/compute.cc).
+Result<std::vector<int64_t>> Generate(ComputeModel& model, const std::vector<int64_t>& prompt_ids,
+                                      const GenerateOptions& options);
 
 // One step of a single sequence on any backend: runs `ids` (the prompt, then one token at a
 // time) through the model with its cache and returns the last token's logits [vocab_size],
@@ -34,8 +39,9 @@ using ForwardLastLogits = std::function<Result<const float*>(std::span<const int
 Result<std::vector<int64_t>> GenerateWith(const ForwardLastLogits& forward, int64_t vocab_size,
                                           const std::vector<int64_t>& prompt_ids, const GenerateOptions& options);
 
-// GenerateWith over a backend's model M (Model, cuda::CudaModel) and its step type Step
-// (SeqStep, cuda::CudaSeqStep): one cache, last-token logits to the host each step.
+// GenerateWith over a backend's model M (Model, cuda::CudaModel, ComputeModel) and its step
+// type Step (SeqStep, cuda::CudaSeqStep, ComputeStep): one cache, last-token logits to the
+// host each step.
 template <typename Step, typename M>
 Result<std::vector<int64_t>> GenerateOneSequence(M& model, const std::vector<int64_t>& prompt_ids,
                                                  const GenerateOptions& options) {

@@ -401,10 +401,13 @@ class CudaGemv : public ::testing::TestWithParam<int64_t> {};  // tokens
 TEST_P(CudaGemv, MatchesCpu) {
   REQUIRE_GPU();
   const int64_t T = GetParam();
-  // 520 columns: a warp per row; 2048 columns and < 1024 rows: 8 warps share each row.
+  // 520 columns: a warp per row, or two (rows_per_warp 2: a warp's rows straddle segments 0|1, and
+  // the last warp has one row); 2048 columns and < 1024 rows: 8 warps share each row.
+  for (int rows_per_warp : {1, 2})
   for (int64_t in : {int64_t{520}, int64_t{2048}}) {
+  cuda::SetGemvRowsPerWarp(rows_per_warp);
   const int64_t stride = in + 8;
-  const int64_t rows[3] = {96, 40, 17};
+  const int64_t rows[3] = {95, 40, 17};
   auto x = Random(T * stride, 30);
   for (int f32 = 0; f32 < 2; ++f32)
     for (int acc = 0; acc < 2; ++acc) {
@@ -441,10 +444,11 @@ TEST_P(CudaGemv, MatchesCpu) {
       ASSERT_EQ(f32 ? cuda::GemvF32(sg, in, dx.p, stride, T, acc, nullptr) : cuda::Gemv(sg, in, dx.p, stride, T, acc, nullptr),
                 cudaSuccess);
       for (int s = 0; s < 3; ++s)
-        EXPECT_LT(RelErr(dy[s]->Host(), ref[s]), 1e-5)
-            << "in " << in << " f32 " << f32 << " acc " << acc << " segment " << s;
+        EXPECT_LT(RelErr(dy[s]->Host(), ref[s]), 1e-5) << "in " << in << " f32 " << f32 << " acc " << acc
+                                                       << " segment " << s << " rows per warp " << rows_per_warp;
     }
   }
+  cuda::SetGemvRowsPerWarp(0);
 }
 INSTANTIATE_TEST_SUITE_P(Tokens, CudaGemv, ::testing::Values(1, 7, 64));
 
@@ -779,8 +783,9 @@ TEST(CudaOps, ArgmaxRowsWideMatchesArgmaxRows) {
   EXPECT_EQ(hb[4], 0);
 }
 
-// The GEMV with the RMSNorm of its input fused in (every block normalises; block 0 writes the
-// normed rows): against RmsNorm + dot on the CPU.
+// The GEMV with the RMSNorm of its input fused in (every block normalises and block 0 writes the
+// normed rows; with Σ x² given, the norm rides on the dot products and each block writes a slice of
+// the normed rows): against RmsNorm + dot on the CPU.
 TEST(CudaOps, GemvWithFusedNorm) {
   REQUIRE_GPU();
   const int64_t in = 520, rows = 300;
@@ -843,7 +848,10 @@ TEST(CudaOps, NormSumsOfResidualWriters) {
     for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-9 * ref[i]) << what << " row " << i;
   };
   // 2004 rows: a warp per row, the last block part empty; 30 rows of 2048: 8 warps per row.
+  // (2004 rows also with two rows per warp.)
+  for (int rows_per_warp : {1, 2})
   for (int64_t T : {int64_t{1}, int64_t{5}}) {
+    cuda::SetGemvRowsPerWarp(rows_per_warp);
     for (auto [rows, in] : {std::pair<int64_t, int64_t>{2004, 264}, std::pair<int64_t, int64_t>{30, 2048}}) {
       auto x = Random(T * in, 90, 1.0f), res = Random(T * rows, 91, 2.0f);
       auto b = ToBf16(Random(rows * in, 92, 0.05f));
@@ -857,6 +865,7 @@ TEST(CudaOps, NormSumsOfResidualWriters) {
       expect_close(dsum.Host(), host_sums(dy.Host(), T, rows), "gemv");
     }
   }
+  cuda::SetGemvRowsPerWarp(0);
   {
     const int64_t V = 40, H = 72;
     auto table = ToBf16(Random(V * H, 93));

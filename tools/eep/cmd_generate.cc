@@ -7,7 +7,7 @@
 #include "command.h"
 #include "ep_flags.h"
 #include "core/util.h"
-#include "cuda/cuda_model.h"
+#include "cuda/compute_cuda.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
 
@@ -92,14 +92,8 @@ int RunGenerate(const GenerateCliOptions& o) {
     auto r = GenerateEp(o.model_dir, o.ep, backend, ids, g);
     if (!r.ok()) return eep::cli::Fail(r.status());
     out = *r;
-  } else if (o.max_new_tokens > 0 && backend == "cuda") {
-    auto model = eep::cuda::CudaModel::Load(o.model_dir);
-    if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
-    auto r = eep::cuda::Generate(**model, ids, g);
-    if (!r.ok()) return eep::cli::Fail(r.status());
-    out = *r;
   } else if (o.max_new_tokens > 0) {
-    auto model = eep::Model::Load(o.model_dir, {.load_experts = true, .show_progress = true});
+    auto model = eep::OpenComputeModel(backend, o.model_dir, {.load_experts = true, .show_progress = true});
     if (!model.ok()) return eep::cli::Fail(model.status());
     auto r = eep::Generate(**model, ids, g);
     if (!r.ok()) return eep::cli::Fail(r.status());

@@ -4,8 +4,7 @@
 #include "command.h"
 #include "ep_flags.h"
 #include "core/util.h"
-#include "cuda/cuda_model.h"
-#include "model/model.h"
+#include "cuda/compute_cuda.h"
 
 namespace {
 
@@ -46,19 +45,12 @@ int RunLogits(const LogitsOptions& o) {
     auto r = LogitsEp(o, backend, *ids);
     if (!r.ok()) return eep::cli::Fail(r.status());
     logits = std::move(*r);
-  } else if (backend == "cuda") {
-    auto model = eep::cuda::CudaModel::Load(o.model_dir);
-    if (!model.ok()) return eep::cli::Fail(model.status().WithContext("--backend cuda"));
-    auto cache = (*model)->NewCache();
-    eep::cuda::CudaSeqStep step{cache.get(), *ids, true, &logits};
-    eep::Status st = (*model)->Forward(std::span<eep::cuda::CudaSeqStep>(&step, 1));
-    if (!st.ok()) return eep::cli::Fail(st.WithContext("--prompt-ids"));
   } else {
-    auto model = eep::Model::Load(o.model_dir);
+    auto model = eep::OpenComputeModel(backend, o.model_dir);
     if (!model.ok()) return eep::cli::Fail(model.status());
     auto cache = (*model)->NewCache();
-    eep::SeqStep step{cache.get(), *ids, true, &logits};
-    eep::Status st = (*model)->Forward(std::span<eep::SeqStep>(&step, 1));
+    eep::ComputeStep step{cache.get(), *ids, true, &logits};
+    eep::Status st = (*model)->Forward(std::span<eep::ComputeStep>(&step, 1));
     if (!st.ok()) return eep::cli::Fail(st.WithContext("--prompt-ids"));
   }
   const int64_t T = static_cast<int64_t>(ids->size());

@@ -4,10 +4,12 @@
 // streaming loads, several in flight per lane; larger steps use cuBLAS from cuda_model.cc.
 // Kernels of the decode path are launched with programmatic dependent launch (Launch below).
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.h"
 
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -20,20 +22,12 @@ namespace {
 
 constexpr int kWarp = 32;
 
-// Programmatic dependent launch (sm_90): kernels launched by Launch() below may start while
-// the previous kernel of the stream finishes; each lets its successor start early
+// Programmatic dependent launch (kernels/cuda/pdl.h): kernels launched by Launch() below may
+// start while the previous kernel of the stream finishes; each lets its successor start early
 // (PdlTrigger, once all its blocks run) and waits for its predecessor's results (PdlWait)
 // before reading anything a previous kernel wrote. Static weights may be touched before.
-__device__ __forceinline__ void PdlTrigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void PdlWait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void PdlTrigger() { PdlTriggerDependents(); }
+__device__ __forceinline__ void PdlWait() { PdlWaitPrerequisites(); }
 
 __device__ __forceinline__ float Bf16ToF32(bf16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
 
@@ -366,6 +360,79 @@ __device__ void RouteToken(const float* z, int E, int k, bool norm, const float*
   __syncwarp();
 }
 
+// RouteToken's softmax path (no score bias) with the token's logits in registers: lane holds
+// e = lane + 32·j, as RouteToken strides, so sums and picks are the same operations in the same
+// order (identical ids and weights) without its shared-memory passes.
+constexpr int kRegRouteMax = 8;  // E <= 256
+__device__ __forceinline__ void LoadRouteLogits(const float* z, int E, float (&v)[kRegRouteMax]) {
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int j = 0; j < kRegRouteMax; ++j) {
+    const int e = lane + j * kWarp;
+    // (L2: the logits may come from other blocks of this grid.)
+    v[j] = e < E ? __ldcg(z + e) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void RouteSoftmaxRegs(const float (&z)[kRegRouteMax], int E, int k, bool norm,
+                                                 int32_t* id_out, float* w_out) {
+  const int lane = threadIdx.x % kWarp;
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kRegRouteMax; ++j)
+    if (lane + j * kWarp < E) m = fmaxf(m, z[j]);
+  m = WarpMax(m);
+  float p[kRegRouteMax];
+  double sum = 0;
+#pragma unroll
+  for (int j = 0; j < kRegRouteMax; ++j) {
+    p[j] = 0;
+    if (lane + j * kWarp < E) {
+      p[j] = expf(z[j] - m);
+      sum += p[j];
+    }
+  }
+  sum = WarpSum(sum);
+  const float inv = static_cast<float>(1.0 / sum);
+#pragma unroll
+  for (int j = 0; j < kRegRouteMax; ++j) p[j] *= inv;
+  unsigned used = 0;  // bit j: this lane's element j was picked
+  int my_id = -1;
+  float my_p = 0;
+  double s = 0;
+  for (int r = 0; r < k; ++r) {
+    float bv = -INFINITY;
+    int bi = -1;
+#pragma unroll
+    for (int j = 0; j < kRegRouteMax; ++j) {
+      const int e = lane + j * kWarp;
+      if (e >= E || ((used >> j) & 1u)) continue;
+      if (bi < 0 || p[j] > bv) {
+        bv = p[j];
+        bi = e;
+      }
+    }
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (bi >= 0 && bi % kWarp == lane) used |= 1u << (bi / kWarp);
+    if (lane == r) {
+      my_id = bi;
+      my_p = bv;
+    }
+    s += bv;
+  }
+  if (lane < k) {
+    *id_out = my_id;
+    *w_out = norm ? static_cast<float>(my_p / s) : my_p;
+  }
+}
+
 // One warp per token.
 __global__ void RouteKernel(const float* logits, int64_t E, int64_t k, bool norm, const float* bias, int64_t G,
                             int64_t topk_group, double scaling, int32_t* ids, float* weights) {
@@ -485,27 +552,9 @@ __global__ void ArgmaxKernel(const float* x, int64_t cols, int32_t* out) {
 }
 
 // Launches with the programmatic-dependent-launch attribute (EEP_CUDA_PDL=0: plain launches).
-bool PdlEnabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("EEP_CUDA_PDL");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
-
 template <typename... Params, typename... Args>
 cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, Args&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = PdlEnabled() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  return LaunchPdl(kernel, grid, block, smem, st, std::forward<Args>(args)...);
 }
 
 }  // namespace
@@ -740,22 +789,28 @@ __device__ __forceinline__ float inv_of(const float (&inv)[kTok], int t) {
   return v;
 }
 
-template <typename WT, int kTok, int kSplit>
+// kR > 1 (kSplit 1 only): a warp takes kR consecutive rows, their loads in flight together, so that
+// a large matrix fits in one wave of blocks (every block's prologue then prefetches its rows while
+// the previous kernel runs, and no partial second wave trails).
+template <typename WT, int kTok, int kSplit, int kR = 1>
 __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride,
                                          int64_t ntok, bool accumulate, const float* norm_w, float eps,
                                          float* norm_out, float* xs, const double* norm_sums = nullptr,
                                          double* sums_out = nullptr) {
-  constexpr int kU = kTok == 1 ? 8 : 4;  // 16-byte loads in flight per lane and row
+  static_assert(kR == 1 || kSplit == 1, "rows per warp with split rows");
+  // 16-byte loads in flight per lane and row (kR rows share the budget).
+  constexpr int kU = (kTok == 1 ? 8 : 4) / kR > 0 ? (kTok == 1 ? 8 : 4) / kR : 1;
   constexpr int kRowsPerBlock = kGemvWarps / kSplit;
   __shared__ double partial[32];
   __shared__ float split_sum[kSplit > 1 ? kGemvWarps : 1][kTok];
   const int warp_id = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int warp = warp_id / kSplit, slice = warp_id % kSplit;  // row of the block, K slice
   PdlTrigger();
-  {
-    // Weights do not depend on earlier kernels: pull this warp's row into L2 while the
+#pragma unroll
+  for (int rr = 0; rr < kR; ++rr) {
+    // Weights do not depend on earlier kernels: pull this warp's rows into L2 while the
     // previous kernel finishes (a 128-byte line per lane and step).
-    int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+    int64_t r = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
     const WT* row = nullptr;
 #pragma unroll
     for (int i = 0; i < kMaxGemvSegments; ++i) {
@@ -774,59 +829,97 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
     }
   }
   PdlWait();
-  // Σ x² known and no normed rows wanted: the norm weight is applied inside the dot products and
-  // 1/rms to the sums, so the blocks need no shared-memory pass (and no barrier) before loading.
-  const bool scale_in_dot = norm_w != nullptr && norm_sums != nullptr && norm_out == nullptr;
-  if (norm_w != nullptr && !scale_in_dot) {
+  // Σ x² known: the norm weight is applied inside the dot products and 1/rms to the sums, so the
+  // blocks need no shared-memory pass (and no barrier) before loading. Normed rows, if wanted
+  // (the router's: the experts' input), are written a slice per block.
+  const bool scale_in_dot = norm_w != nullptr && norm_sums != nullptr;
+  if (scale_in_dot && norm_out != nullptr) {
+    const int64_t chunk = ((in + gridDim.x - 1) / gridDim.x + 3) / 4 * 4;
+    const int64_t b0 = min(in, static_cast<int64_t>(blockIdx.x) * chunk), b1 = min(in, b0 + chunk);
     for (int64_t t = 0; t < ntok; ++t) {
-      const float* xr = x + t * x_stride;
+      const float inv = static_cast<float>(1.0 / sqrt(norm_sums[t] / static_cast<double>(in) + eps));
+      for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x)
+        norm_out[t * in + i] = norm_w[i] * (x[t * x_stride + i] * inv);
+    }
+  }
+  if (norm_w != nullptr && !scale_in_dot) {
+    // Vectorised and unrolled: a thread's loads of a row are in flight together (a loop with one
+    // load per trip waits a full memory latency per trip).
+    const int64_t in4 = in / 4;
+    for (int64_t t = 0; t < ntok; ++t) {
+      const float4* xr = reinterpret_cast<const float4*>(x + t * x_stride);
       double sum = 0;
-      if (norm_sums != nullptr) {
-        sum = norm_sums[t];  // Σ x² of the row, summed by the kernel that wrote it
-      } else {
-        for (int64_t i = threadIdx.x; i < in; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
-        sum = BlockSum(sum, partial);
+#pragma unroll 4
+      for (int64_t i = threadIdx.x; i < in4; i += blockDim.x) {
+        const float4 v = xr[i];
+        sum += static_cast<double>(v.x) * v.x + static_cast<double>(v.y) * v.y + static_cast<double>(v.z) * v.z +
+               static_cast<double>(v.w) * v.w;
       }
+      sum = BlockSum(sum, partial);
       const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(in) + eps));
-      for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
-        const float v = norm_w[i] * (xr[i] * inv);
-        xs[t * in + i] = v;
-        if (norm_out != nullptr && blockIdx.x == 0) norm_out[t * in + i] = v;
+      const float4* w4 = reinterpret_cast<const float4*>(norm_w);
+      float4* xs4 = reinterpret_cast<float4*>(xs + t * in);
+      float4* no4 = norm_out != nullptr && blockIdx.x == 0 ? reinterpret_cast<float4*>(norm_out + t * in) : nullptr;
+#pragma unroll 4
+      for (int64_t i = threadIdx.x; i < in4; i += blockDim.x) {
+        const float4 v = xr[i], w = w4[i];
+        const float4 o = make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
+        xs4[i] = o;
+        if (no4 != nullptr) no4[i] = o;
       }
     }
     __syncthreads();
     x = xs;
     x_stride = in;
   }
-  int64_t o = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
-  // The segment of row o, with constant indices only (a run-time index would copy the
-  // parameter struct to the stack).
-  GemvSegment sg;
-  bool found = false;
+  // The segment of each row, with constant indices only (a run-time index would copy the
+  // parameter struct to the stack). Rows past the end: not found (and every later row too).
+  GemvSegment sgs[kR];
+  bool fnd[kR];
+  int64_t orow[kR];
 #pragma unroll
-  for (int i = 0; i < kMaxGemvSegments; ++i) {
-    if (!found && i < segs.count) {
-      if (o < segs.seg[i].rows) {
-        sg = segs.seg[i];
-        found = true;
-      } else {
-        o -= segs.seg[i].rows;
+  for (int rr = 0; rr < kR; ++rr) {
+    int64_t o = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
+    fnd[rr] = false;
+#pragma unroll
+    for (int i = 0; i < kMaxGemvSegments; ++i) {
+      if (!fnd[rr] && i < segs.count) {
+        if (o < segs.seg[i].rows) {
+          sgs[rr] = segs.seg[i];
+          fnd[rr] = true;
+        } else {
+          o -= segs.seg[i].rows;
+        }
       }
     }
+    orow[rr] = o;
   }
+  const bool found = fnd[0];
+  const int64_t o = orow[0];
+  const GemvSegment& sg = sgs[0];
   // (Split blocks, and blocks that add up sums_out, stay for the barriers below.)
   if (kSplit == 1 && !found && sums_out == nullptr) return;
   __shared__ double sq_sh[kSplit == 1 ? kGemvWarps : 1][kTok];
-  const WT* const w[1] = {found ? static_cast<const WT*>(sg.w) + o * in : nullptr};
-  const float bias = found && sg.bias ? sg.bias[o] : 0.0f;
+  const WT* w[kR];
+  float bias_r[kR];
+#pragma unroll
+  for (int rr = 0; rr < kR; ++rr) {
+    // A missing row re-reads row 0's weights (its result is dropped).
+    w[rr] = fnd[rr] ? static_cast<const WT*>(sgs[rr].w) + orow[rr] * in
+                    : (found ? static_cast<const WT*>(sg.w) + o * in : nullptr);
+    bias_r[rr] = fnd[rr] && sgs[rr].bias ? sgs[rr].bias[orow[rr]] : 0.0f;
+  }
+  const float bias = bias_r[0];
   for (int64_t t0 = 0; t0 < ntok; t0 += kTok) {
     const int n = static_cast<int>(ntok - t0 < kTok ? ntok - t0 : kTok);
     const float* xr[kTok];
 #pragma unroll
     for (int t = 0; t < kTok; ++t) xr[t] = x + (t0 + (t < n ? t : 0)) * x_stride;
-    float acc[1][kTok];
+    float acc[kR][kTok];
 #pragma unroll
-    for (int t = 0; t < kTok; ++t) acc[0][t] = 0;
+    for (int rr = 0; rr < kR; ++rr)
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) acc[rr][t] = 0;
     float inv[kTok];
 #pragma unroll
     for (int t = 0; t < kTok; ++t) inv[t] = 1;
@@ -834,9 +927,9 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
 #pragma unroll
       for (int t = 0; t < kTok; ++t)
         if (t < n) inv[t] = static_cast<float>(1.0 / sqrt(norm_sums[t0 + t] / static_cast<double>(in) + eps));
-      if (found) WarpDotRows<WT, 1, kTok, kU, true>(w, in, xr, n, acc, slice, kSplit, norm_w);
+      if (found) WarpDotRows<WT, kR, kTok, kU, true>(w, in, xr, n, acc, slice, kSplit, norm_w);
     } else if (found) {
-      WarpDotRows<WT, 1, kTok, kU>(w, in, xr, n, acc, slice, kSplit);
+      WarpDotRows<WT, kR, kTok, kU>(w, in, xr, n, acc, slice, kSplit);
     }
     if constexpr (kSplit > 1) {
 #pragma unroll
@@ -858,16 +951,17 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
 #pragma unroll
       for (int t = 0; t < kTok; ++t) {
         if (t >= n) break;
-        const float v = WarpSum(acc[0][t]) * inv[t] + bias;
-        if (lane == 0) {
-          double sq = 0;
-          if (found) {
-            float* y = sg.y + (t0 + t) * sg.rows + o;
+        double sq = 0;
+#pragma unroll
+        for (int rr = 0; rr < kR; ++rr) {
+          const float v = WarpSum(acc[rr][t]) * inv[t] + bias_r[rr];
+          if (lane == 0 && fnd[rr]) {
+            float* y = sgs[rr].y + (t0 + t) * sgs[rr].rows + orow[rr];
             *y = accumulate ? *y + v : v;
-            sq = static_cast<double>(*y) * *y;
+            sq += static_cast<double>(*y) * *y;
           }
-          if (sums_out != nullptr) sq_sh[warp_id][t] = sq;
         }
+        if (lane == 0 && sums_out != nullptr) sq_sh[warp_id][t] = sq;
       }
       if (sums_out != nullptr) {
         // One atomic per block and token (not per row: same-address atomics serialise).
@@ -883,14 +977,39 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
   }
 }
 
-template <typename WT, int kTok, int kSplit>
+template <typename WT, int kTok, int kSplit, int kR = 1>
 __global__ void __launch_bounds__(kGemvWarps * kWarp) GemvKernel(GemvSegments segs, int64_t in, const float* x,
                                                                  int64_t x_stride, int64_t ntok, bool accumulate,
                                                                  const float* norm_w, float eps, float* norm_out,
                                                                  const double* norm_sums, double* sums_out) {
   extern __shared__ float4 gemv_sm4[];
-  GemvBody<WT, kTok, kSplit>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
+  GemvBody<WT, kTok, kSplit, kR>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
                              reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
+}
+
+// Rows per warp of an unsplit GEMV: 2 where one row per warp would need more than one wave of
+// blocks (3 resident per SM) but two rows fit in one; else 1. EEP_CUDA_GEMV_ROWS=1|2 forces it
+// (measurements).
+std::atomic<int> g_gemv_rows{-1};  // -1: not read from the environment yet
+
+int GemvRowsPerWarp(int64_t rows) {
+  int forced = g_gemv_rows.load(std::memory_order_relaxed);
+  if (forced < 0) {
+    const char* v = std::getenv("EEP_CUDA_GEMV_ROWS");
+    forced = v != nullptr ? std::atoi(v) : 0;
+    int expected = -1;
+    g_gemv_rows.compare_exchange_strong(expected, forced);
+    forced = g_gemv_rows.load();
+  }
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 0;
+    return n;
+  }();
+  if (forced == 1 || forced == 2) return forced;
+  const int64_t wave = 3 * static_cast<int64_t>(sms), blocks = (rows + kGemvWarps - 1) / kGemvWarps;
+  return sms > 0 && blocks > wave && (blocks + 1) / 2 <= wave ? 2 : 1;
 }
 
 template <typename WT>
@@ -900,7 +1019,7 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
   if (ntok == 0) return cudaSuccess;
   if (in % 8 != 0 || x_stride % 4 != 0 || segs.count < 1 || segs.count > kMaxGemvSegments)
     return cudaErrorInvalidValue;
-  const bool smem_norm = norm_w != nullptr && !(norm_sums != nullptr && norm_out == nullptr);  // GemvBody's xs
+  const bool smem_norm = norm_w != nullptr && norm_sums == nullptr;  // GemvBody's xs
   const size_t smem = smem_norm ? static_cast<size_t>(ntok * in) * 4 : 0;
   if (norm_w != nullptr && (ntok > 8 || smem > 48 * 1024)) return cudaErrorInvalidValue;
   if (norm_sums != nullptr && norm_w == nullptr) return cudaErrorInvalidValue;
@@ -922,6 +1041,17 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
     else
       e = Launch(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
+  } else if (GemvRowsPerWarp(rows) == 2) {
+    const dim3 grid2(static_cast<unsigned>((rows + 2 * kGemvWarps - 1) / (2 * kGemvWarps)));
+    if (ntok == 1)
+      e = Launch(GemvKernel<WT, 1, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+                 norm_out, norm_sums, sums_out);
+    else if (ntok <= 4)
+      e = Launch(GemvKernel<WT, 4, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+                 norm_out, norm_sums, sums_out);
+    else
+      e = Launch(GemvKernel<WT, 8, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+                 norm_out, norm_sums, sums_out);
   } else {
     if (ntok == 1)
       e = Launch(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
@@ -983,6 +1113,11 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   int* scan = rank + A;                                               // [2·warps]
   int* reps = scan + 2 * warps;                                       // [E]: count | slots [E][R]
   const int R = static_cast<int>(table.max_replicas);
+  // Softmax routing with E <= 256: logits in registers (RouteSoftmaxRegs). Without PDL the
+  // logits are ready: each warp's first token's loads go out with the replica table's.
+  const bool reg_route = bias == nullptr && E <= kWarp * kRegRouteMax;
+  float z[kRegRouteMax];
+  if (reg_route && !pdl && warp < N) LoadRouteLogits(logits + static_cast<int64_t>(warp) * E, E, z);
   if (pdl) PdlTrigger();
   for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
   // The replica table (static during a step), loaded while the previous kernel finishes.
@@ -993,8 +1128,13 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   for (int t = warp; t < N; t += warps) {
     int32_t id = 0;
     float w = 0;
-    RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
-               plan_sm + warp * route_bytes, &id, &w);
+    if (reg_route) {
+      if (pdl || t != warp) LoadRouteLogits(logits + static_cast<int64_t>(t) * E, E, z);
+      RouteSoftmaxRegs(z, E, k, norm, &id, &w);
+    } else {
+      RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
+                 plan_sm + warp * route_bytes, &id, &w);
+    }
     if (lane < k) {
       ids[t * k + lane] = id;
       weights[t * k + lane] = w;
@@ -1015,7 +1155,7 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
     const bool leader = valid && rank_in == 0;
     const unsigned leaders = __ballot_sync(0xffffffffu, leader);
     int g = 0, off = 0;
-    for (int j = 0; j < kWarp; ++j) {
+    for (int j = 0; j < A; ++j) {  // (lanes from A on hold no assignment)
       const int sj = __shfl_sync(0xffffffffu, slot, j);
       g += ((leaders >> j) & 1u) && sj < slot;
       off += j < A && sj < slot;
@@ -1322,17 +1462,74 @@ constexpr int kAttnWarps = 8, kAttnKeys = 4;
 // projections, the block norms and ropes its q head and its kv head's new k itself, attends
 // to the cached keys before pos plus that new key, and the group's first head writes k and v
 // to the cache (QkNormRopeKv + AttentionBatched in one launch).
+// NormRopeHead on one warp (dk <= kMaxBatchedHeadDim): src [dk] (global) → dst [dk] (shared),
+// RMSNorm with nw (may be null) then RoPE at position pos, as NormRopeHead; no block barrier.
+// cs[pair] = (cos, sin)·factor of the position, made beforehand by the block.
+__device__ void NormRopeHeadWarp(const float* src, float* dst, int64_t dk, const float* nw, float eps, int64_t off,
+                                 int64_t rope_dim, const float2* cs, bool interleaved) {
+  constexpr int kPer = kMaxBatchedHeadDim / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  float v[kPer];
+  double sum = 0;  // double, like the CPU reference
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int64_t i = lane + j * kWarp;
+    v[j] = i < dk ? src[i] : 0.0f;
+    sum += static_cast<double>(v[j]) * v[j];
+  }
+  if (nw != nullptr) {
+    sum = WarpSum(sum);
+    const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(dk) + eps));
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t i = lane + j * kWarp;
+      if (i < dk) v[j] = nw[i] * (v[j] * inv);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j)
+    if (lane + j * kWarp < dk) dst[lane + j * kWarp] = v[j];
+  __syncwarp();
+  const int64_t half = rope_dim / 2;
+  float o[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int64_t i = lane + j * kWarp, r = i - off;
+    o[j] = v[j];
+    if (i >= dk || r < 0 || r >= rope_dim) continue;
+    const int64_t pair = r < half ? r : r - half;
+    const float cf = cs[pair].x, sf = cs[pair].y;
+    const float a = interleaved ? dst[off + 2 * pair] : dst[off + pair];
+    const float b = interleaved ? dst[off + 2 * pair + 1] : dst[off + pair + half];
+    o[j] = r < half ? a * cf - b * sf : b * cf + a * sf;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < kPer; ++j)
+    if (lane + j * kWarp < dk) dst[lane + j * kWarp] = o[j];
+}
+
 __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
     const float* q, float* const* k_cache, float* const* v_cache, const int32_t* positions, int64_t nh,
     int64_t nkv, int64_t dk, int64_t dv, int64_t window, float scale, float* out, QkRope qr, bool decode,
     const float* k_new, const float* v_new) {
   PdlTrigger();
-  PdlWait();
   constexpr int kMaxPerLane = kMaxBatchedHeadDim / kWarp;
-  __shared__ float qs[kMaxBatchedHeadDim], kcur[kMaxBatchedHeadDim], vcur[kMaxBatchedHeadDim],
-      tmp[kMaxBatchedHeadDim];
-  __shared__ double partial[32];
+  __shared__ float qs[kMaxBatchedHeadDim], kcur[kMaxBatchedHeadDim], vcur[kMaxBatchedHeadDim];
+  __shared__ float2 rope_cs[kMaxBatchedHeadDim / 2];
   __shared__ float wm[kAttnWarps], wl[kAttnWarps];
+  if (decode) {
+    // The RoPE angles (double, as NormRopeHead) before waiting for the q/k/v producer: positions
+    // went up before the step's first kernel, inv_freq is static.
+    const int64_t p = positions[blockIdx.x / nh];
+    for (int64_t i = threadIdx.x; i < qr.rope_dim / 2; i += blockDim.x) {
+      double sn, c;
+      sincos(static_cast<double>(p) * static_cast<double>(qr.inv_freq[i]), &sn, &c);
+      rope_cs[i] = make_float2(static_cast<float>(c) * qr.factor, static_cast<float>(sn) * qr.factor);
+    }
+  }
+  PdlWait();
+  if (decode) __syncthreads();
   __shared__ float wacc[kAttnWarps][kMaxBatchedHeadDim];
   const int64_t t = blockIdx.x / nh, h = blockIdx.x % nh;
   const int64_t pos = positions[t];
@@ -1342,11 +1539,16 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
   const float* vc = v_cache[t];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (decode) {
-    NormRopeHead(q + (t * nh + h) * dk, qs, dk, qr.q_norm, qr.eps, qr.offset, qr.rope_dim, pos, qr.inv_freq, qr.factor,
-                 qr.interleaved, tmp, partial);
-    NormRopeHead(k_new + (t * nkv + kvh) * dk, kcur, dk, qr.k_norm, qr.eps, qr.offset, qr.rope_dim, pos, qr.inv_freq,
-                 qr.factor, qr.interleaved, tmp, partial);
-    for (int64_t i = threadIdx.x; i < dv; i += blockDim.x) vcur[i] = v_new[(t * nkv + kvh) * dv + i];
+    // q, the new k and the new v in three warps at once, one barrier (block-wide norms cost a
+    // chain of barriers each).
+    if (warp == 0)
+      NormRopeHeadWarp(q + (t * nh + h) * dk, qs, dk, qr.q_norm, qr.eps, qr.offset, qr.rope_dim, rope_cs,
+                       qr.interleaved);
+    else if (warp == 1)
+      NormRopeHeadWarp(k_new + (t * nkv + kvh) * dk, kcur, dk, qr.k_norm, qr.eps, qr.offset, qr.rope_dim, rope_cs,
+                       qr.interleaved);
+    else if (warp == 2)
+      for (int64_t i = lane; i < dv; i += kWarp) vcur[i] = v_new[(t * nkv + kvh) * dv + i];
     __syncthreads();
     if (h % (nh / nkv) == 0) {
       // Only row pos is written; every block of the group reads rows before it.
@@ -1509,6 +1711,8 @@ cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned 
 
 bool GemvSupported(int64_t in) { return in > 0 && in % 8 == 0; }
 
+void SetGemvRowsPerWarp(int rows) { g_gemv_rows.store(rows == 1 || rows == 2 ? rows : 0); }
+
 cudaError_t Gemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
                  bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
                  const double* norm_sums, double* sums_out) {
@@ -1565,7 +1769,7 @@ cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int6
   segs.seg[0] = {router, logits, nullptr, E};
   segs.count = 1;
   const int64_t plan_smem = PlanSmemBytes(N, E, k, G, table.num_slots, table.max_replicas);
-  const int64_t smem = std::max<int64_t>(plan_smem, norm_w != nullptr ? N * hidden * 4 : 0);
+  const int64_t smem = std::max<int64_t>(plan_smem, norm_w != nullptr && norm_sums == nullptr ? N * hidden * 4 : 0);
   const bool split = E < 1024 && hidden >= 8 * 256;
   const dim3 grid(static_cast<unsigned>(split ? E : (E + kGemvWarps - 1) / kGemvWarps)), block(kPlanThreads);
   auto go = [&](auto kernel) -> cudaError_t {

@@ -138,6 +138,10 @@ cudaError_t GemvF32(const GemvSegments& segs, int64_t in, const float* x, int64_
 bool GemvNormFusable(int64_t num_tokens, int64_t in);
 // Whether Gemv takes rows of `in` values (in % 8 == 0).
 bool GemvSupported(int64_t in);
+// Output rows per warp of Gemv/GemvF32 (without split rows): 0 chooses (2 where that makes a large
+// matrix fit in one wave of blocks, else 1), 1 or 2 forces it (tests, measurements; the
+// environment variable EEP_CUDA_GEMV_ROWS sets it at the first launch).
+void SetGemvRowsPerWarp(int rows);
 
 // Where each logical expert of one MoE layer lives: expert e has rep_count[e] replicas,
 // physical slots rep_slot[e·max_replicas + r]; token t's choice of e goes to replica
