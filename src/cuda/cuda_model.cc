@@ -230,7 +230,10 @@ struct CudaModel::Impl {
     graphs.clear();
   }
   ~Impl() { DropGraphs(); }
-  DeviceBuffer b_actf, b_act, b_plan, b_argkey;
+  DeviceBuffer b_actf, b_act, b_plan, b_argkey, b_slot_of;
+  // Fused MoE steps of more tokens than this route a warp per token over many blocks
+  // (MoeRoutePlanWide) instead of in the router kernel's last block.
+  static constexpr int64_t kWideRouteMin = 16;
   bool step_is_decode = false;  // this forward brings one token per sequence
   // Two device words for the kernels whose last block finishes the work (router + plan, and
   // combine + next norm); zero between launches.
@@ -679,7 +682,18 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
   const int64_t n_group = ds ? c.n_group : 1, topk_group = ds ? c.topk_group : 1;
   const float scaling = ds ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  if (RouterPlanSupported(N, E, k, P, H, norm_in)) {
+  if (N > kWideRouteMin && !norm_in && MoeRoutePlanSupported(N, E, k, P)) {
+    // Many tokens: the router GEMM, then routing a warp per token over many blocks (the one-block
+    // plan would route them serially).
+    // (f32 SGEMM: the GEMV re-reads the router weights per 8 tokens.)
+    const float one = 1.0f, zero = 0.0f;
+    EEP_CUBLAS_RETURN_IF_ERROR(cublasSgemm(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E),
+                                           static_cast<int>(N), static_cast<int>(H), &one, ly.router.get(),
+                                           static_cast<int>(H), hf, static_cast<int>(H), &zero, logits,
+                                           static_cast<int>(E)));
+    EEP_CUDA_RETURN_IF_ERROR(MoeRoutePlanWide(logits, N, E, k, norm_topk, bias, n_group, topk_group, scaling, table,
+                                              ids, w, plan, b_slot_of.as<int32_t>(), s()));
+  } else if (RouterPlanSupported(N, E, k, P, H, norm_in)) {
     // Router in f32 (routing decisions follow the CPU's values), top-k and grouping: one launch.
     EEP_CUDA_RETURN_IF_ERROR(RouterPlan(ly.router.get(), H, norm_in ? x : hf, N,
                                         norm_in ? ly.post_norm.get() : nullptr, eps, norm_in ? hf : nullptr, logits,
@@ -1055,6 +1069,7 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   EEP_RETURN_IF_ERROR(R(b_actf, N * F * 4));
   EEP_RETURN_IF_ERROR(R(b_logits, N * std::max<int64_t>(E, 1) * 4));
   EEP_RETURN_IF_ERROR(R(b_ids, A * 4));
+  EEP_RETURN_IF_ERROR(R(b_slot_of, A * 4));
   EEP_RETURN_IF_ERROR(R(b_w, A * 4));
   EEP_RETURN_IF_ERROR(R(b_g16, S * A * H * 2));
   EEP_RETURN_IF_ERROR(R(b_y, S * A * H * 4));

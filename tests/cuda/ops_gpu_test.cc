@@ -549,28 +549,49 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   EXPECT_EQ(dids.Host(), ref_ids);
   EXPECT_LT(RelErr(dw.Host(), ref_w), 1e-6);
   // The plan: every assignment once, in the group of the slot its replica rule picks.
-  auto hp = dplan.Host();
-  const int32_t groups = hp[0];
-  std::vector<int> seen(A, 0);
-  int64_t covered = 0;
-  for (int32_t g = 0; g < groups; ++g) {
-    const int32_t slot = hp[4 + g], off = hp[4 + maxg + g], cnt = hp[4 + 2 * maxg + g];
-    ASSERT_EQ(off, covered);
-    if (g > 0) {
-      EXPECT_LT(hp[4 + g - 1], slot);
+  auto check_plan = [&](const std::vector<int32_t>& hp, const char* what) {
+    const int32_t groups = hp[0];
+    std::vector<int> seen(A, 0);
+    int64_t covered = 0;
+    for (int32_t g = 0; g < groups; ++g) {
+      const int32_t slot = hp[4 + g], off = hp[4 + maxg + g], cnt = hp[4 + 2 * maxg + g];
+      ASSERT_EQ(off, covered) << what;
+      if (g > 0) {
+        EXPECT_LT(hp[4 + g - 1], slot) << what;
+      }
+      for (int32_t i = 0; i < cnt; ++i) {
+        const int32_t a = hp[4 + 3 * maxg + off + i];
+        ASSERT_GE(a, 0) << what;
+        ASSERT_LT(a, A) << what;
+        ++seen[a];
+        const int32_t e = ref_ids[a];
+        EXPECT_EQ(slot, reps[e][(a / k) % reps[e].size()]) << what << ", assignment " << a;
+      }
+      covered += cnt;
     }
-    for (int32_t i = 0; i < cnt; ++i) {
-      const int32_t a = hp[4 + 3 * maxg + off + i];
-      ASSERT_GE(a, 0);
-      ASSERT_LT(a, A);
-      ++seen[a];
-      const int32_t e = ref_ids[a];
-      EXPECT_EQ(slot, reps[e][(a / k) % reps[e].size()]) << "assignment " << a;
-    }
-    covered += cnt;
+    EXPECT_EQ(covered, A) << what;
+    for (int64_t a = 0; a < A; ++a) EXPECT_EQ(seen[a], 1) << what << ", assignment " << a;
+  };
+  check_plan(dplan.Host(), "MoeRoutePlan");
+  {
+    // The many-block routing (a warp per token) and one-block grouping: the same ids, weights
+    // and a valid plan; outputs poisoned first.
+    Dev<int32_t> dplan_w(std::vector<int32_t>(4 + 3 * maxg + A, -7)), dids_w(std::vector<int32_t>(A, -1)),
+        dslot(std::vector<int32_t>(A, -1));
+    Dev<float> dw_w(std::vector<float>(A, NAN));
+    cuda::MoePlan pw;
+    pw.num_groups = dplan_w.p;
+    pw.group_slot = dplan_w.p + 4;
+    pw.group_off = pw.group_slot + maxg;
+    pw.group_cnt = pw.group_off + maxg;
+    pw.order = pw.group_cnt + maxg;
+    ASSERT_EQ(cuda::MoeRoutePlanWide(dl.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
+                                     mc.deepseek ? 2.5f : 1.0f, table, dids_w.p, dw_w.p, pw, dslot.p, nullptr),
+              cudaSuccess);
+    EXPECT_EQ(dids_w.Host(), ref_ids) << "MoeRoutePlanWide";
+    EXPECT_EQ(dw_w.Host(), dw.Host()) << "MoeRoutePlanWide weights equal MoeRoutePlan's";
+    check_plan(dplan_w.Host(), "MoeRoutePlanWide");
   }
-  EXPECT_EQ(covered, A);
-  for (int64_t a = 0; a < A; ++a) EXPECT_EQ(seen[a], 1) << "assignment " << a;
   // The one-launch router (GEMV + route + plan in its last block) against GemvF32 +
   // MoeRoutePlan, the combine's fused next-layer norm against the CPU RmsNorm.
   {
@@ -646,7 +667,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   }
   const double err = RelErr(dres.Host(), ref);
   std::printf("fused MoE N=%ld E=%ld k=%ld %s: %d groups, rel err %.3g\n", static_cast<long>(N), static_cast<long>(E),
-              static_cast<long>(k), mc.deepseek ? "deepseek" : "softmax", groups, err);
+              static_cast<long>(k), mc.deepseek ? "deepseek" : "softmax", dplan.Host()[0], err);
   EXPECT_LT(err, 1e-5);
 }
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaFusedMoe,

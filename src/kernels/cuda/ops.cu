@@ -241,6 +241,19 @@ __device__ int PickMax(const float* v, bool* used, int64_t n) {
   return best;
 }
 
+// Every lane's (value, index) candidate merged over the warp by a butterfly: the larger value,
+// the lower index on ties; index -1 is no candidate. Every lane gets the result.
+__device__ __forceinline__ void WarpArgMax(float& bv, int& bi) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
 // The same pick spread over a warp (every lane gets the index): each lane keeps the first
 // maximum of its share, then a butterfly keeps the larger value, the lower index on ties.
 __device__ int WarpPickMax(const float* v, bool* used, int n) {
@@ -255,14 +268,7 @@ __device__ int WarpPickMax(const float* v, bool* used, int n) {
       bi = e;
     }
   }
-  for (int o = kWarp / 2; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  WarpArgMax(bv, bi);
   __syncwarp();
   if (lane == 0 && bi >= 0) used[bi] = true;
   __syncwarp();
@@ -412,14 +418,7 @@ __device__ __forceinline__ void RouteSoftmaxRegs(const float (&z)[kRegRouteMax],
         bi = e;
       }
     }
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    WarpArgMax(bv, bi);
     if (bi >= 0 && bi % kWarp == lane) used |= 1u << (bi / kWarp);
     if (lane == r) {
       my_id = bi;
@@ -1093,55 +1092,14 @@ __device__ void BlockExclusiveScan2(int& a, int& b, int* sh, int* ta, int* tb) {
   __syncthreads();
 }
 
-// One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
-// the non-empty slots get group numbers in slot order (a block scan), and each assignment its
-// place in its group (the order within a group does not matter: every assignment's result is
-// computed on its own).
-// `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
-// caller has waited already.
-__device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E, int k, bool norm, const float* bias,
-                                              int G, int topk_group, double scaling, const MoeSlotTable& table,
-                                              int32_t* ids, float* weights, const MoePlan& plan, uint8_t* plan_sm,
-                                              bool pdl) {
-  const int warps = kPlanThreads / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t route_bytes = RouteSmemBytes(E, G);
-  const int P = static_cast<int>(table.num_slots), A = N * k;
-  int* count = reinterpret_cast<int*>(plan_sm + warps * route_bytes);  // [P]
-  int* offset = count + P;                                            // [P]
-  int* slot_of = offset + P;                                          // [A]
-  int* rank = slot_of + A;                                            // [A]
-  int* scan = rank + A;                                               // [2·warps]
-  int* reps = scan + 2 * warps;                                       // [E]: count | slots [E][R]
-  const int R = static_cast<int>(table.max_replicas);
-  // Softmax routing with E <= 256: logits in registers (RouteSoftmaxRegs). Without PDL the
-  // logits are ready: each warp's first token's loads go out with the replica table's.
-  const bool reg_route = bias == nullptr && E <= kWarp * kRegRouteMax;
-  float z[kRegRouteMax];
-  if (reg_route && !pdl && warp < N) LoadRouteLogits(logits + static_cast<int64_t>(warp) * E, E, z);
-  if (pdl) PdlTrigger();
-  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
-  // The replica table (static during a step), loaded while the previous kernel finishes.
-  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
-    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
-  if (pdl) PdlWait();
-  __syncthreads();
-  for (int t = warp; t < N; t += warps) {
-    int32_t id = 0;
-    float w = 0;
-    if (reg_route) {
-      if (pdl || t != warp) LoadRouteLogits(logits + static_cast<int64_t>(t) * E, E, z);
-      RouteSoftmaxRegs(z, E, k, norm, &id, &w);
-    } else {
-      RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
-                 plan_sm + warp * route_bytes, &id, &w);
-    }
-    if (lane < k) {
-      ids[t * k + lane] = id;
-      weights[t * k + lane] = w;
-      slot_of[t * k + lane] = reps[E + id * R + t % reps[id]];
-    }
-  }
-  __syncthreads();
+// Groups A assignments by physical slot into `plan` (see MoePlan): the non-empty slots get group
+// numbers in slot order (a block scan), each assignment its place in its group (the order within
+// a group does not matter: every assignment's result is computed on its own). The whole block
+// calls it with slot_of [A] in shared memory and count [P] zeroed (and a barrier since); offset
+// [P], rank [A] and scan [2·warps] are shared scratch.
+__device__ __forceinline__ void GroupBySlot(int A, int P, const int* slot_of, int* count, int* offset, int* rank,
+                                            int* scan, const MoePlan& plan) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (A <= kWarp) {
     // Few assignments (decode at small batch): one warp groups them with no block barriers.
     // Lanes are assignments; a group's leader is its lowest lane; groups and their rows come
@@ -1193,6 +1151,58 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   for (int a = threadIdx.x; a < A; a += kPlanThreads) plan.order[offset[slot_of[a]] + rank[a]] = a;
 }
 
+// One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
+// the non-empty slots get group numbers in slot order (a block scan), and each assignment its
+// place in its group (the order within a group does not matter: every assignment's result is
+// computed on its own).
+// `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
+// caller has waited already.
+__device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E, int k, bool norm, const float* bias,
+                                              int G, int topk_group, double scaling, const MoeSlotTable& table,
+                                              int32_t* ids, float* weights, const MoePlan& plan, uint8_t* plan_sm,
+                                              bool pdl) {
+  const int warps = kPlanThreads / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t route_bytes = RouteSmemBytes(E, G);
+  const int P = static_cast<int>(table.num_slots), A = N * k;
+  int* count = reinterpret_cast<int*>(plan_sm + warps * route_bytes);  // [P]
+  int* offset = count + P;                                            // [P]
+  int* slot_of = offset + P;                                          // [A]
+  int* rank = slot_of + A;                                            // [A]
+  int* scan = rank + A;                                               // [2·warps]
+  int* reps = scan + 2 * warps;                                       // [E]: count | slots [E][R]
+  const int R = static_cast<int>(table.max_replicas);
+  // Softmax routing with E <= 256: logits in registers (RouteSoftmaxRegs). Without PDL the
+  // logits are ready: each warp's first token's loads go out with the replica table's.
+  const bool reg_route = bias == nullptr && E <= kWarp * kRegRouteMax;
+  float z[kRegRouteMax];
+  if (reg_route && !pdl && warp < N) LoadRouteLogits(logits + static_cast<int64_t>(warp) * E, E, z);
+  if (pdl) PdlTrigger();
+  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
+  // The replica table (static during a step), loaded while the previous kernel finishes.
+  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
+    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
+  if (pdl) PdlWait();
+  __syncthreads();
+  for (int t = warp; t < N; t += warps) {
+    int32_t id = 0;
+    float w = 0;
+    if (reg_route) {
+      if (pdl || t != warp) LoadRouteLogits(logits + static_cast<int64_t>(t) * E, E, z);
+      RouteSoftmaxRegs(z, E, k, norm, &id, &w);
+    } else {
+      RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
+                 plan_sm + warp * route_bytes, &id, &w);
+    }
+    if (lane < k) {
+      ids[t * k + lane] = id;
+      weights[t * k + lane] = w;
+      slot_of[t * k + lane] = reps[E + id * R + t % reps[id]];
+    }
+  }
+  __syncthreads();
+  GroupBySlot(A, P, slot_of, count, offset, rank, scan, plan);
+}
+
 __global__ void __launch_bounds__(kPlanThreads) MoeRoutePlanKernel(
     const float* logits, int N, int E, int k, bool norm, const float* bias, int G, int topk_group, double scaling,
     MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan) {
@@ -1228,6 +1238,52 @@ __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
   if (!LastBlock(counter)) return;
   RoutePlanBody(segs.seg[0].y, static_cast<int>(ntok), E, k, norm, bias, G, topk_group, scaling, table, ids, weights,
                 plan, reinterpret_cast<uint8_t*>(router_sm4), false);
+}
+
+// Routing of many tokens (MoeRoutePlanWide): a warp per token over many blocks; ids, weights and
+// each assignment's physical slot (replica t mod count, as RoutePlanBody) go to global memory.
+__global__ void __launch_bounds__(kPlanThreads) RouteWideKernel(const float* logits, int N, int E, int k, bool norm,
+                                                                const float* bias, int G, int topk_group,
+                                                                double scaling, MoeSlotTable table, int32_t* ids,
+                                                                float* weights, int32_t* slot_of) {
+  extern __shared__ uint8_t wide_sm[];  // RouteToken's scratch per warp
+  PdlTrigger();
+  PdlWait();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int t = static_cast<int>(blockIdx.x) * (kPlanThreads / kWarp) + warp;
+  if (t >= N) return;  // (whole warps)
+  int32_t id = 0;
+  float w = 0;
+  if (bias == nullptr && E <= kWarp * kRegRouteMax) {
+    float z[kRegRouteMax];
+    LoadRouteLogits(logits + static_cast<int64_t>(t) * E, E, z);
+    RouteSoftmaxRegs(z, E, k, norm, &id, &w);
+  } else {
+    RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
+               wide_sm + warp * RouteSmemBytes(E, G), &id, &w);
+  }
+  if (lane < k) {
+    const int a = t * k + lane;
+    ids[a] = id;
+    weights[a] = w;
+    slot_of[a] = table.rep_slot[static_cast<int64_t>(id) * table.max_replicas + t % table.rep_count[id]];
+  }
+}
+
+// Groups RouteWideKernel's assignments by slot (one block, GroupBySlot).
+__global__ void __launch_bounds__(kPlanThreads) GroupPlanKernel(const int32_t* slot_of_g, int A, int P, MoePlan plan) {
+  extern __shared__ int group_sm[];  // count [P] | offset [P] | slot_of [A] | rank [A] | scan [2·warps]
+  int* count = group_sm;
+  int* offset = count + P;
+  int* slot_of = offset + P;
+  int* rank = slot_of + A;
+  int* scan = rank + A;
+  PdlTrigger();
+  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
+  PdlWait();
+  for (int a = threadIdx.x; a < A; a += kPlanThreads) slot_of[a] = slot_of_g[a];
+  __syncthreads();
+  GroupBySlot(A, P, slot_of, count, offset, rank, scan, plan);
 }
 
 int64_t PlanSmemBytes(int64_t N, int64_t E, int64_t k, int64_t G, int64_t P, int64_t R = 1) {
@@ -1749,6 +1805,30 @@ cudaError_t MoeRoutePlan(const float* logits, int64_t N, int64_t E, int64_t k, b
   return Launch(MoeRoutePlanKernel, dim3(1), dim3(kPlanThreads), static_cast<size_t>(smem), st, logits,
                 static_cast<int>(N), static_cast<int>(E), static_cast<int>(k), norm, bias, static_cast<int>(G),
                 static_cast<int>(topk_group), static_cast<double>(scaling), table, ids, weights, plan);
+}
+
+cudaError_t MoeRoutePlanWide(const float* logits, int64_t N, int64_t E, int64_t k, bool norm, const float* bias,
+                             int64_t G, int64_t topk_group, float scaling, const MoeSlotTable& table, int32_t* ids,
+                             float* weights, const MoePlan& plan, int32_t* slot_scratch, cudaStream_t st) {
+  if (N == 0) return cudaSuccess;
+  if (G < 1 || E % G != 0 || !MoeRoutePlanSupported(N, E, k, table.num_slots)) return cudaErrorInvalidValue;
+  constexpr int warps = kPlanThreads / kWarp;
+  const size_t route_smem = static_cast<size_t>(warps * RouteSmemBytes(E, G));
+  if (route_smem > 48 * 1024) return cudaErrorInvalidValue;
+  cudaError_t e = Launch(RouteWideKernel, dim3(static_cast<unsigned>((N + warps - 1) / warps)), dim3(kPlanThreads),
+                         route_smem, st, logits, static_cast<int>(N), static_cast<int>(E), static_cast<int>(k), norm, bias,
+                         static_cast<int>(G), static_cast<int>(topk_group), static_cast<double>(scaling), table, ids,
+                         weights, slot_scratch);
+  if (e != cudaSuccess) return e;
+  const int64_t A = N * k, P = table.num_slots;
+  const int64_t smem = (2 * P + 2 * A + 2 * warps) * 4;
+  if (smem > 200 * 1024) return cudaErrorInvalidValue;
+  if (smem > 48 * 1024) {
+    e = cudaFuncSetAttribute(GroupPlanKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  return Launch(GroupPlanKernel, dim3(1), dim3(kPlanThreads), static_cast<size_t>(smem), st, slot_scratch,
+                static_cast<int>(A), static_cast<int>(P), plan);
 }
 
 bool RouterPlanSupported(int64_t N, int64_t E, int64_t k, int64_t P, int64_t hidden, bool fused_norm) {

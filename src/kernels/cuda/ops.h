@@ -172,6 +172,13 @@ cudaError_t MoeRoutePlan(const float* logits, int64_t num_tokens, int64_t num_ex
                          bool norm_topk, const float* bias, int64_t n_group, int64_t topk_group, float scaling,
                          const MoeSlotTable& table, int32_t* ids, float* weights, const MoePlan& plan,
                          cudaStream_t stream);
+// MoeRoutePlan for many tokens (the one-block routing is serial per warp): a warp per token over
+// many blocks, then the grouping in one block; two launches, the same ids, weights and plan.
+// slot_scratch: device int32 [num_tokens·top_k].
+cudaError_t MoeRoutePlanWide(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
+                             bool norm_topk, const float* bias, int64_t n_group, int64_t topk_group, float scaling,
+                             const MoeSlotTable& table, int32_t* ids, float* weights, const MoePlan& plan,
+                             int32_t* slot_scratch, cudaStream_t stream);
 // act[a, i] = silu(gate_s[i]·x_t)·(up_s[i]·x_t) for every assignment a (token t = a / top_k,
 // slot s of its group): one launch for all groups, each group's weights read once per 8 tokens.
 // x [N, hidden] f32, act [N·k, inter] f32.
