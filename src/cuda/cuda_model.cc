@@ -13,6 +13,7 @@
 #include "backup/backup.h"
 #include "core/logging.h"
 #include "cuda/cuda_util.h"
+#include "kernels/cuda/attention_gqa.h"
 #include "kernels/cuda/moe_mma.h"
 #include "kernels/cuda/ops.h"
 #include "model/rope.h"
@@ -178,6 +179,9 @@ struct CudaModel::Impl {
   // Fused MoE steps of at least this many tokens run the tensor-core grouped kernels (moe_mma.h)
   // instead of the CUDA-core GEMV ones (efficient up to a few tokens per expert).
   int64_t mma_min = 32;
+  // Decode steps of at least this many tokens take the grouped-query attention kernel
+  // (attention_gqa.h). EEP_CUDA_GQA_MIN.
+  int64_t gqa_min = 16;
   bool use_graphs = true, gemv_dims_ok = false, batched_attn = false, fuse_attn_norm = false,
        fuse_next_norm = false;
   bool norm_sums = true;  // EEP_CUDA_NORM_SUMS (Body)
@@ -550,9 +554,12 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
   if (batched_attn && step_is_decode) {
     // Every token is its sequence's only new one: norms, RoPE, cache writes and attention in
     // one launch; positions and cache pointers come from device memory (graph-safe).
-    EEP_CUDA_RETURN_IF_ERROR(AttentionDecode(q, k, v, N, nh, nkv, dk, dv, ly.q_norm.get(), ly.k_norm.get(), eps,
-                                             rope_off, rope_dim, pos, inv_freq.get(), rope_factor, interleaved,
-                                             KPtrD(l), VPtrD(l), window, attn_scale, attn, s()));
+    // From gqa_min tokens a block per KV head serves its group of q heads (each K/V row read once
+    // per group); below that a block per q head keeps more SMs busy.
+    auto* decode = N >= gqa_min && AttentionDecodeGqaSupported(nh, nkv, dk, dv) ? AttentionDecodeGqa : AttentionDecode;
+    EEP_CUDA_RETURN_IF_ERROR(decode(q, k, v, N, nh, nkv, dk, dv, ly.q_norm.get(), ly.k_norm.get(), eps, rope_off,
+                                    rope_dim, pos, inv_freq.get(), rope_factor, interleaved, KPtrD(l), VPtrD(l), window,
+                                    attn_scale, attn, s()));
   } else if (batched_attn) {
     // One launch for q/k norms, RoPE and the cache writes, one for every token's attention.
     EEP_CUDA_RETURN_IF_ERROR(QkNormRopeKv(q, k, v, N, nh, nkv, dk, dv, ly.q_norm.get(), ly.k_norm.get(), eps, rope_off,
@@ -1229,6 +1236,7 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   im.gemv_max = options.gemv_max_tokens >= 0 ? options.gemv_max_tokens : env_int("EEP_CUDA_GEMV_MAX", 8);
   im.fused_max = options.fused_moe_max_tokens >= 0 ? options.fused_moe_max_tokens : env_int("EEP_CUDA_MOE_FUSED_MAX", 256);
   im.mma_min = env_int("EEP_CUDA_MOE_MMA_MIN", 32);
+  im.gqa_min = env_int("EEP_CUDA_GQA_MIN", 16);
   im.use_graphs = options.cuda_graphs && env_int("EEP_CUDA_GRAPHS", 1) != 0;
   im.fuse_attn_norm = env_int("EEP_CUDA_FUSE_ATTN_NORM", 0) != 0;
   im.fuse_next_norm = env_int("EEP_CUDA_FUSE_NEXT_NORM", 0) != 0;
