@@ -40,26 +40,7 @@ namespace {
 TEST(CudaMoeMma, Skipped) { GTEST_SKIP() << "eep was built without CUDA (EEP_ENABLE_CUDA=OFF): MoE MMA tests skipped"; }
 #else
 
-// A device copy of a host vector, freed at scope exit.
-template <typename T>
-struct Dev {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess); }
-  explicit Dev(const std::vector<T>& h) : Dev(h.size()) {
-    EXPECT_EQ(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  std::vector<T> Host() const {
-    std::vector<T> h(n);
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return h;
-  }
-  void Poison() { EXPECT_EQ(cudaMemset(p, 0xff, n * sizeof(T)), cudaSuccess); }  // f32: NaN
-};
+using gpu_test::Dev;
 
 std::vector<float> Normal(size_t n, uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -21,6 +21,7 @@
 #include <cstdlib>
 
 #include "kernels/cuda/attention_gqa.h"
+#include "kernels/cuda/head_ops.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/pdl.h"
 
@@ -81,45 +82,6 @@ __device__ __forceinline__ void LoadHead(const float* src, int n, float (&v)[kPe
   }
 }
 
-// NormRopeHeadWarp (ops.cu) on values already in registers: RMSNorm with nw (may be null),
-// then RoPE with cs[pair] = (cos, sin)·factor, into dst [dk] (shared). One warp, no barrier.
-__device__ void NormRopeRegs(float (&v)[kPer], float* dst, int dk, const float* nw, float eps,
-                             int off, int rope_dim, const float2* cs, bool interleaved) {
-  const int lane = threadIdx.x % kWarp;
-  if (nw != nullptr) {
-    double sum = 0;  // double, like the CPU reference
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) sum += static_cast<double>(v[j]) * v[j];
-    sum = WarpSum(sum);
-    const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(dk) + eps));
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int i = lane + j * kWarp;
-      if (i < dk) v[j] = nw[i] * (v[j] * inv);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kPer; ++j)
-    if (lane + j * kWarp < dk) dst[lane + j * kWarp] = v[j];
-  __syncwarp();
-  const int half = rope_dim / 2;
-  float o[kPer];
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) {
-    const int i = lane + j * kWarp, r = i - off;
-    o[j] = v[j];
-    if (i >= dk || r < 0 || r >= rope_dim) continue;
-    const int pair = r < half ? r : r - half;
-    const float cf = cs[pair].x, sf = cs[pair].y;
-    const float a = interleaved ? dst[off + 2 * pair] : dst[off + pair];
-    const float b = interleaved ? dst[off + 2 * pair + 1] : dst[off + pair + half];
-    o[j] = r < half ? a * cf - b * sf : b * cf + a * sf;
-  }
-  __syncwarp();
-#pragma unroll
-  for (int j = 0; j < kPer; ++j)
-    if (lane + j * kWarp < dk) dst[lane + j * kWarp] = o[j];
-}
 
 // Grid n·nkv blocks of max(group, kMinWarps) warps; dynamic shared memory (floats):
 // K tiles [nbuf][kTile][dk + kKPad], V tiles [nbuf][kTile][dv], q heads [group][dk], new k [dk],
@@ -202,10 +164,10 @@ __global__ void __launch_bounds__(kMaxGroup* kWarp)
       LoadHead(v_new + (static_cast<int64_t>(t) * nkv + kvh) * dv, dv, vv);
     }
     if (warp < group)
-      NormRopeRegs(qv, qs + warp * dk, dk, qr.q_norm, qr.eps, qr.offset, qr.rope_dim, rope_cs,
+      head::NormRopeRegs(qv, qs + warp * dk, dk, qr.q_norm, qr.eps, qr.offset, qr.rope_dim, rope_cs,
                    qr.interleaved);
     if (warp == kw) {
-      NormRopeRegs(kv, kcur, dk, qr.k_norm, qr.eps, qr.offset, qr.rope_dim, rope_cs,
+      head::NormRopeRegs(kv, kcur, dk, qr.k_norm, qr.eps, qr.offset, qr.rope_dim, rope_cs,
                    qr.interleaved);
 #pragma unroll
       for (int j = 0; j < kPer; ++j)

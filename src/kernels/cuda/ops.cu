@@ -4,6 +4,7 @@
 // streaming loads, several in flight per lane; larger steps use cuBLAS from cuda_model.cc.
 // Kernels of the decode path are launched with programmatic dependent launch (Launch below).
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/head_ops.cuh"
 #include "kernels/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -1526,43 +1527,13 @@ __device__ void NormRopeHeadWarp(const float* src, float* dst, int64_t dk, const
   constexpr int kPer = kMaxBatchedHeadDim / kWarp;
   const int lane = threadIdx.x % kWarp;
   float v[kPer];
-  double sum = 0;  // double, like the CPU reference
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
     const int64_t i = lane + j * kWarp;
     v[j] = i < dk ? src[i] : 0.0f;
-    sum += static_cast<double>(v[j]) * v[j];
   }
-  if (nw != nullptr) {
-    sum = WarpSum(sum);
-    const float inv = static_cast<float>(1.0 / sqrt(sum / static_cast<double>(dk) + eps));
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int64_t i = lane + j * kWarp;
-      if (i < dk) v[j] = nw[i] * (v[j] * inv);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kPer; ++j)
-    if (lane + j * kWarp < dk) dst[lane + j * kWarp] = v[j];
-  __syncwarp();
-  const int64_t half = rope_dim / 2;
-  float o[kPer];
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) {
-    const int64_t i = lane + j * kWarp, r = i - off;
-    o[j] = v[j];
-    if (i >= dk || r < 0 || r >= rope_dim) continue;
-    const int64_t pair = r < half ? r : r - half;
-    const float cf = cs[pair].x, sf = cs[pair].y;
-    const float a = interleaved ? dst[off + 2 * pair] : dst[off + pair];
-    const float b = interleaved ? dst[off + 2 * pair + 1] : dst[off + pair + half];
-    o[j] = r < half ? a * cf - b * sf : b * cf + a * sf;
-  }
-  __syncwarp();
-#pragma unroll
-  for (int j = 0; j < kPer; ++j)
-    if (lane + j * kWarp < dk) dst[lane + j * kWarp] = o[j];
+  head::NormRopeRegs(v, dst, static_cast<int>(dk), nw, eps, static_cast<int>(off), static_cast<int>(rope_dim), cs,
+                     interleaved);
 }
 
 __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
