@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 #include <random>
 
 #include "backup/backup.h"
@@ -267,6 +268,30 @@ struct CudaModel::Impl {
   };
   std::vector<MirrorRegistration> mirrors;
   // Registers the mapping of `p`'s region unless already done; false if CUDA refuses it.
+  // The restore's side stream, events and pinned staging buffer, made once (PrepareRestore, or
+  // the first RestoreExperts) and reused.
+  Status EnsureRestoreResources() {
+    if (!restore_stream) {
+      cudaStream_t st = nullptr;
+      EEP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      restore_stream.reset(st);
+      for (auto& e : half_done) {
+        EEP_ASSIGN_OR_RETURN(e, NewEvent());
+      }
+      EEP_ASSIGN_OR_RETURN(compute_done, NewEvent());
+    }
+    const uint64_t expert_bytes = 3 * static_cast<uint64_t>(I() * c.hidden_size) * 2;
+    const uint64_t want = std::max<uint64_t>(staging_request_bytes, 2 * expert_bytes);
+    if (!staging || staging_bytes != want) {
+      EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(restore_stream.get()));
+      staging.reset();
+      void* p = nullptr;
+      EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, want, cudaHostAllocDefault));
+      staging.reset(static_cast<uint8_t*>(p));
+      staging_bytes = want;
+    }
+    return Status::Ok();
+  }
   bool EnsureMirrorRegistered(const backup::MappedExpertParam& p) {
     for (const auto& m : mirrors)
       if (m.base == p.region_base && m.generation == p.region_generation) return m.registration != nullptr;
@@ -1441,6 +1466,26 @@ Status CudaModel::ClearSlot(int64_t moe_layer, int64_t slot) {
   return Status::Ok();  // still "filled": a zero expert is a valid (if useless) one
 }
 
+Result<uint64_t> CudaModel::PrepareRestore(backup::ExpertBackupClient& client) {
+  Impl& im = *impl_;
+  EEP_RETURN_IF_ERROR(im.EnsureRestoreResources());
+  uint64_t registered = 0;
+  std::set<const uint8_t*> seen;
+  for (int64_t ml = 0; ml < static_cast<int64_t>(im.moe_layer_ids.size()); ++ml) {
+    const int64_t layer_id = im.moe_layer_ids[static_cast<size_t>(ml)];
+    for (int64_t e = 0; e < im.c.num_experts; ++e) {
+      // One expert at a time: a batch fails whole when one expert is not mapped here.
+      auto mapped = client.MapExpertParams(layer_id, {e}, "");
+      if (!mapped.ok()) continue;
+      for (const auto& p : *mapped) {
+        if (!seen.insert(p.region_base).second) continue;
+        if (im.EnsureMirrorRegistered(p)) registered += p.region_bytes;
+      }
+    }
+  }
+  return registered;
+}
+
 Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<const SlotRestore> slots,
                                  RestoreStats* stats) {
   Impl& im = *impl_;
@@ -1458,25 +1503,7 @@ Status CudaModel::RestoreExperts(backup::ExpertBackupClient& client, std::span<c
   if (slots.empty()) return Status::Ok();
   const uint64_t mat_elems = static_cast<uint64_t>(im.I() * im.c.hidden_size);
   const uint64_t expert_bytes = 3 * mat_elems * 2;  // BF16 [gate | up | down], as a slot
-  // Lazily set up the side stream, events and the staging buffer (reused across calls).
-  if (!im.restore_stream) {
-    cudaStream_t st = nullptr;
-    EEP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    im.restore_stream.reset(st);
-    for (auto& e : im.half_done) {
-      EEP_ASSIGN_OR_RETURN(e, NewEvent());
-    }
-    EEP_ASSIGN_OR_RETURN(im.compute_done, NewEvent());
-  }
-  const uint64_t want = std::max<uint64_t>(im.staging_request_bytes, 2 * expert_bytes);
-  if (!im.staging || im.staging_bytes != want) {
-    EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.restore_stream.get()));
-    im.staging.reset();
-    void* p = nullptr;
-    EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, want, cudaHostAllocDefault));
-    im.staging.reset(static_cast<uint8_t*>(p));
-    im.staging_bytes = want;
-  }
+  EEP_RETURN_IF_ERROR(im.EnsureRestoreResources());
   const uint64_t experts_per_half = (im.staging_bytes / 2) / expert_bytes;
   cudaStream_t side = im.restore_stream.get();
   // No slot is overwritten while queued forward work may still read it.

@@ -59,6 +59,7 @@ int64_t CudaModel::MoeLayerId(int64_t) const { return -1; }
 Status CudaModel::RestoreExperts(backup::ExpertBackupClient&, std::span<const SlotRestore>, RestoreStats*) {
   return NoCuda();
 }
+Result<uint64_t> CudaModel::PrepareRestore(backup::ExpertBackupClient&) { return NoCuda(); }
 void CudaModel::set_restore_staging_bytes(uint64_t) {}
 void CudaModel::set_restore_direct(bool) {}
 Status CudaModel::ReadSlot(int64_t, int64_t, std::vector<uint16_t>*) const { return NoCuda(); }

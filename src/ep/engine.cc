@@ -1249,6 +1249,7 @@ class EpEngine::Impl {
       const double t_restore = NowSeconds();
       const bool same = next_members == participants;
       st = BuildComm(participants, "ex", same && opts.eplb_async);
+      const double t_staging = NowSeconds();
       if (st.ok()) st = Broadcast({{"type", "stage"}, {"comm", "ex"}, {"comm_members", participants}, {"members", next_members},
                                    {"slots_per_rank", S}, {"items", plan.items}},
                                   participants);
@@ -1258,7 +1259,9 @@ class EpEngine::Impl {
         if (g.ok()) staged = std::move(*g);
         else st = g.status();
       }
+      const double t_staged = NowSeconds();
       if (st.ok() && !same) st = BuildComm(next_members, "serve", opts.eplb_async);
+      const double t_commit = NowSeconds();
       if (st.ok())
         st = Broadcast({{"type", "commit"}, {"comm", same ? "ex" : "serve"}, {"members", next_members}, {"slots_per_rank", S},
                         {"phy2log", plan.next}},
@@ -1268,6 +1271,10 @@ class EpEngine::Impl {
         if (failure) continue;
         return st;
       }
+      EEP_LOG_INFO("ep: {} restore phases: exchange communicator {:.1f} ms, stage {:.1f} ms, serving communicator "
+                   "{:.1f} ms, commit {:.1f} ms",
+                   kind, (t_staging - t_restore) * 1e3, (t_staged - t_staging) * 1e3, (t_commit - t_staged) * 1e3,
+                   (NowSeconds() - t_commit) * 1e3);
       // Switched.
       for (int id : participants) {
         Proc& p = procs[static_cast<size_t>(id)];

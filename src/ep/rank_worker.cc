@@ -17,15 +17,18 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <fmt/format.h>
 #include <future>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "backup/backup.h"
@@ -97,6 +100,10 @@ struct Staged {
     const uint8_t* bytes = nullptr;  // or a view into `received`
   };
   std::vector<Slot> slots;
+  // CUDA ranks: slots whose expert is BF16 in a DRAM backup mirror mapped into this process;
+  // their device slots are DMA'd straight from the mirror (CudaModel::RestoreExperts) at the
+  // switch instead of uploading the host copy. (MoE layer, slot, logical expert.)
+  std::vector<std::tuple<int64_t, int64_t, int32_t>> device_direct;
   std::vector<std::vector<uint8_t>> received;
   int64_t bytes_peers = 0, bytes_backup = 0, bytes_disk = 0;
   int64_t experts_peers = 0, experts_backup = 0, experts_disk = 0;
@@ -107,6 +114,24 @@ struct Staged {
             {"bytes_received", bytes_peers},  {"seconds", seconds}};
   }
 };
+
+// fn(0 .. n-1) on up to 8 threads (this one included); the first error wins.
+Status ParallelFor(size_t n, const std::function<Status(size_t)>& fn) {
+  const size_t workers = std::min<size_t>({n, 8, std::max(1u, std::thread::hardware_concurrency())});
+  std::atomic<size_t> next{0};
+  auto run = [&]() -> Status {
+    for (size_t i = next++; i < n; i = next++) EEP_RETURN_IF_ERROR(fn(i));
+    return Status::Ok();
+  };
+  std::vector<std::future<Status>> others;
+  for (size_t w = 1; w < workers; ++w) others.push_back(std::async(std::launch::async, run));
+  Status first = run();
+  for (auto& f : others) {
+    Status st = f.get();
+    if (first.ok() && !st.ok()) first = st;
+  }
+  return first;
+}
 
 int PositionOf(const std::vector<int>& members, int id) {
   for (size_t i = 0; i < members.size(); ++i)
@@ -288,12 +313,31 @@ class RankWorker {
   // CUDA ranks: the host LocalExperts stay the record of what each slot holds and the source
   // of peer transfers; the device slots mirror them. Re-shapes the device slots to the held
   // range and map (kept slots keep their bytes) and uploads the listed (layer, slot) pairs.
-  Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload) {
+  // `direct` slots are DMA'd from the mapped backup mirror instead (the upload of the host copy
+  // is their fallback).
+  Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload,
+                         const std::vector<std::tuple<int64_t, int64_t, int32_t>>& direct = {}) {
     cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
     if (gpu == nullptr) return Status::Ok();
     EEP_RETURN_IF_ERROR_CTX(gpu->ConfigureExpertSlots(experts_->map(), experts_->slot_begin(), experts_->slot_end()),
                             "device expert slots");
+    std::set<std::pair<int64_t, int64_t>> restored;
+    if (!direct.empty() && backup_) {
+      std::vector<cuda::CudaModel::SlotRestore> list;
+      for (const auto& [l, slot, e] : direct) list.push_back({l, slot, e});
+      cuda::CudaModel::RestoreStats st;
+      Status rs = gpu->RestoreExperts(*backup_, list, &st);
+      if (rs.ok()) {
+        for (const auto& [l, slot, e] : direct) restored.emplace(l, slot);
+        EEP_LOG_DEBUG("rank {}: {} expert slot(s) DMA'd from the DRAM mirror ({} MiB, {:.1f} ms, direct {})", id_,
+                      list.size(), st.bytes >> 20, st.total_s * 1e3, st.direct);
+      } else {
+        EEP_LOG_WARN("rank {}: restoring device slots from the mirror failed ({}); uploading the host copies", id_,
+                     rs.ToString());
+      }
+    }
     for (const auto& [l, slot] : upload) {
+      if (restored.count({l, slot}) != 0) continue;
       const ExpertWeights& w = experts_->Slot(l, slot);
       if (w.data.empty()) continue;
       EEP_RETURN_IF_ERROR_CTX(gpu->SetSlot(l, slot, DType::kF32, w.gate(), w.up(), w.down()),
@@ -347,6 +391,18 @@ class RankWorker {
       backup_ = std::make_unique<backup::ExpertBackupClient>(bo);
       Status st = backup_->Connect();
       if (!st.ok()) EEP_LOG_WARN("rank {}: DRAM backup unavailable, running without it: {}", id_, st.ToString());
+      // CUDA: the mirrors this process maps are registered with CUDA now, so that restoring into
+      // device slots by DMA costs no page-locking inside a failover's blocking window.
+      if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_); st.ok() && gpu != nullptr) {
+        const double t0 = NowSeconds();
+        auto reg = gpu->PrepareRestore(*backup_);
+        if (reg.ok())
+          EEP_LOG_INFO("rank {}: {:.2f} GiB of backup mirror registered with CUDA in {:.0f} ms", id_,
+                        static_cast<double>(*reg) / (1ull << 30), (NowSeconds() - t0) * 1e3);
+        else
+          EEP_LOG_WARN("rank {}: backup mirror not registered with CUDA ({}); restores will stage", id_,
+                       reg.status().ToString());
+      }
     }
     if (pos >= 0) {
       EEP_ASSIGN_OR_RETURN(comm_, MakeComm(members_, epoch_.load(), "serve"));
@@ -594,10 +650,18 @@ class RankWorker {
     layout_ = LayoutFor(config().num_experts, members.size(), S);
     experts_->Relayout(std::move(next), layout_.FirstSlot(pos), layout_.FirstSlot(pos) + S);
     std::vector<std::pair<int64_t, int64_t>> filled;
-    if (staged_) filled = FillStaged(staged_.get());
+    std::vector<std::tuple<int64_t, int64_t, int32_t>> direct;
+    if (staged_) {
+      filled = FillStaged(staged_.get());
+      direct = std::move(staged_->device_direct);
+    }
     staged_.reset();
     prefetched_.clear();
-    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled));
+    const double t_sync = NowSeconds();
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, direct));
+    if (cuda::CudaModelOf(*model_) != nullptr)
+      EEP_LOG_INFO("rank {}: device slots at the switch in {:.1f} ms ({} slot(s), {} by DMA from the mirror)", id_,
+                   (NowSeconds() - t_sync) * 1e3, filled.size(), direct.size());
     comm_ = it->second;
     auto ait = next_comms_.find(tag + "-async");
     async_comm_ = ait == next_comms_.end() ? nullptr : ait->second;
@@ -718,12 +782,21 @@ class RankWorker {
           for (int64_t e : ids)
             for (const auto& name : c.ExpertTensorNames(layer_id, e)) complete = complete && where[name] != nullptr;
           if (complete) {
-            for (const auto& [slot, e] : list) {
-              std::vector<float> data(3 * mat);
-              const auto names = c.ExpertTensorNames(layer_id, e);
+            // The host copies (the record, and the source of peer transfers), converted on a few
+            // threads: one thread converts ~2 GB/s, and this is inside a failover's blocking window.
+            std::vector<std::vector<float>> datas(list.size());
+            EEP_RETURN_IF_ERROR(ParallelFor(list.size(), [&](size_t i) -> Status {
+              datas[i].resize(3 * mat);
+              const auto names = c.ExpertTensorNames(layer_id, list[i].second);
               for (size_t m = 0; m < 3; ++m)
-                EEP_RETURN_IF_ERROR(ConvertToF32(dtype, where[names[m]], mat, data.data() + m * mat));
-              staged->slots.push_back({l, slot, std::move(data), nullptr});
+                EEP_RETURN_IF_ERROR(ConvertToF32(dtype, where[names[m]], mat, datas[i].data() + m * mat));
+              return Status::Ok();
+            }));
+            const bool direct = dtype == DType::kBF16 && cuda::CudaModelOf(*model_) != nullptr;
+            for (size_t i = 0; i < list.size(); ++i) {
+              const auto& [slot, e] = list[i];
+              staged->slots.push_back({l, slot, std::move(datas[i]), nullptr});
+              if (direct) staged->device_direct.emplace_back(l, slot, e);
               ++staged->experts_backup;
             }
             staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
@@ -798,7 +871,7 @@ class RankWorker {
                                                                 config().num_experts));
     const auto filled = FillStaged(staged);
     experts_->SetMap(std::move(next));
-    return SyncDeviceSlots(filled);
+    return SyncDeviceSlots(filled, staged->device_direct);
   }
 
   Result<Staged> StageRebalance(const nlohmann::json& items, Communicator* comm) {
