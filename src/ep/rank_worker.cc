@@ -104,6 +104,9 @@ struct Staged {
   // their device slots are DMA'd straight from the mirror (CudaModel::RestoreExperts) at the
   // switch instead of uploading the host copy. (MoE layer, slot, logical expert.)
   std::vector<std::tuple<int64_t, int64_t, int32_t>> device_direct;
+  // Of those, the slots whose host copy is not made yet (StageFetched's defer_host): filled
+  // after the switch (FillHostCopies), off the blocking window.
+  std::vector<std::tuple<int64_t, int64_t, int32_t>> host_pending;
   std::vector<std::vector<uint8_t>> received;
   int64_t bytes_peers = 0, bytes_backup = 0, bytes_disk = 0;
   int64_t experts_peers = 0, experts_backup = 0, experts_disk = 0;
@@ -334,6 +337,7 @@ class RankWorker {
       } else {
         EEP_LOG_WARN("rank {}: restoring device slots from the mirror failed ({}); uploading the host copies", id_,
                      rs.ToString());
+        EEP_RETURN_IF_ERROR(FillHostCopies(direct));  // any not made yet (deferred)
       }
     }
     for (const auto& [l, slot] : upload) {
@@ -344,6 +348,53 @@ class RankWorker {
                               fmt::format("uploading slot {} of MoE layer {}", slot, l));
     }
     return Status::Ok();
+  }
+  // Makes the host copy of each listed (MoE layer, slot, logical expert) whose copy is empty:
+  // converted from the mapped DRAM mirror, else read from the checkpoint.
+  Status FillHostCopies(const std::vector<std::tuple<int64_t, int64_t, int32_t>>& list) {
+    const ModelConfig& c = config();
+    const auto moe_layers = c.MoeLayers();
+    const size_t mat = static_cast<size_t>(c.ExpertIntermediate() * c.hidden_size);
+    std::vector<std::tuple<int64_t, int64_t, int32_t>> todo;
+    for (const auto& t : list)
+      if (experts_->Slot(std::get<0>(t), std::get<1>(t)).data.empty()) todo.push_back(t);
+    return ParallelFor(todo.size(), [&](size_t i) -> Status {
+      const auto& [l, slot, e] = todo[i];
+      const int64_t layer_id = moe_layers[static_cast<size_t>(l)];
+      const auto names = c.ExpertTensorNames(layer_id, e);
+      std::vector<float> data(3 * mat);
+      bool done = false;
+      if (backup_) {
+        auto mapped = backup_->MapExpertParams(layer_id, {e}, "");
+        if (mapped.ok() && mapped->size() == 3) {
+          std::map<std::string, const backup::MappedExpertParam*> by_name;
+          for (const auto& p : *mapped) by_name[p.name] = &p;
+          done = true;
+          for (size_t m = 0; m < 3 && done; ++m) {
+            auto it = by_name.find(names[m]);
+            done = it != by_name.end() && it->second->num_bytes == mat * DTypeSize(it->second->dtype) &&
+                   ConvertToF32(it->second->dtype, it->second->data, mat, data.data() + m * mat).ok();
+          }
+        }
+      }
+      if (!done) {
+        const auto shapes = c.ExpertTensorShapes();
+        for (size_t m = 0; m < 3; ++m) {
+          EEP_ASSIGN_OR_RETURN(auto part, checkpoint().ReadF32(names[m], shapes[m]));
+          std::copy(part.begin(), part.end(), data.begin() + static_cast<std::ptrdiff_t>(m * mat));
+        }
+      }
+      experts_->Slot(l, slot).data = std::move(data);
+      return Status::Ok();
+    });
+  }
+  // Host copies deferred at the last switch (made on a thread while steps run) are complete
+  // before any command other than a step touches the host expert record.
+  Status WaitHostFill() {
+    if (!host_fill_.valid()) return Status::Ok();
+    Status st = host_fill_.get();
+    if (!st.ok()) EEP_LOG_ERROR("rank {}: host copies of restored experts: {}", id_, st.ToString());
+    return st;
   }
   std::vector<std::pair<int64_t, int64_t>> AllHeldSlots() const {
     std::vector<std::pair<int64_t, int64_t>> all;
@@ -624,9 +675,10 @@ class RankWorker {
       ex_members = m.header["comm_members"].get<std::vector<int>>();
     }
     const double t0 = NowSeconds();
+    // (Host copies of experts DMA'd from the mirror are made after the switch.)
     EEP_ASSIGN_OR_RETURN(Staged staged, StageTransfers(m.header["items"], comm, ex_members,
                                                        m.header["members"].get<std::vector<int>>(),
-                                                       m.header["slots_per_rank"].get<int64_t>()));
+                                                       m.header["slots_per_rank"].get<int64_t>(), /*defer_host=*/true));
     staged.seconds = NowSeconds() - t0;
     ControlMessage reply{{{"type", "staged"}, {"restore", staged.Report()}}, ""};
     staged_ = std::make_unique<Staged>(std::move(staged));
@@ -650,10 +702,11 @@ class RankWorker {
     layout_ = LayoutFor(config().num_experts, members.size(), S);
     experts_->Relayout(std::move(next), layout_.FirstSlot(pos), layout_.FirstSlot(pos) + S);
     std::vector<std::pair<int64_t, int64_t>> filled;
-    std::vector<std::tuple<int64_t, int64_t, int32_t>> direct;
+    std::vector<std::tuple<int64_t, int64_t, int32_t>> direct, pending;
     if (staged_) {
       filled = FillStaged(staged_.get());
       direct = std::move(staged_->device_direct);
+      pending = std::move(staged_->host_pending);
     }
     staged_.reset();
     prefetched_.clear();
@@ -662,6 +715,8 @@ class RankWorker {
     if (cuda::CudaModelOf(*model_) != nullptr)
       EEP_LOG_INFO("rank {}: device slots at the switch in {:.1f} ms ({} slot(s), {} by DMA from the mirror)", id_,
                    (NowSeconds() - t_sync) * 1e3, filled.size(), direct.size());
+    if (!pending.empty())
+      host_fill_ = std::async(std::launch::async, [this, pending]() { return FillHostCopies(pending); });
     comm_ = it->second;
     auto ait = next_comms_.find(tag + "-async");
     async_comm_ = ait == next_comms_.end() ? nullptr : ait->second;
@@ -679,7 +734,7 @@ class RankWorker {
   // (whose positions are `ex_members`) moves it. Reads the current slots only, so it may run
   // beside forward passes (async EPLB).
   Result<Staged> StageTransfers(const nlohmann::json& items, Communicator* comm, const std::vector<int>& ex_members,
-                                const std::vector<int>& dst_members, int64_t S) {
+                                const std::vector<int>& dst_members, int64_t S, bool defer_host = false) {
     const ModelConfig& c = config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     const size_t expert_bytes = expert_floats * sizeof(float);
@@ -697,6 +752,11 @@ class RankWorker {
     for (size_t d = 0; d < world; ++d) send[d].reserve(send_bytes[d]);
     std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, slot, expert, source) read here
     std::map<std::pair<int64_t, int32_t>, int> cache_uses;  // local uses of each prefetched expert
+    const bool device_from_mirror = [&] {
+      if (!backup_ || cuda::CudaModelOf(*model_) == nullptr || c.MoeLayers().empty()) return false;
+      const TensorInfo* t = checkpoint().Find(c.ExpertTensorNames(c.MoeLayers()[0], 0)[0]);
+      return t != nullptr && t->dtype == DType::kBF16;
+    }();
     for (const auto& it : items)
       if (it[3].get<int>() == id_ && dst_of(it[1].get<int64_t>()) == id_) ++cache_uses[{it[0].get<int64_t>(), it[2].get<int32_t>()}];
     for (const auto& it : items) {
@@ -719,6 +779,9 @@ class RankWorker {
         // A prefetched expert moves into its slot (copied only for a further replica here).
         if (cached != prefetched_.end() && --cache_uses[{l, e}] == 0) staged.slots.push_back({l, s, std::move(cached->second), nullptr});
         else staged.slots.push_back({l, s, *w, nullptr});
+        // CUDA: the device slot is DMA'd from the DRAM mirror at the switch (the host copy
+        // above stays the record, and the upload's fallback).
+        if (device_from_mirror) staged.device_direct.emplace_back(l, s, e);
         continue;
       }
       const int d = PositionOf(ex_members, dst);
@@ -729,7 +792,7 @@ class RankWorker {
       buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data()),
                  reinterpret_cast<const uint8_t*>(w->data()) + expert_bytes);
     }
-    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged));
+    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged, defer_host));
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
     std::vector<std::vector<uint8_t>>& recv = staged.received;
@@ -753,7 +816,10 @@ class RankWorker {
   // Experts this rank reads itself: from the DRAM backup managers (checkpoint dtype, one
   // batched fetch per layer), falling back to the checkpoint on disk when the backup cannot
   // serve them (logged: it is the slow path).
-  Status StageFetched(const std::vector<std::tuple<int64_t, int64_t, int32_t, int>>& fetch, Staged* staged) {
+  // defer_host (CUDA ranks): experts the device restores by DMA from the mapped mirror get no
+  // host copy here (Staged::host_pending).
+  Status StageFetched(const std::vector<std::tuple<int64_t, int64_t, int32_t, int>>& fetch, Staged* staged,
+                      bool defer_host = false) {
     if (fetch.empty()) return Status::Ok();
     const ModelConfig& c = config();
     const auto moe_layers = c.MoeLayers();
@@ -781,6 +847,17 @@ class RankWorker {
           bool complete = true;
           for (int64_t e : ids)
             for (const auto& name : c.ExpertTensorNames(layer_id, e)) complete = complete && where[name] != nullptr;
+          const bool direct = dtype == DType::kBF16 && cuda::CudaModelOf(*model_) != nullptr;
+          if (complete && direct && defer_host) {
+            for (const auto& [slot, e] : list) {
+              staged->slots.push_back({l, slot, {}, nullptr});
+              staged->device_direct.emplace_back(l, slot, e);
+              staged->host_pending.emplace_back(l, slot, e);
+              ++staged->experts_backup;
+            }
+            staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
+            continue;
+          }
           if (complete) {
             // The host copies (the record, and the source of peer transfers), converted on a few
             // threads: one thread converts ~2 GB/s, and this is inside a failover's blocking window.
@@ -792,7 +869,6 @@ class RankWorker {
                 EEP_RETURN_IF_ERROR(ConvertToF32(dtype, where[names[m]], mat, datas[i].data() + m * mat));
               return Status::Ok();
             }));
-            const bool direct = dtype == DType::kBF16 && cuda::CudaModelOf(*model_) != nullptr;
             for (size_t i = 0; i < list.size(); ++i) {
               const auto& [slot, e] = list[i];
               staged->slots.push_back({l, slot, std::move(datas[i]), nullptr});
@@ -968,7 +1044,11 @@ class RankWorker {
       bool leave = false;
       if (type == "shutdown") return 0;
       if (type == "allgather_result") continue;  // of a round given up
-      if (type == "init") {
+      // Every command but a step may read the host expert record: deferred copies first.
+      Status host = type == "step" || type == "init" ? Status::Ok() : WaitHostFill();
+      if (!host.ok()) {
+        reply = host;
+      } else if (type == "init") {
         if (!heartbeating) {
           StartHeartbeat(hb_endpoint, m->header.value("heartbeat_interval_ms", int64_t{100}));
           heartbeating = true;
@@ -1057,6 +1137,8 @@ class RankWorker {
   std::shared_ptr<Communicator> async_comm_;  // background EPLB exchange
   std::map<std::string, std::shared_ptr<Communicator>> next_comms_;  // built for a membership change
   std::unique_ptr<Staged> staged_;
+  // Host copies deferred at the last switch (Commit); joined before experts_ goes.
+  std::future<Status> host_fill_;
   std::map<std::pair<int64_t, int32_t>, std::vector<float>> prefetched_;  // (layer, expert), joining rank
   std::unique_ptr<backup::ExpertBackupClient> backup_;  // null when not configured
   std::future<Result<Staged>> async_;
