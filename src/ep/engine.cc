@@ -121,6 +121,13 @@ class EpEngine::Impl {
   zmq::socket_t hb{ctx, zmq::socket_type::router};
   std::string endpoint, hb_endpoint, session;
   std::vector<Proc> procs;      // by rank id
+  // Local ranks that left at a scale-down and are still exiting (reaped by ReapLeavers).
+  struct Leaver {
+    pid_t pid = -1;
+    double deadline = 0;  // killed if still running then
+  };
+  static constexpr double kLeaverGraceSeconds = 2.0;
+  std::vector<Leaver> leavers;
   std::vector<int> members;     // serving ranks, communicator order
   std::vector<int> joining, leaving;
   int target_size = 0;
@@ -1020,10 +1027,22 @@ class EpEngine::Impl {
 
   // ---- membership changes ----------------------------------------------------------------
 
+  // Leaving ranks that have exited are reaped; one still running past its grace is killed.
+  void ReapLeavers() {
+    std::erase_if(leavers, [](const Leaver& l) {
+      int status = 0;
+      if (waitpid(l.pid, &status, WNOHANG) != 0) return true;  // reaped (or not our child any more)
+      if (NowSeconds() < l.deadline) return false;
+      KillAndReap(l.pid);
+      return true;
+    });
+  }
+
   Status Poll() {
     if (shut_down) return Status::Unavailable("engine is shut down");
     if (health != "ok") return Status::Unavailable(health);
     op_started = NowSeconds();
+    ReapLeavers();
     // Take in what arrived while idle (hellos, joiners' readiness, heartbeats, exits).
     while (true) {
       auto m = Recv(NowSeconds(), "nothing");
@@ -1283,10 +1302,12 @@ class EpEngine::Impl {
           p.ready = false;
           continue;
         }
-        // A leaving rank exits after "bye"; Fence makes sure.
-        int status;
-        constexpr int64_t kExitGraceMs = 2000;
-        if (p.node < 0 && p.pid > 0 && WaitChild(p.pid, kExitGraceMs, &status)) p.pid = -1;
+        // A leaving rank exits after "bye" on its own; it is reaped later (ReapLeavers), off the
+        // blocking window: a CUDA rank's exit (context teardown, unpinning) takes ~0.25 s.
+        if (p.node < 0 && p.pid > 0) {
+          leavers.push_back({p.pid, NowSeconds() + kLeaverGraceSeconds});
+          p.pid = -1;
+        }
         Fence(id, "left");
       }
       std::erase_if(joining, [&](int id) { return Contains(participants, id); });
@@ -1548,6 +1569,8 @@ class EpEngine::Impl {
   void Shutdown() {
     if (shut_down) return;
     shut_down = true;
+    for (const Leaver& l : leavers) KillAndReap(l.pid);
+    leavers.clear();
     if (deposed) return;  // the ranks belong to the coordinator that took over
     for (const Proc& p : procs)
       if (p.Live() && !p.identity.empty()) (void)SendControl(router, p.identity, {{{"type", "shutdown"}}, ""});
