@@ -389,6 +389,8 @@ struct CudaModel::Impl {
   // The MLP by GEMV kernels from b_hf: out = (or +=) down(silu(gate)·up).
   Status MlpGemv(const Mlp& m, int64_t N, float* out, bool accumulate);
   Status Moe(const Layer& ly, int64_t l, int64_t N, float* out);
+  // logits [N, E] = x·routerᵀ in f32 (cuBLAS SGEMM; the selection must agree with the CPU's).
+  Status RouterLogits(const Layer& ly, const float* x, int64_t N, float* logits);
   // The routed experts on the device (no host sync unless traced or observed); adds to x.
   // norm_in: x is not normed yet; the router GEMV applies post_norm and writes b_hf.
   // next_norm (may be null): the combine also RMSNorms the new x with it into b_hf (the next
@@ -691,6 +693,15 @@ Status CudaModel::Impl::BuildTables() {
   return Status::Ok();
 }
 
+Status CudaModel::Impl::RouterLogits(const Layer& ly, const float* x, int64_t N, float* logits) {
+  const int64_t H = c.hidden_size, E = c.num_experts;
+  const float one = 1.0f, zero = 0.0f;
+  EEP_CUBLAS_RETURN_IF_ERROR(cublasSgemm(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(N),
+                                         static_cast<int>(H), &one, ly.router.get(), static_cast<int>(H), x,
+                                         static_cast<int>(H), &zero, logits, static_cast<int>(E)));
+  return Status::Ok();
+}
+
 Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in,
                                  const float* next_norm, const double* post_sums, double* next_sums) {
   const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, A = N * k;
@@ -701,12 +712,7 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
   int32_t* ids = b_ids.as<int32_t>();
   float* w = b_w.as<float>();
   int32_t* pl = b_plan.as<int32_t>();
-  MoePlan plan;
-  plan.num_groups = pl;
-  plan.group_slot = pl + 4;
-  plan.group_off = plan.group_slot + G;
-  plan.group_cnt = plan.group_off + G;
-  plan.order = plan.group_cnt + G;
+  const MoePlan plan = MoePlanIn(pl, G);
   const MoeSlotTable table = Table(ml);
   const bool ds = c.arch == Arch::kDeepseekV3;
   const bool norm_topk = c.norm_topk_prob || c.arch == Arch::kMixtral;
@@ -718,11 +724,7 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     // Many tokens: the router GEMM, then routing a warp per token over many blocks (the one-block
     // plan would route them serially).
     // (f32 SGEMM: the GEMV re-reads the router weights per 8 tokens.)
-    const float one = 1.0f, zero = 0.0f;
-    EEP_CUBLAS_RETURN_IF_ERROR(cublasSgemm(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E),
-                                           static_cast<int>(N), static_cast<int>(H), &one, ly.router.get(),
-                                           static_cast<int>(H), hf, static_cast<int>(H), &zero, logits,
-                                           static_cast<int>(E)));
+    EEP_RETURN_IF_ERROR(RouterLogits(ly, hf, N, logits));
     EEP_CUDA_RETURN_IF_ERROR(MoeRoutePlanWide(logits, N, E, k, norm_topk, bias, n_group, topk_group, scaling, table,
                                               ids, w, plan, b_slot_of.as<int32_t>(), s()));
   } else if (RouterPlanSupported(N, E, k, P, H, norm_in)) {
@@ -781,12 +783,8 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
   const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, A = N * k, S = splits;
   const int64_t ml = moe_index[static_cast<size_t>(l)], inter = I();
   // Router in f32 (the selection must agree with the CPU's) and the fused top-k kernel.
-  const float one = 1.0f, zero = 0.0f;
   float* logits = b_logits.as<float>();
-  EEP_CUBLAS_RETURN_IF_ERROR(cublasSgemm(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E),
-                                         static_cast<int>(N), static_cast<int>(H), &one, ly.router.get(),
-                                         static_cast<int>(H), b_hf.as<float>(), static_cast<int>(H), &zero, logits,
-                                         static_cast<int>(E)));
+  EEP_RETURN_IF_ERROR(RouterLogits(ly, b_hf.as<float>(), N, logits));
   int32_t* ids = b_ids.as<int32_t>();
   float* w = b_w.as<float>();
   const bool ds = c.arch == Arch::kDeepseekV3;
@@ -1109,7 +1107,7 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   EEP_RETURN_IF_ERROR(R(b_rows, S * A * 4));
   if (fused) {
     EEP_RETURN_IF_ERROR(R(b_act, A * I() * 4));
-    EEP_RETURN_IF_ERROR(R(b_plan, (4 + 3 * MoeMaxGroups(A, P) + A) * 4));
+    EEP_RETURN_IF_ERROR(R(b_plan, MoePlanInts(MoeMaxGroups(A, P), A) * 4));
   }
   if (M > 0) {
     EEP_RETURN_IF_ERROR(R(b_hsel, M * H * 4));

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <deque>
@@ -349,6 +350,40 @@ class RankWorker {
     }
     return Status::Ok();
   }
+  // Expert e of MoE layer l as f32 [gate | up | down] from the checkpoint; *bytes (may be null)
+  // gets the stored bytes read.
+  Result<std::vector<float>> ReadExpertFromDisk(int64_t l, int32_t e, int64_t* bytes = nullptr) const {
+    const ModelConfig& c = config();
+    const auto names = c.ExpertTensorNames(c.MoeLayers()[static_cast<size_t>(l)], e);
+    const auto shapes = c.ExpertTensorShapes();
+    std::vector<float> data;
+    data.reserve(static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size));
+    for (size_t m = 0; m < 3; ++m) {
+      EEP_ASSIGN_OR_RETURN(auto part, checkpoint().ReadF32(names[m], shapes[m]));
+      data.insert(data.end(), part.begin(), part.end());
+      if (bytes != nullptr) *bytes += static_cast<int64_t>(checkpoint().Find(names[m])->nbytes);
+    }
+    return data;
+  }
+  // Mapped backup tensors by name; those not of `bytes` bytes are null.
+  static std::map<std::string, const uint8_t*> MappedByName(const std::vector<backup::MappedExpertParam>& mapped,
+                                                            size_t bytes) {
+    std::map<std::string, const uint8_t*> where;
+    for (const auto& m : mapped) where[m.name] = m.num_bytes == bytes ? m.data : nullptr;
+    return where;
+  }
+  // The three tensors `names` of one expert (mat values of dtype each, in `where`) as f32 into
+  // out [gate | up | down]. Read-only on `where` (called from several threads).
+  static Status ConvertExpert(const std::array<std::string, 3>& names, const std::map<std::string, const uint8_t*>& where,
+                              DType dtype, size_t mat, float* out) {
+    for (size_t m = 0; m < 3; ++m) {
+      auto it = where.find(names[m]);
+      if (it == where.end() || it->second == nullptr)
+        return Status::NotFound(fmt::format("'{}' is not in the mapped DRAM mirror", names[m]));
+      EEP_RETURN_IF_ERROR(ConvertToF32(dtype, it->second, mat, out + m * mat));
+    }
+    return Status::Ok();
+  }
   // Makes the host copy of each listed (MoE layer, slot, logical expert) whose copy is empty:
   // converted from the mapped DRAM mirror, else read from the checkpoint.
   Status FillHostCopies(const std::vector<std::tuple<int64_t, int64_t, int32_t>>& list) {
@@ -367,22 +402,12 @@ class RankWorker {
       if (backup_) {
         auto mapped = backup_->MapExpertParams(layer_id, {e}, "");
         if (mapped.ok() && mapped->size() == 3) {
-          std::map<std::string, const backup::MappedExpertParam*> by_name;
-          for (const auto& p : *mapped) by_name[p.name] = &p;
-          done = true;
-          for (size_t m = 0; m < 3 && done; ++m) {
-            auto it = by_name.find(names[m]);
-            done = it != by_name.end() && it->second->num_bytes == mat * DTypeSize(it->second->dtype) &&
-                   ConvertToF32(it->second->dtype, it->second->data, mat, data.data() + m * mat).ok();
-          }
+          const DType dtype = mapped->front().dtype;
+          done = ConvertExpert(names, MappedByName(*mapped, mat * DTypeSize(dtype)), dtype, mat, data.data()).ok();
         }
       }
       if (!done) {
-        const auto shapes = c.ExpertTensorShapes();
-        for (size_t m = 0; m < 3; ++m) {
-          EEP_ASSIGN_OR_RETURN(auto part, checkpoint().ReadF32(names[m], shapes[m]));
-          std::copy(part.begin(), part.end(), data.begin() + static_cast<std::ptrdiff_t>(m * mat));
-        }
+        EEP_ASSIGN_OR_RETURN(data, ReadExpertFromDisk(l, e));
       }
       experts_->Slot(l, slot).data = std::move(data);
       return Status::Ok();
@@ -842,11 +867,13 @@ class RankWorker {
       if (backup_) {
         auto mapped = backup_->MapExpertParams(layer_id, ids, "");
         if (mapped.ok() && mapped->size() == 3 * ids.size()) {
-          std::map<std::string, const uint8_t*> where;
-          for (const auto& m : *mapped) where[m.name] = m.num_bytes == mat * esize ? m.data : nullptr;
+          const auto where = MappedByName(*mapped, mat * esize);
           bool complete = true;
           for (int64_t e : ids)
-            for (const auto& name : c.ExpertTensorNames(layer_id, e)) complete = complete && where[name] != nullptr;
+            for (const auto& name : c.ExpertTensorNames(layer_id, e)) {
+              auto it = where.find(name);
+              complete = complete && it != where.end() && it->second != nullptr;
+            }
           const bool direct = dtype == DType::kBF16 && cuda::CudaModelOf(*model_) != nullptr;
           if (complete && direct && defer_host) {
             for (const auto& [slot, e] : list) {
@@ -864,10 +891,7 @@ class RankWorker {
             std::vector<std::vector<float>> datas(list.size());
             EEP_RETURN_IF_ERROR(ParallelFor(list.size(), [&](size_t i) -> Status {
               datas[i].resize(3 * mat);
-              const auto names = c.ExpertTensorNames(layer_id, list[i].second);
-              for (size_t m = 0; m < 3; ++m)
-                EEP_RETURN_IF_ERROR(ConvertToF32(dtype, where[names[m]], mat, datas[i].data() + m * mat));
-              return Status::Ok();
+              return ConvertExpert(c.ExpertTensorNames(layer_id, list[i].second), where, dtype, mat, datas[i].data());
             }));
             for (size_t i = 0; i < list.size(); ++i) {
               const auto& [slot, e] = list[i];
@@ -905,16 +929,8 @@ class RankWorker {
     }
     if (!from_disk.empty())
       EEP_LOG_WARN("rank {}: restoring {} expert(s) from the checkpoint on disk", id_, from_disk.size());
-    const auto shapes = c.ExpertTensorShapes();
     for (const auto& [l, slot, e] : from_disk) {
-      const auto names = c.ExpertTensorNames(moe_layers[static_cast<size_t>(l)], e);
-      std::vector<float> data;
-      data.reserve(3 * mat);
-      for (int m = 0; m < 3; ++m) {
-        EEP_ASSIGN_OR_RETURN(auto part, checkpoint().ReadF32(names[static_cast<size_t>(m)], shapes[static_cast<size_t>(m)]));
-        data.insert(data.end(), part.begin(), part.end());
-        staged->bytes_disk += static_cast<int64_t>(checkpoint().Find(names[static_cast<size_t>(m)])->nbytes);
-      }
+      EEP_ASSIGN_OR_RETURN(auto data, ReadExpertFromDisk(l, e, &staged->bytes_disk));
       staged->slots.push_back({l, slot, std::move(data), nullptr});
       ++staged->experts_disk;
     }

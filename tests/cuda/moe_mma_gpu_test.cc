@@ -157,7 +157,7 @@ struct Plan {
   int32_t groups = 0, max_cnt = 0;
 
   Plan(const Experts& ex, int64_t N, int64_t k, int64_t max_groups_, uint64_t seed) : A(N * k), max_groups(max_groups_) {
-    std::vector<int32_t> init(4 + 3 * max_groups + A, 0);
+    std::vector<int32_t> init(cuda::MoePlanInts(max_groups, A), 0);
     for (int64_t g = 0; g < max_groups; ++g) {
       init[4 + g] = static_cast<int32_t>(g % ex.P);
       init[4 + 2 * max_groups + g] = static_cast<int32_t>(A);
@@ -166,11 +166,7 @@ struct Plan {
     mem = std::make_unique<Dev<int32_t>>(init);
     ids = std::make_unique<Dev<int32_t>>(A);
     weights = std::make_unique<Dev<float>>(A);
-    plan.num_groups = mem->p;
-    plan.group_slot = mem->p + 4;
-    plan.group_off = plan.group_slot + max_groups;
-    plan.group_cnt = plan.group_off + max_groups;
-    plan.order = plan.group_cnt + max_groups;
+    plan = cuda::MoePlanIn(mem->p, max_groups);
     Dev<float> logits(Normal(N * ex.E, seed));
     EXPECT_TRUE(cuda::MoeRoutePlanSupported(N, ex.E, k, ex.P));
     EXPECT_EQ(cuda::MoeRoutePlan(logits.p, N, ex.E, k, true, nullptr, 1, 1, 1.0f, ex.table, ids->p, weights->p, plan,

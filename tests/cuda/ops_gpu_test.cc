@@ -504,19 +504,14 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   for (int64_t s = 0; s < P; ++s) ptr_bits[s] = reinterpret_cast<uint64_t>(slot_ptr[s]);
   Dev<uint64_t> dptr(ptr_bits);
   const int64_t maxg = cuda::MoeMaxGroups(A, P);
-  Dev<int32_t> dplan(4 + 3 * maxg + A);
+  Dev<int32_t> dplan(cuda::MoePlanInts(maxg, A));
   cuda::MoeSlotTable table;
   table.rep_count = dcount.p;
   table.rep_slot = drep.p;
   table.max_replicas = max_reps;
   table.slot_ptr = reinterpret_cast<const uint16_t* const*>(dptr.p);
   table.num_slots = P;
-  cuda::MoePlan plan;
-  plan.num_groups = dplan.p;
-  plan.group_slot = dplan.p + 4;
-  plan.group_off = plan.group_slot + maxg;
-  plan.group_cnt = plan.group_off + maxg;
-  plan.order = plan.group_cnt + maxg;
+  const cuda::MoePlan plan = cuda::MoePlanIn(dplan.p, maxg);
   ASSERT_TRUE(cuda::MoeRoutePlanSupported(N, E, k, P));
   ASSERT_EQ(cuda::MoeRoutePlan(dl.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
                                mc.deepseek ? 2.5f : 1.0f, table, dids.p, dw.p, plan, nullptr),
@@ -554,15 +549,10 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   {
     // The many-block routing (a warp per token) and one-block grouping: the same ids, weights
     // and a valid plan; outputs poisoned first.
-    Dev<int32_t> dplan_w(std::vector<int32_t>(4 + 3 * maxg + A, -7)), dids_w(std::vector<int32_t>(A, -1)),
+    Dev<int32_t> dplan_w(std::vector<int32_t>(cuda::MoePlanInts(maxg, A), -7)), dids_w(std::vector<int32_t>(A, -1)),
         dslot(std::vector<int32_t>(A, -1));
     Dev<float> dw_w(std::vector<float>(A, NAN));
-    cuda::MoePlan pw;
-    pw.num_groups = dplan_w.p;
-    pw.group_slot = dplan_w.p + 4;
-    pw.group_off = pw.group_slot + maxg;
-    pw.group_cnt = pw.group_off + maxg;
-    pw.order = pw.group_cnt + maxg;
+    const cuda::MoePlan pw = cuda::MoePlanIn(dplan_w.p, maxg);
     ASSERT_EQ(cuda::MoeRoutePlanWide(dl.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
                                      mc.deepseek ? 2.5f : 1.0f, table, dids_w.p, dw_w.p, pw, dslot.p, nullptr),
               cudaSuccess);
@@ -575,14 +565,9 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   {
     auto router = Random(E * H, 56, 0.1f), nw = Random(H, 57);
     Dev<float> drouter(router), dnw(nw), dlog1(N * E), dlog2(N * E), dw2(A), dhf1(N * H), dhf2(N * H);
-    Dev<int32_t> dids2(A), dplan2(4 + 3 * maxg + A);
+    Dev<int32_t> dids2(A), dplan2(cuda::MoePlanInts(maxg, A));
     Dev<unsigned> counter(std::vector<unsigned>{0u});
-    cuda::MoePlan plan2 = plan;
-    plan2.num_groups = dplan2.p;
-    plan2.group_slot = dplan2.p + 4;
-    plan2.group_off = plan2.group_slot + maxg;
-    plan2.group_cnt = plan2.group_off + maxg;
-    plan2.order = plan2.group_cnt + maxg;
+    const cuda::MoePlan plan2 = cuda::MoePlanIn(dplan2.p, maxg);
     cuda::GemvSegments sg;
     sg.seg[0] = {drouter.p, dlog1.p, nullptr, E};
     sg.count = 1;
@@ -606,13 +591,8 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
         for (int64_t i = 0; i < H; ++i) sums[t] += static_cast<double>(x[t * H + i]) * x[t * H + i];
       Dev<double> dsums(sums);
       Dev<float> dlog3(std::vector<float>(N * E, NAN)), dw3(A), dhf3(std::vector<float>(N * H, NAN));
-      Dev<int32_t> dids3(A), dplan3(4 + 3 * maxg + A);
-      cuda::MoePlan plan3 = plan2;
-      plan3.num_groups = dplan3.p;
-      plan3.group_slot = dplan3.p + 4;
-      plan3.group_off = plan3.group_slot + maxg;
-      plan3.group_cnt = plan3.group_off + maxg;
-      plan3.order = plan3.group_cnt + maxg;
+      Dev<int32_t> dids3(A), dplan3(cuda::MoePlanInts(maxg, A));
+      const cuda::MoePlan plan3 = cuda::MoePlanIn(dplan3.p, maxg);
       ASSERT_EQ(cuda::RouterPlan(drouter.p, H, dx.p, N, dnw.p, 1e-6f, dhf3.p, dlog3.p, counter.p, E, k, true,
                                  mc.deepseek ? db.p : nullptr, G, topk_group, mc.deepseek ? 2.5f : 1.0f, table,
                                  dids3.p, dw3.p, plan3, nullptr, dsums.p),

@@ -124,31 +124,23 @@ __global__ void __launch_bounds__(kMaxGroup* kWarp)
   auto issue = [&](int tile, int buf) {
     const int64_t j0 = first + static_cast<int64_t>(tile) * kTile;
     const int cnt = static_cast<int>(min(static_cast<int64_t>(kTile), pos - j0));
-    float* kb = kbuf + buf * kTile * ks;
-    float* vb = vbuf + buf * kTile * dv;
-    const int dk4 = dk / 4, dv4 = dv / 4;
-    for (int idx = threadIdx.x; idx < cnt * dk4; idx += blockDim.x) {
-      const int r = idx / dk4, c = idx - r * dk4;
-      const float* src = kc + ((j0 + r) * nkv + kvh) * dk + 4 * c;
-      float* dst = kb + r * ks + 4 * c;
-      if (vec) {
-        CpAsync16(dst, src);
-      } else {
+    // cnt rows of `dim` values of this KV head from cache into dst (rows dst_stride apart).
+    auto rows = [&](const float* cache, int dim, float* dst_base, int dst_stride) {
+      const int dim4 = dim / 4;
+      for (int idx = threadIdx.x; idx < cnt * dim4; idx += blockDim.x) {
+        const int r = idx / dim4, c = idx - r * dim4;
+        const float* src = cache + ((j0 + r) * nkv + kvh) * dim + 4 * c;
+        float* dst = dst_base + r * dst_stride + 4 * c;
+        if (vec) {
+          CpAsync16(dst, src);
+        } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dst[e] = src[e];
+          for (int e = 0; e < 4; ++e) dst[e] = src[e];
+        }
       }
-    }
-    for (int idx = threadIdx.x; idx < cnt * dv4; idx += blockDim.x) {
-      const int r = idx / dv4, c = idx - r * dv4;
-      const float* src = vc + ((j0 + r) * nkv + kvh) * dv + 4 * c;
-      float* dst = vb + r * dv + 4 * c;
-      if (vec) {
-        CpAsync16(dst, src);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dst[e] = src[e];
-      }
-    }
+    };
+    rows(kc, dk, kbuf + buf * kTile * ks, ks);
+    rows(vc, dv, vbuf + buf * kTile * dv, dv);
     CpAsyncCommit();
   };
   for (int b = 0; b < nbuf && b < ntiles; ++b) issue(b, b);

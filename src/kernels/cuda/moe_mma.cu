@@ -131,6 +131,16 @@ __device__ __forceinline__ void TokenRows(const int32_t* order, int n, const flo
   }
 }
 
+// acc += the warp's two A tiles times the token tile's inputs (order[0 .. n), row order[t] / div
+// of `rows`, K values each): the mma part shared by the gate/up and down tiles.
+template <int kNt, bool kSplit>
+__device__ __forceinline__ void TileMma(const bf16_t* const (&w)[2][2], const float* rows, int div, int64_t K,
+                                        const int32_t* order, int n, float (&acc)[2][kNt][4]) {
+  const float* xr[kNt];
+  TokenRows<kNt>(order, n, rows, div, K, xr);
+  WarpMma<kNt, kSplit>(w, K, xr, acc);
+}
+
 __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 
 // One token tile (n <= 32 tokens, kNt = ceil(n / 8)) of a gate/up warp: inter rows i0 .. +16.
@@ -138,16 +148,8 @@ template <int kNt, bool kSplit>
 __device__ __forceinline__ void GateUpTile(const bf16_t* const (&w)[2][2], const float* x, int64_t H, int64_t I, int k,
                                            const int32_t* order, int n, int64_t i0, float* act) {
   const int lane = threadIdx.x % kWarp, g = lane / 4, c = lane % 4;
-  const float* xr[kNt];
-  TokenRows<kNt>(order, n, x, k, H, xr);
-  float acc[2][kNt][4];
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int i = 0; i < kNt; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[m][i][j] = 0;
-  WarpMma<kNt, kSplit>(w, H, xr, acc);
+  float acc[2][kNt][4] = {};
+  TileMma<kNt, kSplit>(w, x, k, H, order, n, acc);
   // c0, c1: row g, tokens 2c, 2c+1 of the n-tile; c2, c3: row g + 8. m = 0 gate, 1 up.
 #pragma unroll
   for (int i = 0; i < kNt; ++i)
@@ -167,16 +169,8 @@ template <int kNt, bool kSplit>
 __device__ __forceinline__ void DownTile(const bf16_t* const (&w)[2][2], const float* act, int64_t H, int64_t I,
                                          const int32_t* order, int n, int64_t o0, float* y) {
   const int lane = threadIdx.x % kWarp, g = lane / 4, c = lane % 4;
-  const float* xr[kNt];
-  TokenRows<kNt>(order, n, act, 1, I, xr);
-  float acc[2][kNt][4];
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int i = 0; i < kNt; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[m][i][j] = 0;
-  WarpMma<kNt, kSplit>(w, I, xr, acc);
+  float acc[2][kNt][4] = {};
+  TileMma<kNt, kSplit>(w, act, 1, I, order, n, acc);
 #pragma unroll
   for (int i = 0; i < kNt; ++i)
 #pragma unroll

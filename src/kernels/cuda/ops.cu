@@ -1756,6 +1756,18 @@ bool GemvNormFusable(int64_t ntok, int64_t in) { return ntok <= 8 && ntok * in *
 
 int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots) { return std::max<int64_t>(1, std::min(assignments, num_slots)); }
 
+int64_t MoePlanInts(int64_t max_groups, int64_t assignments) { return 4 + 3 * max_groups + assignments; }
+
+MoePlan MoePlanIn(int32_t* base, int64_t max_groups) {
+  MoePlan plan;
+  plan.num_groups = base;
+  plan.group_slot = base + 4;
+  plan.group_off = plan.group_slot + max_groups;
+  plan.group_cnt = plan.group_off + max_groups;
+  plan.order = plan.group_cnt + max_groups;
+  return plan;
+}
+
 bool MoeRoutePlanSupported(int64_t N, int64_t E, int64_t k, int64_t P) {
   return N > 0 && k <= kWarp && k <= E && P > 0 && N * k <= 8192 && P <= 8192 && PlanSmemBytes(N, E, k, 1, P) <= 200 * 1024 &&
          PlanSmemBytes(N, E, k, E, P) <= 200 * 1024;

@@ -165,6 +165,10 @@ struct MoePlan {
   int32_t* order = nullptr;
 };
 int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots);
+// A MoePlan laid out in one int32 buffer of MoePlanInts(max_groups, assignments) entries:
+// [num_groups, 3 spare][group_slot][group_off][group_cnt] (max_groups each)[order] (assignments).
+int64_t MoePlanInts(int64_t max_groups, int64_t assignments);
+MoePlan MoePlanIn(int32_t* base, int64_t max_groups);
 // Whether MoeRoutePlan takes this shape (one block: slots and assignments bounded).
 bool MoeRoutePlanSupported(int64_t num_tokens, int64_t num_experts, int64_t top_k, int64_t num_slots);
 // Route (as Route above, same ids and weights) and group the assignments by slot, in one launch.
