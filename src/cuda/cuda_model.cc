@@ -1454,6 +1454,53 @@ Status CudaModel::ReadSlot(int64_t moe_layer, int64_t slot, std::vector<uint16_t
   return Status::Ok();
 }
 
+Result<void*> CudaModel::SlotAddress(int64_t moe_layer, int64_t slot) const {
+  const Impl& im = *impl_;
+  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
+    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
+  return static_cast<void*>(im.SlotPtr(moe_layer, slot));
+}
+
+Status Copy(void* dst, const void* src, uint64_t num_bytes) {
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, num_bytes, cudaMemcpyDefault));
+  return Status::Ok();
+}
+
+Status CudaModel::SetSlotFromDevice(int64_t moe_layer, int64_t slot, const void* src) {
+  Impl& im = *impl_;
+  EEP_ASSIGN_OR_RETURN(void* dst, SlotAddress(moe_layer, slot));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, static_cast<size_t>(slot_bytes()), cudaMemcpyDeviceToDevice, im.s()));
+  im.Filled(moe_layer, slot) = true;
+  im.tables_dirty = true;
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<DeviceMemory>> DeviceMemory::Allocate(int device, uint64_t num_bytes) {
+  EEP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, std::max<uint64_t>(num_bytes, 1));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return Status::ResourceExhausted(
+        fmt::format("cudaMalloc of {} bytes on GPU {}: {}", num_bytes, device, cudaGetErrorString(e)));
+  }
+  return std::unique_ptr<DeviceMemory>(new DeviceMemory(device, p, num_bytes));
+}
+
+DeviceMemory::~DeviceMemory() {
+  if (data_ == nullptr) return;
+  cudaSetDevice(device_);
+  cudaFree(data_);
+}
+
+Status DeviceMemory::CopyFromHost(uint64_t offset, const void* src, uint64_t n) {
+  if (offset > size_ || n > size_ - offset)
+    return Status::OutOfRange(fmt::format("device copy of {} bytes at {} past {} bytes", n, offset, size_));
+  EEP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(static_cast<uint8_t*>(data_) + offset, src, n, cudaMemcpyHostToDevice));
+  return Status::Ok();
+}
+
 Status CudaModel::ClearSlot(int64_t moe_layer, int64_t slot) {
   Impl& im = *impl_;
   if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))

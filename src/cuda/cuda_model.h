@@ -184,6 +184,15 @@ class CudaModel {
   void set_restore_direct(bool direct);
   // Copies slot `slot` of MoE layer `moe_layer` back to the host (tests, checks).
   Status ReadSlot(int64_t moe_layer, int64_t slot, std::vector<uint16_t>* bf16) const;
+
+  // Slots as device memory, for the EPLB weight exchange between ranks (GPU to GPU, or BF16
+  // through the host where the communicator has no device path).
+  // Device address of a held slot's slot_bytes() bytes; valid until ConfigureExpertSlots.
+  Result<void*> SlotAddress(int64_t moe_layer, int64_t slot) const;
+  // Fills a held slot from slot_bytes() bytes of device memory of this model's GPU (a staged
+  // slot received from a peer). Ordered after queued forward work; `src` must stay valid until
+  // that work and the copy are done (freeing it with cudaFree, as DeviceMemory does, waits).
+  Status SetSlotFromDevice(int64_t moe_layer, int64_t slot, const void* src);
   // Fills a slot's device bytes with zeros (tests: proves a restore wrote it).
   Status ClearSlot(int64_t moe_layer, int64_t slot);
 
@@ -197,6 +206,31 @@ class CudaModel {
 // Page-locks host memory for the CUDA driver (cudaHostRegister) for the object's lifetime, so
 // that device copies from it run at full DMA speed. read_only: the mapping is PROT_READ (e.g. a
 // client's view of a backup mirror; cudaHostRegisterReadOnly). kUnavailable without CUDA or a GPU.
+// Synchronous copy of num_bytes between any host and device memory (cudaMemcpyDefault: the
+// direction follows from the addresses), on the legacy stream, which does not wait for the
+// models' non-blocking streams: callable beside running steps.
+Status Copy(void* dst, const void* src, uint64_t num_bytes);
+
+// Device memory on one GPU (cudaMalloc), freed with the object (cudaFree, which waits for the
+// device's queued work). Staging for expert slots received from peers.
+class DeviceMemory {
+ public:
+  static Result<std::unique_ptr<DeviceMemory>> Allocate(int device, uint64_t num_bytes);
+  ~DeviceMemory();
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  void* data() const { return data_; }
+  uint64_t size() const { return size_; }
+  // Synchronous host → device copy into [offset, offset + n).
+  Status CopyFromHost(uint64_t offset, const void* src, uint64_t n);
+
+ private:
+  DeviceMemory(int device, void* data, uint64_t size) : device_(device), data_(data), size_(size) {}
+  int device_ = 0;
+  void* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
 class HostRegistration {
  public:
   static Result<std::unique_ptr<HostRegistration>> Register(void* data, uint64_t num_bytes, bool read_only = false);

@@ -64,6 +64,12 @@ void CudaModel::set_restore_staging_bytes(uint64_t) {}
 void CudaModel::set_restore_direct(bool) {}
 Status CudaModel::ReadSlot(int64_t, int64_t, std::vector<uint16_t>*) const { return NoCuda(); }
 Status CudaModel::ClearSlot(int64_t, int64_t) { return NoCuda(); }
+Result<void*> CudaModel::SlotAddress(int64_t, int64_t) const { return NoCuda(); }
+Status Copy(void*, const void*, uint64_t) { return NoCuda(); }
+Status CudaModel::SetSlotFromDevice(int64_t, int64_t, const void*) { return NoCuda(); }
+Result<std::unique_ptr<DeviceMemory>> DeviceMemory::Allocate(int, uint64_t) { return NoCuda(); }
+DeviceMemory::~DeviceMemory() = default;
+Status DeviceMemory::CopyFromHost(uint64_t, const void*, uint64_t) { return NoCuda(); }
 
 Result<std::unique_ptr<HostRegistration>> HostRegistration::Register(void*, uint64_t, bool) { return NoCuda(); }
 HostRegistration::~HostRegistration() = default;

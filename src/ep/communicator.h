@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "core/status.h"
 
 namespace eep::ep {
@@ -58,6 +60,35 @@ class Communicator {
 
   // Makes a blocked or future AllToAllV return kCancelled. Any thread.
   virtual void Abort() = 0;
+
+  // ---- device memory (optional) ----------------------------------------------------------
+  // A buffer in this rank's GPU memory and the peer (position) it goes to or comes from.
+  struct DeviceSpan {
+    int peer = 0;
+    void* data = nullptr;
+    size_t bytes = 0;
+  };
+  // True when ExchangeDevice moves GPU memory between ranks without host staging.
+  virtual bool SupportsDeviceExchange() const { return false; }
+  // Sends each sends[i] to its peer and fills each recvs[i] from its peer, GPU to GPU (EPLB
+  // weight exchange: expert slots straight into a peer's device staging). For every ordered
+  // pair of ranks the k-th send of a to b lands in the k-th recv of b from a; their sizes must
+  // agree (both sides derive them from the same plan). Collective over the ranks that
+  // exchange anything; waits, timeouts and Abort() as in AllToAllV.
+  virtual Status ExchangeDevice(std::span<const DeviceSpan> sends, std::span<const DeviceSpan> recvs) {
+    (void)sends, (void)recvs;
+    return Status::Unimplemented(fmt::format("communicator '{}' has no device exchange", name()));
+  }
+
+  // A communicator over this one's ranks without `excluded` (positions; the survivors keep
+  // their order), made from this one without a new bootstrap: after a peer died, the
+  // survivors go on without re-creating from scratch (nccl: ncclCommShrink with
+  // NCCL_SHRINK_ABORT, which also ends what was in flight on this one). Collective over the
+  // survivors. kUnimplemented where a backend cannot: the caller then creates a new one.
+  virtual Result<std::unique_ptr<Communicator>> Shrink(const std::vector<int>& excluded) {
+    (void)excluded;
+    return Status::Unimplemented(fmt::format("communicator '{}' cannot shrink", name()));
+  }
 
   // The peers that stayed silent in the last AllToAllV that timed out (suspects for the
   // coordinator to confirm); empty otherwise.

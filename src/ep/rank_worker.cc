@@ -45,6 +45,11 @@ namespace eep::ep {
 namespace {
 
 // Plan item sources besides a rank id.
+// Records of the expert exchange: int32 {layer, slot, expert, kind}, then the f32 host copy
+// (kRecordF32), or nothing: the device slot follows in a second round, in record order
+// (kRecordDevice; GPU to GPU where the communicator can, else through the host).
+enum ExchangeRecord : int32_t { kRecordF32 = 0, kRecordDevice = 1 };
+constexpr size_t kRecordHead = 4 * sizeof(int32_t);
 constexpr int kFromBackup = -1;
 constexpr int kFromDisk = -2;
 
@@ -103,11 +108,14 @@ struct Staged {
   std::vector<Slot> slots;
   // CUDA ranks: slots whose expert is BF16 in a DRAM backup mirror mapped into this process;
   // their device slots are DMA'd straight from the mirror (CudaModel::RestoreExperts) at the
-  // switch instead of uploading the host copy. (MoE layer, slot, logical expert.)
+  // switch, with no host copy. (MoE layer, slot, logical expert.)
   std::vector<std::tuple<int64_t, int64_t, int32_t>> device_direct;
-  // Of those, the slots whose host copy is not made yet (StageFetched's defer_host): filled
-  // after the switch (FillHostCopies), off the blocking window.
-  std::vector<std::tuple<int64_t, int64_t, int32_t>> host_pending;
+  // CUDA ranks: experts that come from device slots, a peer's (GPU to GPU through the
+  // communicator's ExchangeDevice, or through the host) or this rank's own (a move between its
+  // slots), parked in device_staging: (MoE layer, slot, index in the staging). Copied into
+  // their slots at the switch.
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> device_staged;
+  std::shared_ptr<cuda::DeviceMemory> device_staging;
   std::vector<std::vector<uint8_t>> received;
   int64_t bytes_peers = 0, bytes_backup = 0, bytes_disk = 0;
   int64_t experts_peers = 0, experts_backup = 0, experts_disk = 0;
@@ -276,6 +284,35 @@ class RankWorker {
     if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_)) co.device = gpu->device();
     ControlBootstrap boot(socket_, epoch, &deferred_);
     EEP_ASSIGN_OR_RETURN(auto comm, CreateCommunicator(communicator_, co, &boot));
+    return AdoptComm(std::move(comm), members, epoch);
+  }
+
+  // The survivors' communicator made from `from` (whose positions are `from_members`) when
+  // `members` are some of them in the same order: Shrink, no new bootstrap. Null when that does
+  // not apply or the backend cannot (it then says so the same way on every rank).
+  Result<std::shared_ptr<Communicator>> ShrinkComm(Communicator* from, const std::vector<int>& from_members,
+                                                   const std::vector<int>& members, int64_t epoch) {
+    if (from == nullptr || members.size() >= from_members.size() || PositionOf(members, id_) < 0)
+      return std::shared_ptr<Communicator>();
+    std::vector<int> excluded;
+    size_t k = 0;
+    for (size_t p = 0; p < from_members.size(); ++p) {
+      if (k < members.size() && from_members[p] == members[k]) ++k;
+      else excluded.push_back(static_cast<int>(p));
+    }
+    if (k != members.size()) return std::shared_ptr<Communicator>();  // not a subsequence
+    const double t0 = NowSeconds();
+    auto shrunk = from->Shrink(excluded);
+    if (!shrunk.ok()) {
+      if (shrunk.status().code() == StatusCode::kUnimplemented) return std::shared_ptr<Communicator>();
+      return shrunk.status();
+    }
+    EEP_LOG_INFO("rank {}: communicator shrunk to {} ranks in {:.1f} ms", id_, members.size(), (NowSeconds() - t0) * 1e3);
+    return AdoptComm(std::move(*shrunk), members, epoch);
+  }
+
+  Result<std::shared_ptr<Communicator>> AdoptComm(std::unique_ptr<Communicator> comm, const std::vector<int>& members,
+                                                  int64_t epoch) {
     // A silent peer is reported to the coordinator (heartbeat channel) and waited for: only the
     // coordinator decides it is dead (process gone, stopped, heartbeats lost) and aborts us.
     comm->SetSilenceHandler([this, members](const std::vector<int>& peers) {
@@ -320,11 +357,19 @@ class RankWorker {
   // `direct` slots are DMA'd from the mapped backup mirror instead (the upload of the host copy
   // is their fallback).
   Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload,
-                         const std::vector<std::tuple<int64_t, int64_t, int32_t>>& direct = {}) {
+                         const std::vector<std::tuple<int64_t, int64_t, int32_t>>& direct = {},
+                         const Staged* from_peers = nullptr) {
     cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
     if (gpu == nullptr) return Status::Ok();
     EEP_RETURN_IF_ERROR_CTX(gpu->ConfigureExpertSlots(experts_->map(), experts_->slot_begin(), experts_->slot_end()),
                             "device expert slots");
+    // Slots received from peers into device staging: one device copy each.
+    if (from_peers != nullptr && !from_peers->device_staged.empty()) {
+      const auto* base = static_cast<const uint8_t*>(from_peers->device_staging->data());
+      for (const auto& [l, slot, i] : from_peers->device_staged)
+        EEP_RETURN_IF_ERROR_CTX(gpu->SetSlotFromDevice(l, slot, base + i * gpu->slot_bytes()),
+                                fmt::format("slot {} of MoE layer {} from the device staging", slot, l));
+    }
     std::set<std::pair<int64_t, int64_t>> restored;
     if (!direct.empty() && backup_) {
       std::vector<cuda::CudaModel::SlotRestore> list;
@@ -338,7 +383,7 @@ class RankWorker {
       } else {
         EEP_LOG_WARN("rank {}: restoring device slots from the mirror failed ({}); uploading the host copies", id_,
                      rs.ToString());
-        EEP_RETURN_IF_ERROR(FillHostCopies(direct));  // any not made yet (deferred)
+        EEP_RETURN_IF_ERROR(FillHostCopies(direct));
       }
     }
     for (const auto& [l, slot] : upload) {
@@ -347,6 +392,14 @@ class RankWorker {
       if (w.data.empty()) continue;
       EEP_RETURN_IF_ERROR_CTX(gpu->SetSlot(l, slot, DType::kF32, w.gate(), w.up(), w.down()),
                               fmt::format("uploading slot {} of MoE layer {}", slot, l));
+    }
+    // The device slots are the record now: a CUDA rank keeps no f32 host copy of its experts
+    // (it would cost twice the experts' BF16 bytes of host memory, and refreshing it after every
+    // exchange). Exchanges read the device slots.
+    for (const auto& [l, slot] : AllHeldSlots()) {
+      auto& data = experts_->Slot(l, slot).data;
+      data.clear();
+      data.shrink_to_fit();
     }
     return Status::Ok();
   }
@@ -412,14 +465,6 @@ class RankWorker {
       experts_->Slot(l, slot).data = std::move(data);
       return Status::Ok();
     });
-  }
-  // Host copies deferred at the last switch (made on a thread while steps run) are complete
-  // before any command other than a step touches the host expert record.
-  Status WaitHostFill() {
-    if (!host_fill_.valid()) return Status::Ok();
-    Status st = host_fill_.get();
-    if (!st.ok()) EEP_LOG_ERROR("rank {}: host copies of restored experts: {}", id_, st.ToString());
-    return st;
   }
   std::vector<std::pair<int64_t, int64_t>> AllHeldSlots() const {
     std::vector<std::pair<int64_t, int64_t>> all;
@@ -679,9 +724,21 @@ class RankWorker {
     const int64_t epoch = m.header["epoch"].get<int64_t>();
     const auto members = m.header["members"].get<std::vector<int>>();
     const std::string tag = m.header["tag"].get<std::string>();
-    EEP_ASSIGN_OR_RETURN(next_comms_[tag], MakeComm(members, epoch, tag));
+    // After a death the survivors' communicators are shrunk from the current ones where the
+    // backend can (nccl with EEP_NCCL_SHRINK=1), else made anew.
+    EEP_ASSIGN_OR_RETURN(auto shrunk, ShrinkComm(comm_.get(), members_, members, epoch));
+    if (shrunk) {
+      next_comms_[tag] = std::move(shrunk);
+    } else {
+      EEP_ASSIGN_OR_RETURN(next_comms_[tag], MakeComm(members, epoch, tag));
+    }
     if (m.header.value("async", false)) {
-      EEP_ASSIGN_OR_RETURN(next_comms_[tag + "-async"], MakeComm(members, epoch, tag + "-async"));
+      EEP_ASSIGN_OR_RETURN(auto shrunk_async, ShrinkComm(async_comm_.get(), members_, members, epoch));
+      if (shrunk_async) {
+        next_comms_[tag + "-async"] = std::move(shrunk_async);
+      } else {
+        EEP_ASSIGN_OR_RETURN(next_comms_[tag + "-async"], MakeComm(members, epoch, tag + "-async"));
+      }
     }
     return ControlMessage{{{"type", "comm_ready"}}, ""};
   }
@@ -703,7 +760,7 @@ class RankWorker {
     // (Host copies of experts DMA'd from the mirror are made after the switch.)
     EEP_ASSIGN_OR_RETURN(Staged staged, StageTransfers(m.header["items"], comm, ex_members,
                                                        m.header["members"].get<std::vector<int>>(),
-                                                       m.header["slots_per_rank"].get<int64_t>(), /*defer_host=*/true));
+                                                       m.header["slots_per_rank"].get<int64_t>()));
     staged.seconds = NowSeconds() - t0;
     ControlMessage reply{{{"type", "staged"}, {"restore", staged.Report()}}, ""};
     staged_ = std::make_unique<Staged>(std::move(staged));
@@ -727,21 +784,19 @@ class RankWorker {
     layout_ = LayoutFor(config().num_experts, members.size(), S);
     experts_->Relayout(std::move(next), layout_.FirstSlot(pos), layout_.FirstSlot(pos) + S);
     std::vector<std::pair<int64_t, int64_t>> filled;
-    std::vector<std::tuple<int64_t, int64_t, int32_t>> direct, pending;
-    if (staged_) {
-      filled = FillStaged(staged_.get());
-      direct = std::move(staged_->device_direct);
-      pending = std::move(staged_->host_pending);
+    std::vector<std::tuple<int64_t, int64_t, int32_t>> direct;
+    // Kept to the end of the switch: its device staging is read by SyncDeviceSlots.
+    std::unique_ptr<Staged> staged = std::move(staged_);
+    if (staged) {
+      filled = FillStaged(staged.get());
+      direct = std::move(staged->device_direct);
     }
-    staged_.reset();
     prefetched_.clear();
     const double t_sync = NowSeconds();
-    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, direct));
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, direct, staged.get()));
     if (cuda::CudaModelOf(*model_) != nullptr)
       EEP_LOG_INFO("rank {}: device slots at the switch in {:.1f} ms ({} slot(s), {} by DMA from the mirror)", id_,
                    (NowSeconds() - t_sync) * 1e3, filled.size(), direct.size());
-    if (!pending.empty())
-      host_fill_ = std::async(std::launch::async, [this, pending]() { return FillHostCopies(pending); });
     comm_ = it->second;
     auto ait = next_comms_.find(tag + "-async");
     async_comm_ = ait == next_comms_.end() ? nullptr : ait->second;
@@ -753,13 +808,44 @@ class RankWorker {
     return true;
   }
 
+  // Device buffers to and from peers: the communicator's own GPU-to-GPU path where it has one,
+  // else staged through the host in one AllToAllV (collective: every rank of `comm` calls it).
+  // For each ordered pair the k-th send lands in the k-th receive; sizes must agree.
+  static Status ExchangeDeviceSpans(Communicator* comm, const std::vector<Communicator::DeviceSpan>& sends,
+                                    const std::vector<Communicator::DeviceSpan>& recvs) {
+    if (comm->SupportsDeviceExchange()) return comm->ExchangeDevice(sends, recvs);
+    const size_t world = static_cast<size_t>(comm->world_size());
+    std::vector<std::vector<uint8_t>> out(world), in;
+    for (const auto& d : sends) {
+      auto& buf = out.at(static_cast<size_t>(d.peer));
+      const size_t at = buf.size();
+      buf.resize(at + d.bytes);
+      EEP_RETURN_IF_ERROR(cuda::Copy(buf.data() + at, d.data, d.bytes));
+    }
+    std::vector<std::span<const uint8_t>> spans(out.begin(), out.end());
+    EEP_RETURN_IF_ERROR(comm->AllToAllV(spans, &in));
+    std::vector<size_t> taken(world, 0);
+    for (const auto& d : recvs) {
+      const size_t p = static_cast<size_t>(d.peer);
+      if (p >= in.size() || in[p].size() - taken[p] < d.bytes)
+        return Status::Corruption(fmt::format("device exchange: rank {} sent {} bytes, fewer than announced", d.peer,
+                                              p < in.size() ? in[p].size() : 0));
+      EEP_RETURN_IF_ERROR(cuda::Copy(d.data, in[p].data() + taken[p], d.bytes));
+      taken[p] += d.bytes;
+    }
+    for (size_t p = 0; p < in.size(); ++p)
+      if (taken[p] != in[p].size())
+        return Status::Corruption(fmt::format("device exchange: rank {} sent {} bytes, {} announced", p, in[p].size(), taken[p]));
+    return Status::Ok();
+  }
+
   // Moves the experts of a transfer plan ([layer, slot, expert, source] items; slot in the
   // layout of `dst_members` with S slots each; source a rank id, or -1 = DRAM backup, -2 =
   // checkpoint) into staging: every rank packs what it must send, one AllToAllV over `comm`
   // (whose positions are `ex_members`) moves it. Reads the current slots only, so it may run
   // beside forward passes (async EPLB).
   Result<Staged> StageTransfers(const nlohmann::json& items, Communicator* comm, const std::vector<int>& ex_members,
-                                const std::vector<int>& dst_members, int64_t S, bool defer_host = false) {
+                                const std::vector<int>& dst_members, int64_t S) {
     const ModelConfig& c = config();
     const size_t expert_floats = static_cast<size_t>(3 * c.ExpertIntermediate() * c.hidden_size);
     const size_t expert_bytes = expert_floats * sizeof(float);
@@ -767,21 +853,25 @@ class RankWorker {
     auto dst_of = [&](int64_t slot) { return dst_members[static_cast<size_t>(slot / S)]; };
     Staged staged;
     const size_t world = ex_members.size();
+    // CUDA ranks send experts they hold straight from their device slots (BF16): GPU to GPU
+    // where the communicator can (nccl), else through the host (half the bytes of the f32 copy).
+    cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
+    const size_t slot_bytes = gpu != nullptr ? static_cast<size_t>(gpu->slot_bytes()) : 0;
+    std::vector<Communicator::DeviceSpan> dev_sends;
+    struct LocalMove {
+      int64_t layer, slot, from;
+    };
+    std::vector<LocalMove> local_moves;
     std::vector<std::vector<uint8_t>> send(world);
     std::vector<size_t> send_bytes(world, 0);
     for (const auto& it : items)
       if (it[3].get<int>() == id_) {
         const int d = PositionOf(ex_members, dst_of(it[1].get<int64_t>()));
-        if (d >= 0) send_bytes[static_cast<size_t>(d)] += 12 + expert_bytes;
+        if (d >= 0) send_bytes[static_cast<size_t>(d)] += kRecordHead + (gpu == nullptr ? expert_bytes : 0);
       }
     for (size_t d = 0; d < world; ++d) send[d].reserve(send_bytes[d]);
     std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, slot, expert, source) read here
     std::map<std::pair<int64_t, int32_t>, int> cache_uses;  // local uses of each prefetched expert
-    const bool device_from_mirror = [&] {
-      if (!backup_ || cuda::CudaModelOf(*model_) == nullptr || c.MoeLayers().empty()) return false;
-      const TensorInfo* t = checkpoint().Find(c.ExpertTensorNames(c.MoeLayers()[0], 0)[0]);
-      return t != nullptr && t->dtype == DType::kBF16;
-    }();
     for (const auto& it : items)
       if (it[3].get<int>() == id_ && dst_of(it[1].get<int64_t>()) == id_) ++cache_uses[{it[0].get<int64_t>(), it[2].get<int32_t>()}];
     for (const auto& it : items) {
@@ -791,49 +881,106 @@ class RankWorker {
       if ((src == kFromBackup || src == kFromDisk) && dst == id_) fetch.emplace_back(l, s, e, src);
       if (src != id_) continue;
       const std::vector<float>* w = nullptr;
+      int64_t held = -1;  // a slot of this rank holding the expert
       for (int32_t os : old.Replicas(l, e))
-        if (experts_->Holds(os)) w = &experts_->Slot(l, os).data;
+        if (experts_->Holds(os)) {
+          w = &experts_->Slot(l, os).data;
+          held = os;
+        }
       auto cached = prefetched_.end();
       if (w == nullptr) {
         cached = prefetched_.find({l, e});  // a joining rank's prefetched expert
         if (cached != prefetched_.end()) w = &cached->second;
       }
-      if (w == nullptr || w->empty())
+      // On a CUDA rank a held expert's device slot is its only copy.
+      const bool from_slot = gpu != nullptr && held >= 0;
+      if (!from_slot && (w == nullptr || w->empty()))
         return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", id_, e, l));
+      if (dst == id_ && from_slot) {
+        local_moves.push_back({l, s, held});  // slot to slot through the device staging
+        continue;
+      }
       if (dst == id_) {
         // A prefetched expert moves into its slot (copied only for a further replica here).
         if (cached != prefetched_.end() && --cache_uses[{l, e}] == 0) staged.slots.push_back({l, s, std::move(cached->second), nullptr});
         else staged.slots.push_back({l, s, *w, nullptr});
-        // CUDA: the device slot is DMA'd from the DRAM mirror at the switch (the host copy
-        // above stays the record, and the upload's fallback).
-        if (device_from_mirror) staged.device_direct.emplace_back(l, s, e);
         continue;
       }
       const int d = PositionOf(ex_members, dst);
       if (d < 0) return Status::Internal(fmt::format("plan sends expert {} to rank {}, not in the exchange", e, dst));
       auto& buf = send[static_cast<size_t>(d)];
-      const int32_t head[3] = {static_cast<int32_t>(l), static_cast<int32_t>(s), e};
+      const int32_t kind = from_slot ? kRecordDevice : kRecordF32;
+      const int32_t head[4] = {static_cast<int32_t>(l), static_cast<int32_t>(s), e, kind};
       buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(head), reinterpret_cast<const uint8_t*>(head) + sizeof head);
-      buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data()),
-                 reinterpret_cast<const uint8_t*>(w->data()) + expert_bytes);
+      if (kind == kRecordF32) {
+        buf.insert(buf.end(), reinterpret_cast<const uint8_t*>(w->data()),
+                   reinterpret_cast<const uint8_t*>(w->data()) + expert_bytes);
+      } else {
+        EEP_ASSIGN_OR_RETURN(void* addr, gpu->SlotAddress(l, held));
+        dev_sends.push_back({d, addr, slot_bytes});
+      }
     }
-    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged, defer_host));
+    EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged, /*no_host=*/gpu != nullptr));
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
     std::vector<std::vector<uint8_t>>& recv = staged.received;
     EEP_RETURN_IF_ERROR_CTX(comm->AllToAllV(spans, &recv), "expert weight exchange");
-    const size_t record = 12 + expert_bytes;
+    // Parse the records; device slots go to one staging buffer in arrival order.
+    struct DevRecord {
+      int64_t layer, slot;
+      int32_t expert;
+      int peer;
+    };
+    std::vector<DevRecord> dev_records;
     for (size_t src = 0; src < recv.size(); ++src) {
       const auto& buf = recv[src];
-      if (buf.size() % record != 0)
-        return Status::Corruption(fmt::format("expert exchange from rank {}: bad size {}", ex_members[src], buf.size()));
-      for (size_t off = 0; off < buf.size(); off += record) {
-        int32_t head[3];
-        std::memcpy(head, buf.data() + off, 12);
-        staged.slots.push_back({head[0], head[1], {}, buf.data() + off + 12});
+      const auto bad = [&](const std::string& why) {
+        return Status::Corruption(fmt::format("expert exchange from rank {}: {} ({} bytes)", ex_members[src], why, buf.size()));
+      };
+      for (size_t off = 0; off < buf.size();) {
+        if (buf.size() - off < kRecordHead) return bad("truncated record");
+        int32_t head[4];
+        std::memcpy(head, buf.data() + off, kRecordHead);
+        off += kRecordHead;
+        if (head[3] == kRecordF32) {
+          if (buf.size() - off < expert_bytes) return bad("truncated expert");
+          staged.slots.push_back({head[0], head[1], {}, buf.data() + off});
+          off += expert_bytes;
+          staged.bytes_peers += static_cast<int64_t>(expert_bytes);
+        } else if (head[3] == kRecordDevice) {
+          if (gpu == nullptr) return bad("a device slot sent to a rank without a GPU");
+          dev_records.push_back({head[0], head[1], head[2], static_cast<int>(src)});
+          staged.bytes_peers += static_cast<int64_t>(slot_bytes);
+        } else {
+          return bad(fmt::format("unknown record kind {}", head[3]));
+        }
         ++staged.experts_peers;
       }
-      staged.bytes_peers += static_cast<int64_t>(buf.size());
+    }
+    // Round two (CUDA ranks, every one of the exchange: over a host communicator it is a
+    // collective): the device slots, into one staging buffer in record order, after this rank's
+    // own slot-to-slot moves.
+    if (gpu != nullptr) {
+      const size_t staged_count = local_moves.size() + dev_records.size();
+      if (staged_count > 0) {
+        EEP_ASSIGN_OR_RETURN(auto mem, cuda::DeviceMemory::Allocate(gpu->device(), staged_count * slot_bytes));
+        staged.device_staging = std::move(mem);
+      }
+      auto* base = staged_count > 0 ? static_cast<uint8_t*>(staged.device_staging->data()) : nullptr;
+      for (size_t i = 0; i < local_moves.size(); ++i) {
+        const LocalMove& m = local_moves[i];
+        EEP_ASSIGN_OR_RETURN(void* from, gpu->SlotAddress(m.layer, m.from));
+        EEP_RETURN_IF_ERROR_CTX(cuda::Copy(base + i * slot_bytes, from, slot_bytes), "expert move between slots");
+        staged.device_staged.emplace_back(m.layer, m.slot, static_cast<int64_t>(i));
+      }
+      std::vector<Communicator::DeviceSpan> dev_recvs;
+      for (size_t k = 0; k < dev_records.size(); ++k) {
+        const DevRecord& r = dev_records[k];
+        const size_t i = local_moves.size() + k;
+        dev_recvs.push_back({r.peer, base + i * slot_bytes, slot_bytes});
+        staged.device_staged.emplace_back(r.layer, r.slot, static_cast<int64_t>(i));
+      }
+      EEP_RETURN_IF_ERROR_CTX(ExchangeDeviceSpans(comm, dev_sends, dev_recvs), "expert weight exchange (device slots)");
     }
     return staged;
   }
@@ -841,10 +988,10 @@ class RankWorker {
   // Experts this rank reads itself: from the DRAM backup managers (checkpoint dtype, one
   // batched fetch per layer), falling back to the checkpoint on disk when the backup cannot
   // serve them (logged: it is the slow path).
-  // defer_host (CUDA ranks): experts the device restores by DMA from the mapped mirror get no
-  // host copy here (Staged::host_pending).
+  // no_host (CUDA ranks' switches): experts the device restores by DMA from the mapped mirror
+  // get no host copy (Staged::device_direct).
   Status StageFetched(const std::vector<std::tuple<int64_t, int64_t, int32_t, int>>& fetch, Staged* staged,
-                      bool defer_host = false) {
+                      bool no_host = false) {
     if (fetch.empty()) return Status::Ok();
     const ModelConfig& c = config();
     const auto moe_layers = c.MoeLayers();
@@ -875,11 +1022,10 @@ class RankWorker {
               complete = complete && it != where.end() && it->second != nullptr;
             }
           const bool direct = dtype == DType::kBF16 && cuda::CudaModelOf(*model_) != nullptr;
-          if (complete && direct && defer_host) {
+          if (complete && direct && no_host) {
             for (const auto& [slot, e] : list) {
               staged->slots.push_back({l, slot, {}, nullptr});
               staged->device_direct.emplace_back(l, slot, e);
-              staged->host_pending.emplace_back(l, slot, e);
               ++staged->experts_backup;
             }
             staged->bytes_backup += static_cast<int64_t>(ids.size() * 3 * mat * esize);
@@ -953,6 +1099,12 @@ class RankWorker {
       }
       filled.emplace_back(s.layer, s.slot);
     }
+    // Slots that come from the device staging: their host copies are made after the switch.
+    for (const auto& [l, slot, i] : staged->device_staged) {
+      auto& data = experts_->Slot(l, slot).data;
+      data.clear();
+      data.shrink_to_fit();
+    }
     return filled;
   }
 
@@ -963,7 +1115,7 @@ class RankWorker {
                                                                 config().num_experts));
     const auto filled = FillStaged(staged);
     experts_->SetMap(std::move(next));
-    return SyncDeviceSlots(filled, staged->device_direct);
+    return SyncDeviceSlots(filled, staged->device_direct, staged);
   }
 
   Result<Staged> StageRebalance(const nlohmann::json& items, Communicator* comm) {
@@ -1004,6 +1156,20 @@ class RankWorker {
     const int64_t bytes = m.header["bytes"].get<int64_t>();
     const int rounds = m.header["rounds"].get<int>();
     const int world = comm_->world_size(), me = comm_->rank();
+    cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
+    if (gpu != nullptr && comm_->SupportsDeviceExchange()) {
+      // GPU to GPU: the raw send/recv of the communicator between device buffers.
+      EEP_ASSIGN_OR_RETURN(auto out, cuda::DeviceMemory::Allocate(gpu->device(), static_cast<uint64_t>(bytes)));
+      EEP_ASSIGN_OR_RETURN(auto in, cuda::DeviceMemory::Allocate(gpu->device(), static_cast<uint64_t>(bytes)));
+      std::vector<Communicator::DeviceSpan> sends, recvs;
+      if (world > 1) {
+        sends.push_back({(me + 1) % world, out->data(), static_cast<size_t>(bytes)});
+        recvs.push_back({(me + world - 1) % world, in->data(), static_cast<size_t>(bytes)});
+      }
+      const double t0 = NowSeconds();
+      for (int i = 0; i < rounds; ++i) EEP_RETURN_IF_ERROR_CTX(comm_->ExchangeDevice(sends, recvs), "ring benchmark");
+      return ControlMessage{{{"type", "bench_done"}, {"seconds", NowSeconds() - t0}, {"device", true}}, ""};
+    }
     std::vector<uint8_t> payload(static_cast<size_t>(bytes), 0x5a);
     std::vector<std::span<const uint8_t>> send(static_cast<size_t>(world));
     if (world > 1) send[static_cast<size_t>((me + 1) % world)] = std::span<const uint8_t>(payload);
@@ -1060,11 +1226,7 @@ class RankWorker {
       bool leave = false;
       if (type == "shutdown") return 0;
       if (type == "allgather_result") continue;  // of a round given up
-      // Every command but a step may read the host expert record: deferred copies first.
-      Status host = type == "step" || type == "init" ? Status::Ok() : WaitHostFill();
-      if (!host.ok()) {
-        reply = host;
-      } else if (type == "init") {
+      if (type == "init") {
         if (!heartbeating) {
           StartHeartbeat(hb_endpoint, m->header.value("heartbeat_interval_ms", int64_t{100}));
           heartbeating = true;
@@ -1154,7 +1316,6 @@ class RankWorker {
   std::map<std::string, std::shared_ptr<Communicator>> next_comms_;  // built for a membership change
   std::unique_ptr<Staged> staged_;
   // Host copies deferred at the last switch (Commit); joined before experts_ goes.
-  std::future<Status> host_fill_;
   std::map<std::pair<int64_t, int32_t>, std::vector<float>> prefetched_;  // (layer, expert), joining rank
   std::unique_ptr<backup::ExpertBackupClient> backup_;  // null when not configured
   std::future<Result<Staged>> async_;

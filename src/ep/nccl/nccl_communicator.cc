@@ -11,7 +11,12 @@
 // stream work that depends on it is queued only once the communicator is idle); every wait polls the stream and ncclCommGetAsyncError against the peer
 // deadline and the abort flag. NCCL cannot say which peer is missing: a timeout reports all
 // other ranks as silent (the coordinator confirms which one is dead). Abort() makes the
-// exchanging thread call ncclCommAbort, which ends the operations in flight.
+// exchanging thread call ncclCommAbort, which ends the operations in flight; with
+// EEP_NCCL_SHRINK=1 the communicator is kept instead, and the survivors' next one is made
+// from it by ncclCommShrink (NCCL_SHRINK_ABORT ends what was in flight).
+//
+// ExchangeDevice moves GPU memory rank to rank (EPLB weight exchange from expert slots into a
+// peer's device staging) in one grouped ncclSend/ncclRecv round, with the same waits.
 // One rank per GPU: NCCL refuses two ranks of one communicator on one device.
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -92,6 +97,7 @@ class NcclCommunicator : public Communicator {
     c->rank_ = o.rank;
     c->world_ = o.world_size;
     c->timeout_ms_ = o.peer_timeout_ms;
+    c->defer_abort_ = ShrinkEnabled();
     int devices = 0;
     const cudaError_t e = cudaGetDeviceCount(&devices);
     if (e != cudaSuccess || devices == 0)
@@ -127,6 +133,83 @@ class NcclCommunicator : public Communicator {
   }
 
   void Abort() override { aborted_.store(true); }
+
+  bool SupportsDeviceExchange() const override { return true; }
+
+  // One grouped round of ncclSend/ncclRecv straight between the callers' device buffers (expert
+  // slots → a peer's staging): no host copy, no staging on the sending side. NCCL matches the
+  // sends and receives of each ordered pair in issue order, which is the contract.
+  Status ExchangeDevice(std::span<const DeviceSpan> sends, std::span<const DeviceSpan> recvs) override {
+    silent_peers_.clear();
+    if (aborted_.load()) return AbortNow();
+    if (comm_ == nullptr) return Status::Cancelled("nccl: communicator was aborted");
+    for (const auto* list : {&sends, &recvs})
+      for (const DeviceSpan& d : *list)
+        if (d.peer < 0 || d.peer >= world_ || (d.data == nullptr && d.bytes > 0))
+          return Status::InvalidArgument(
+              fmt::format("ExchangeDevice: peer {} of {} ranks, {} bytes at {}", d.peer, world_, d.bytes, d.data));
+    if (sends.empty() && recvs.empty()) return Status::Ok();
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
+      for (const DeviceSpan& d : sends) {
+        if (d.bytes == 0) continue;
+        ncclResult_t r = ncclSend(d.data, d.bytes, ncclUint8, d.peer, comm_, stream_);
+        if (r != ncclSuccess && r != ncclInProgress) return r;
+      }
+      for (const DeviceSpan& d : recvs) {
+        if (d.bytes == 0) continue;
+        ncclResult_t r = ncclRecv(d.data, d.bytes, ncclUint8, d.peer, comm_, stream_);
+        if (r != ncclSuccess && r != ncclInProgress) return r;
+      }
+      return ncclSuccess;
+    }, "device exchange"));
+    return WaitComm(timeout_ms_, /*stream_too=*/true).WithContext("nccl: device exchange");
+  }
+
+  // ncclCommShrink(NCCL_SHRINK_ABORT): ends what is in flight on this communicator (a peer is
+  // dead), then builds the survivors' communicator from this one's bootstrap state, so no new
+  // unique id and no full re-initialisation. This communicator is torn down on a thread
+  // afterwards (its ncclCommAbort takes ~0.5 s and nobody waits for it).
+  Result<std::unique_ptr<Communicator>> Shrink(const std::vector<int>& excluded) override {
+    if (comm_ == nullptr) return Status::Cancelled("nccl: shrink of a communicator already torn down");
+    // NCCL wants at least one rank excluded (a shrink by nobody is no shrink).
+    if (excluded.empty()) return Status::InvalidArgument("nccl: shrink excludes no rank");
+    std::vector<int> ex(excluded);
+    for (int p : ex)
+      if (p < 0 || p >= world_ || p == rank_)
+        return Status::InvalidArgument(fmt::format("nccl: shrink excludes rank {} (world {}, self {})", p, world_, rank_));
+    std::sort(ex.begin(), ex.end());
+    ex.erase(std::unique(ex.begin(), ex.end()), ex.end());
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    auto c = std::unique_ptr<NcclCommunicator>(new NcclCommunicator());
+    c->world_ = world_ - static_cast<int>(ex.size());
+    c->rank_ = rank_ - static_cast<int>(std::lower_bound(ex.begin(), ex.end(), rank_) - ex.begin());
+    c->device_ = device_;
+    c->timeout_ms_ = timeout_ms_;
+    c->defer_abort_ = defer_abort_;
+    c->on_silence_ = on_silence_;
+    EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&c->stream_, cudaStreamNonBlocking));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t child = nullptr;
+    const ncclResult_t r =
+        ncclCommShrink(comm_, ex.data(), static_cast<int>(ex.size()), &child, &config, NCCL_SHRINK_ABORT);
+    c->comm_ = child;
+    if (r != ncclSuccess && r != ncclInProgress) return c->Check(r, "ncclCommShrink");
+    constexpr int64_t kShrinkTimeoutMs = 60000;
+    EEP_RETURN_IF_ERROR_CTX(c->WaitComm(std::max(kShrinkTimeoutMs, timeout_ms_), /*stream_too=*/false),
+                            fmt::format("nccl: shrink of rank {} of {} to {} ranks", rank_, world_, c->world_));
+    // The parent is finished with: tear it down off the caller's path.
+    ncclComm_t parent = comm_;
+    comm_ = nullptr;
+    aborted_.store(true);
+    std::thread([parent, dev = device_] {
+      cudaSetDevice(dev);
+      ncclCommAbort(parent);
+    }).detach();
+    EEP_LOG_DEBUG("nccl: rank {} of {} shrunk to rank {} of {}", rank_, world_, c->rank_, c->world_);
+    return std::unique_ptr<Communicator>(std::move(c));
+  }
 
   Status AllToAllV(const std::vector<std::span<const uint8_t>>& send,
                    std::vector<std::vector<uint8_t>>* recv) override {
@@ -228,8 +311,10 @@ class NcclCommunicator : public Communicator {
     return Check(r, "ncclGroupEnd");
   }
 
+  // With shrinking on, an aborted exchange leaves the communicator to Shrink (which ends the
+  // stuck operations itself) or to the destructor; otherwise it is torn down now.
   Status AbortNow() {
-    if (comm_ != nullptr) {
+    if (comm_ != nullptr && !defer_abort_) {
       ncclCommAbort(comm_);
       comm_ = nullptr;
     }
@@ -286,7 +371,15 @@ class NcclCommunicator : public Communicator {
     return Status::Ok();
   }
 
+  // EEP_NCCL_SHRINK=1: survivors shrink the communicator after a peer died instead of
+  // aborting it and creating a fresh one (not yet measured across GPUs: off by default).
+  static bool ShrinkEnabled() {
+    const char* v = std::getenv("EEP_NCCL_SHRINK");
+    return v != nullptr && std::string(v) == "1";
+  }
+
   int rank_ = 0, world_ = 1, device_ = 0;
+  bool defer_abort_ = false;
   int64_t timeout_ms_ = 1000;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
