@@ -2,6 +2,11 @@
 // other tools parse, such as `listening ENDPOINT` or --json results).
 #pragma once
 
+// Debug and trace lines are compiled in (spdlog drops SPDLOG_DEBUG below its compile-time
+// level, info unless set) and filtered at run time by --log-level.
+#ifndef SPDLOG_ACTIVE_LEVEL
+#define SPDLOG_ACTIVE_LEVEL SPDLOG_LEVEL_TRACE
+#endif
 #include <spdlog/spdlog.h>
 
 #include <string>

@@ -1461,11 +1461,6 @@ Result<void*> CudaModel::SlotAddress(int64_t moe_layer, int64_t slot) const {
   return static_cast<void*>(im.SlotPtr(moe_layer, slot));
 }
 
-Status Copy(void* dst, const void* src, uint64_t num_bytes) {
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, num_bytes, cudaMemcpyDefault));
-  return Status::Ok();
-}
-
 Status CudaModel::SetSlotFromDevice(int64_t moe_layer, int64_t slot, const void* src) {
   Impl& im = *impl_;
   EEP_ASSIGN_OR_RETURN(void* dst, SlotAddress(moe_layer, slot));

@@ -206,10 +206,20 @@ class CudaModel {
 // Page-locks host memory for the CUDA driver (cudaHostRegister) for the object's lifetime, so
 // that device copies from it run at full DMA speed. read_only: the mapping is PROT_READ (e.g. a
 // client's view of a backup mirror; cudaHostRegisterReadOnly). kUnavailable without CUDA or a GPU.
-// Synchronous copy of num_bytes between any host and device memory (cudaMemcpyDefault: the
-// direction follows from the addresses), on the legacy stream, which does not wait for the
-// models' non-blocking streams: callable beside running steps.
-Status Copy(void* dst, const void* src, uint64_t num_bytes);
+// Copies between host and device memory of any GPU (the direction follows from the
+// addresses), queued on one stream of its own (it does not wait for the models' streams:
+// callable beside running steps) and waited for once. Pageable host memory goes through
+// pinned bounce buffers in pipelined chunks, so it moves at DMA speed rather than through the
+// driver's small staging. Thread-safe (one batch at a time).
+struct CopyItem {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  uint64_t bytes = 0;
+};
+Status CopyBatch(std::span<const CopyItem> items);
+// Makes CopyBatch's stream and bounce buffers on `device` now (tens of ms: page-locking), so
+// that a first batch inside a latency-critical window does not pay for them.
+Status PrepareCopyBatch(int device);
 
 // Device memory on one GPU (cudaMalloc), freed with the object (cudaFree, which waits for the
 // device's queued work). Staging for expert slots received from peers.

@@ -65,7 +65,8 @@ void CudaModel::set_restore_direct(bool) {}
 Status CudaModel::ReadSlot(int64_t, int64_t, std::vector<uint16_t>*) const { return NoCuda(); }
 Status CudaModel::ClearSlot(int64_t, int64_t) { return NoCuda(); }
 Result<void*> CudaModel::SlotAddress(int64_t, int64_t) const { return NoCuda(); }
-Status Copy(void*, const void*, uint64_t) { return NoCuda(); }
+Status CopyBatch(std::span<const CopyItem>) { return NoCuda(); }
+Status PrepareCopyBatch(int) { return NoCuda(); }
 Status CudaModel::SetSlotFromDevice(int64_t, int64_t, const void*) { return NoCuda(); }
 Result<std::unique_ptr<DeviceMemory>> DeviceMemory::Allocate(int, uint64_t) { return NoCuda(); }
 DeviceMemory::~DeviceMemory() = default;

@@ -31,6 +31,7 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "backup/backup.h"
 #include "cluster/etcd.h"
@@ -396,11 +397,10 @@ class RankWorker {
     // The device slots are the record now: a CUDA rank keeps no f32 host copy of its experts
     // (it would cost twice the experts' BF16 bytes of host memory, and refreshing it after every
     // exchange). Exchanges read the device slots.
-    for (const auto& [l, slot] : AllHeldSlots()) {
-      auto& data = experts_->Slot(l, slot).data;
-      data.clear();
-      data.shrink_to_fit();
-    }
+    std::vector<std::vector<float>> copies;
+    for (const auto& [l, slot] : AllHeldSlots())
+      if (auto& data = experts_->Slot(l, slot).data; !data.empty()) copies.push_back(std::exchange(data, {}));
+    DiscardLater(std::move(copies));
     return Status::Ok();
   }
   // Expert e of MoE layer l as f32 [gate | up | down] from the checkpoint; *bytes (may be null)
@@ -466,6 +466,12 @@ class RankWorker {
       return Status::Ok();
     });
   }
+  // Frees large host buffers on a thread: returning gigabytes to the OS takes tens of ms,
+  // which a switch's blocking window must not pay.
+  template <typename T>
+  static void DiscardLater(T&& junk) {
+    std::thread([j = std::forward<T>(junk)]() mutable { T drop = std::move(j); }).detach();
+  }
   std::vector<std::pair<int64_t, int64_t>> AllHeldSlots() const {
     std::vector<std::pair<int64_t, int64_t>> all;
     for (int64_t l = 0; l < experts_->map().num_moe_layers(); ++l)
@@ -503,6 +509,10 @@ class RankWorker {
     experts_ = std::make_unique<LocalExperts>(config(), std::move(map), first, pos < 0 ? 0 : first + layout_.slots_per_rank);
     if (pos >= 0) EEP_RETURN_IF_ERROR(experts_->LoadFromCheckpoint(checkpoint()));
     EEP_RETURN_IF_ERROR(SyncDeviceSlots(AllHeldSlots()));
+    // The copier of expert exchanges (a stream and pinned bounce buffers) is made now, not
+    // inside a failover's blocking window.
+    if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_))
+      EEP_RETURN_IF_ERROR_CTX(cuda::PrepareCopyBatch(gpu->device()), fmt::format("rank {}", id_));
     // The backup is optional: without it the rank runs and says so.
     const auto backup_endpoints = h.value("backup_endpoints", std::vector<std::string>{});
     if (!backup_endpoints.empty()) {
@@ -791,7 +801,7 @@ class RankWorker {
       filled = FillStaged(staged.get());
       direct = std::move(staged->device_direct);
     }
-    prefetched_.clear();
+    DiscardLater(std::exchange(prefetched_, {}));
     const double t_sync = NowSeconds();
     EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, direct, staged.get()));
     if (cuda::CudaModelOf(*model_) != nullptr)
@@ -811,31 +821,43 @@ class RankWorker {
   // Device buffers to and from peers: the communicator's own GPU-to-GPU path where it has one,
   // else staged through the host in one AllToAllV (collective: every rank of `comm` calls it).
   // For each ordered pair the k-th send lands in the k-th receive; sizes must agree.
-  static Status ExchangeDeviceSpans(Communicator* comm, const std::vector<Communicator::DeviceSpan>& sends,
+  Status ExchangeDeviceSpans(Communicator* comm, const std::vector<Communicator::DeviceSpan>& sends,
                                     const std::vector<Communicator::DeviceSpan>& recvs) {
     if (comm->SupportsDeviceExchange()) return comm->ExchangeDevice(sends, recvs);
     const size_t world = static_cast<size_t>(comm->world_size());
+    std::vector<size_t> out_bytes(world, 0);
+    for (const auto& d : sends) out_bytes.at(static_cast<size_t>(d.peer)) += d.bytes;
     std::vector<std::vector<uint8_t>> out(world), in;
+    std::vector<cuda::CopyItem> copies;
+    for (size_t p = 0; p < world; ++p) out[p].resize(out_bytes[p]);
+    std::fill(out_bytes.begin(), out_bytes.end(), 0);
     for (const auto& d : sends) {
-      auto& buf = out.at(static_cast<size_t>(d.peer));
-      const size_t at = buf.size();
-      buf.resize(at + d.bytes);
-      EEP_RETURN_IF_ERROR(cuda::Copy(buf.data() + at, d.data, d.bytes));
+      const size_t p = static_cast<size_t>(d.peer);
+      copies.push_back({out[p].data() + out_bytes[p], d.data, d.bytes});
+      out_bytes[p] += d.bytes;
     }
+    const double t0 = NowSeconds();
+    EEP_RETURN_IF_ERROR(cuda::CopyBatch(copies));
+    const double t1 = NowSeconds();
     std::vector<std::span<const uint8_t>> spans(out.begin(), out.end());
     EEP_RETURN_IF_ERROR(comm->AllToAllV(spans, &in));
+    const double t2 = NowSeconds();
+    copies.clear();
     std::vector<size_t> taken(world, 0);
     for (const auto& d : recvs) {
       const size_t p = static_cast<size_t>(d.peer);
       if (p >= in.size() || in[p].size() - taken[p] < d.bytes)
         return Status::Corruption(fmt::format("device exchange: rank {} sent {} bytes, fewer than announced", d.peer,
                                               p < in.size() ? in[p].size() : 0));
-      EEP_RETURN_IF_ERROR(cuda::Copy(d.data, in[p].data() + taken[p], d.bytes));
+      copies.push_back({d.data, in[p].data() + taken[p], d.bytes});
       taken[p] += d.bytes;
     }
     for (size_t p = 0; p < in.size(); ++p)
       if (taken[p] != in[p].size())
         return Status::Corruption(fmt::format("device exchange: rank {} sent {} bytes, {} announced", p, in[p].size(), taken[p]));
+    EEP_RETURN_IF_ERROR(cuda::CopyBatch(copies));
+    EEP_LOG_DEBUG("rank {}: device slots through the host: out {:.1f} ms, exchange {:.1f} ms, in {:.1f} ms", id_,
+                  (t1 - t0) * 1e3, (t2 - t1) * 1e3, (NowSeconds() - t2) * 1e3);
     return Status::Ok();
   }
 
@@ -851,6 +873,7 @@ class RankWorker {
     const size_t expert_bytes = expert_floats * sizeof(float);
     const ExpertMap& old = experts_->map();
     auto dst_of = [&](int64_t slot) { return dst_members[static_cast<size_t>(slot / S)]; };
+    const double t0 = NowSeconds();
     Staged staged;
     const size_t world = ex_members.size();
     // CUDA ranks send experts they hold straight from their device slots (BF16): GPU to GPU
@@ -872,6 +895,11 @@ class RankWorker {
     for (size_t d = 0; d < world; ++d) send[d].reserve(send_bytes[d]);
     std::vector<std::tuple<int64_t, int64_t, int32_t, int>> fetch;  // (layer, slot, expert, source) read here
     std::map<std::pair<int64_t, int32_t>, int> cache_uses;  // local uses of each prefetched expert
+    const bool device_from_mirror = [&] {
+      if (!backup_ || gpu == nullptr || c.MoeLayers().empty()) return false;
+      const TensorInfo* t = checkpoint().Find(c.ExpertTensorNames(c.MoeLayers()[0], 0)[0]);
+      return t != nullptr && t->dtype == DType::kBF16;
+    }();
     for (const auto& it : items)
       if (it[3].get<int>() == id_ && dst_of(it[1].get<int64_t>()) == id_) ++cache_uses[{it[0].get<int64_t>(), it[2].get<int32_t>()}];
     for (const auto& it : items) {
@@ -896,11 +924,21 @@ class RankWorker {
       const bool from_slot = gpu != nullptr && held >= 0;
       if (!from_slot && (w == nullptr || w->empty()))
         return Status::Internal(fmt::format("plan names rank {} as source of expert {} (layer {}), which it lacks", id_, e, l));
-      if (dst == id_ && from_slot) {
-        local_moves.push_back({l, s, held});  // slot to slot through the device staging
+      // A move between this rank's own slots: DMA'd from the DRAM mirror at the switch where
+      // one is mapped here (no staging to allocate and free inside a blocking window), else
+      // slot to slot through the device staging.
+      if (dst == id_ && from_slot && !device_from_mirror) {
+        local_moves.push_back({l, s, held});
         continue;
       }
       if (dst == id_) {
+        // CUDA, a BF16 mirror mapped here: the slot is DMA'd from the mirror at the switch (a
+        // prefetched host copy is not uploaded).
+        if (device_from_mirror) {
+          staged.slots.push_back({l, s, {}, nullptr});
+          staged.device_direct.emplace_back(l, s, e);
+          continue;
+        }
         // A prefetched expert moves into its slot (copied only for a further replica here).
         if (cached != prefetched_.end() && --cache_uses[{l, e}] == 0) staged.slots.push_back({l, s, std::move(cached->second), nullptr});
         else staged.slots.push_back({l, s, *w, nullptr});
@@ -920,11 +958,14 @@ class RankWorker {
         dev_sends.push_back({d, addr, slot_bytes});
       }
     }
+    const double t_packed = NowSeconds();
     EEP_RETURN_IF_ERROR(StageFetched(fetch, &staged, /*no_host=*/gpu != nullptr));
+    const double t_fetched = NowSeconds();
     std::vector<std::span<const uint8_t>> spans;
     for (const auto& b : send) spans.emplace_back(b.data(), b.size());
     std::vector<std::vector<uint8_t>>& recv = staged.received;
     EEP_RETURN_IF_ERROR_CTX(comm->AllToAllV(spans, &recv), "expert weight exchange");
+    const double t_records = NowSeconds();
     // Parse the records; device slots go to one staging buffer in arrival order.
     struct DevRecord {
       int64_t layer, slot;
@@ -967,12 +1008,14 @@ class RankWorker {
         staged.device_staging = std::move(mem);
       }
       auto* base = staged_count > 0 ? static_cast<uint8_t*>(staged.device_staging->data()) : nullptr;
+      std::vector<cuda::CopyItem> moves;
       for (size_t i = 0; i < local_moves.size(); ++i) {
         const LocalMove& m = local_moves[i];
         EEP_ASSIGN_OR_RETURN(void* from, gpu->SlotAddress(m.layer, m.from));
-        EEP_RETURN_IF_ERROR_CTX(cuda::Copy(base + i * slot_bytes, from, slot_bytes), "expert move between slots");
+        moves.push_back({base + i * slot_bytes, from, slot_bytes});
         staged.device_staged.emplace_back(m.layer, m.slot, static_cast<int64_t>(i));
       }
+      EEP_RETURN_IF_ERROR_CTX(cuda::CopyBatch(moves), "expert moves between slots");
       std::vector<Communicator::DeviceSpan> dev_recvs;
       for (size_t k = 0; k < dev_records.size(); ++k) {
         const DevRecord& r = dev_records[k];
@@ -980,7 +1023,13 @@ class RankWorker {
         dev_recvs.push_back({r.peer, base + i * slot_bytes, slot_bytes});
         staged.device_staged.emplace_back(r.layer, r.slot, static_cast<int64_t>(i));
       }
+      const double t_dev = NowSeconds();
       EEP_RETURN_IF_ERROR_CTX(ExchangeDeviceSpans(comm, dev_sends, dev_recvs), "expert weight exchange (device slots)");
+      EEP_LOG_DEBUG("rank {}: exchange phases: pack {:.1f} ms, fetch {:.1f} ms, records {:.1f} ms, staging + local moves "
+                    "{:.1f} ms, device slots {:.1f} ms ({} out, {} in, {})",
+                    id_, (t_packed - t0) * 1e3, (t_fetched - t_packed) * 1e3, (t_records - t_fetched) * 1e3,
+                    (t_dev - t_records) * 1e3, (NowSeconds() - t_dev) * 1e3, dev_sends.size(), dev_recvs.size(),
+                    comm->SupportsDeviceExchange() ? "GPU to GPU" : "through the host");
     }
     return staged;
   }
@@ -1115,7 +1164,12 @@ class RankWorker {
                                                                 config().num_experts));
     const auto filled = FillStaged(staged);
     experts_->SetMap(std::move(next));
-    return SyncDeviceSlots(filled, staged->device_direct, staged);
+    const double t0 = NowSeconds();
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, staged->device_direct, staged));
+    if (cuda::CudaModelOf(*model_) != nullptr)
+      EEP_LOG_DEBUG("rank {}: rebalance switch: device slots in {:.1f} ms ({} from device staging, {} uploaded)", id_,
+                    (NowSeconds() - t0) * 1e3, staged->device_staged.size(), filled.size());
+    return Status::Ok();
   }
 
   Result<Staged> StageRebalance(const nlohmann::json& items, Communicator* comm) {

@@ -120,5 +120,33 @@ TEST(CudaExchange, DeviceSlotsMoveAndTokensStay) {
   (*e)->Shutdown();
 }
 
+// cuda::CopyBatch (the host leg of exchanges without a GPU-to-GPU path, and slot-to-slot
+// moves): pageable host → device → device → pageable host over sizes that take 0, 1 and
+// several 16 MiB bounce chunks (odd tails), in one batch each way; bytes must come back intact.
+TEST(CudaExchange, CopyBatchRoundTripsThroughTheBounceBuffers) {
+  REQUIRE_GPU();
+  const std::vector<uint64_t> sizes = {1, 4097, (16ull << 20) - 3, (16ull << 20) + 5, (40ull << 20) + 11};
+  uint64_t total = 0;
+  for (uint64_t n : sizes) total += n;
+  std::vector<uint8_t> host(total), back(total, 0);
+  for (uint64_t i = 0; i < total; ++i) host[i] = static_cast<uint8_t>((i * 2654435761ull) >> 13);
+  auto a = cuda::DeviceMemory::Allocate(0, total);
+  auto b = cuda::DeviceMemory::Allocate(0, total);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<cuda::CopyItem> up, across, down;
+  uint64_t off = 0;
+  for (uint64_t n : sizes) {
+    up.push_back({static_cast<uint8_t*>((*a)->data()) + off, host.data() + off, n});
+    across.push_back({static_cast<uint8_t*>((*b)->data()) + off, static_cast<uint8_t*>((*a)->data()) + off, n});
+    down.push_back({back.data() + off, static_cast<uint8_t*>((*b)->data()) + off, n});
+    off += n;
+  }
+  ASSERT_TRUE(cuda::CopyBatch(up).ok());
+  ASSERT_TRUE(cuda::CopyBatch(across).ok());
+  ASSERT_TRUE(cuda::CopyBatch(down).ok());
+  EXPECT_TRUE(back == host) << "bytes changed on the way through the device";
+  EXPECT_TRUE(cuda::CopyBatch({}).ok());
+}
+
 }  // namespace
 }  // namespace eep

@@ -17,6 +17,7 @@ struct BenchExchangeCli {
   std::string backend = "cpu";
   int layers = 4, hidden = 512, experts = 32, moe_intermediate = 512;
   int repeats = 3;
+  std::string rank_log_level = "warn";
 };
 
 // Every expert moves to the next rank: slot s takes the expert of slot s - slots_per_rank.
@@ -48,7 +49,7 @@ int RunBench(BenchExchangeCli& c) {
   opts.communicator = c.communicator;
   opts.backend = c.backend;
   opts.eplb_async = true;  // a second communicator for the background exchange
-  opts.log_level = "warn";
+  opts.log_level = c.rank_log_level;
   auto engine = eep::ep::EpEngine::Start(dir, opts);
   if (!engine.ok()) return eep::cli::Fail(engine.status());
   auto& e = **engine;
@@ -118,6 +119,7 @@ EEP_REGISTER_BENCH(exchange, "exchange", "EPLB weight exchange vs raw communicat
                      app->add_option("--experts", c->experts, "make-model experts");
                      app->add_option("--moe-intermediate", c->moe_intermediate, "make-model expert size");
                      app->add_option("--repeats", c->repeats, "repetitions (best is reported)");
+                     app->add_option("--rank-log-level", c->rank_log_level, "log level of the ranks (debug: exchange phases)");
                      return [c] { return RunBench(*c); };
                    });
 

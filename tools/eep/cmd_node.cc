@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cstdio>
 
-#include <spdlog/spdlog.h>
 
 #include "command.h"
 #include "core/logging.h"

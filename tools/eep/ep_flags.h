@@ -3,8 +3,8 @@
 
 #include <CLI/CLI.hpp>
 
-#include <spdlog/spdlog.h>
 
+#include "core/logging.h"
 #include "ep/ep.h"
 
 namespace eep::cli {
