@@ -352,11 +352,11 @@ class RankWorker {
   const ModelConfig& config() const { return model_->config(); }
   const Checkpoint& checkpoint() const { return *ckpt_; }
 
-  // CUDA ranks: the host LocalExperts stay the record of what each slot holds and the source
-  // of peer transfers; the device slots mirror them. Re-shapes the device slots to the held
-  // range and map (kept slots keep their bytes) and uploads the listed (layer, slot) pairs.
-  // `direct` slots are DMA'd from the mapped backup mirror instead (the upload of the host copy
-  // is their fallback).
+  // CUDA ranks: re-shapes the device slots to the held range and map (kept slots keep their
+  // bytes), copies in the slots staged on the device (`from_peers`), DMAs the `direct` ones
+  // from the mapped backup mirror (with the host copies as their fallback) and uploads the
+  // listed (layer, slot) pairs that have a host copy. Then the host copies are dropped: the
+  // device slots are the record, and the source of exchanges.
   Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload,
                          const std::vector<std::tuple<int64_t, int64_t, int32_t>>& direct = {},
                          const Staged* from_peers = nullptr) {
