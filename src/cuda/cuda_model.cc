@@ -1485,6 +1485,9 @@ Result<std::unique_ptr<DeviceMemory>> DeviceMemory::Allocate(int device, uint64_
 DeviceMemory::~DeviceMemory() {
   if (data_ == nullptr) return;
   cudaSetDevice(device_);
+  // Copies out of it may still be queued on non-blocking streams (SetSlotFromDevice), which
+  // cudaFree is not guaranteed to wait for.
+  cudaDeviceSynchronize();
   cudaFree(data_);
 }
 

@@ -191,7 +191,7 @@ class CudaModel {
   Result<void*> SlotAddress(int64_t moe_layer, int64_t slot) const;
   // Fills a held slot from slot_bytes() bytes of device memory of this model's GPU (a staged
   // slot received from a peer). Ordered after queued forward work; `src` must stay valid until
-  // that work and the copy are done (freeing it with cudaFree, as DeviceMemory does, waits).
+  // that work and the copy are done (DeviceMemory waits for the device before it frees).
   Status SetSlotFromDevice(int64_t moe_layer, int64_t slot, const void* src);
   // Fills a slot's device bytes with zeros (tests: proves a restore wrote it).
   Status ClearSlot(int64_t moe_layer, int64_t slot);
@@ -221,8 +221,8 @@ Status CopyBatch(std::span<const CopyItem> items);
 // that a first batch inside a latency-critical window does not pay for them.
 Status PrepareCopyBatch(int device);
 
-// Device memory on one GPU (cudaMalloc), freed with the object (cudaFree, which waits for the
-// device's queued work). Staging for expert slots received from peers.
+// Device memory on one GPU (cudaMalloc), freed with the object after the device's queued work
+// (every stream) is done. Staging for expert slots received from peers.
 class DeviceMemory {
  public:
   static Result<std::unique_ptr<DeviceMemory>> Allocate(int device, uint64_t num_bytes);

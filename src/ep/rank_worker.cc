@@ -52,6 +52,8 @@ namespace {
 enum ExchangeRecord : int32_t { kRecordF32 = 0, kRecordDevice = 1 };
 constexpr size_t kRecordHead = 4 * sizeof(int32_t);
 constexpr int kFromBackup = -1;
+constexpr double kSlowStepMs = 20;  // a forward this long is logged (debug)
+constexpr int64_t kWarmUpTokens = 32;  // prefill length and expert rows of a CUDA rank's warm-up
 constexpr int kFromDisk = -2;
 
 // All-gathers through the coordinator. A command that arrives instead of the result (the
@@ -340,8 +342,12 @@ class RankWorker {
       // the host-side exchange).
       executor_ = std::make_unique<EpMoeExecutor>(
           config(), experts_.get(), comm_.get(), layout_,
-          [gpu](int64_t ml, const int32_t* slots, const float* x, int64_t n, float* y) {
-            return gpu->RunExpertRows(ml, slots, x, n, y);
+          [gpu, id = id_](int64_t ml, const int32_t* slots, const float* x, int64_t n, float* y) {
+            const double t0 = NowSeconds();
+            Status st = gpu->RunExpertRows(ml, slots, x, n, y);
+            if (const double ms = (NowSeconds() - t0) * 1e3; ms > kSlowStepMs / 4)
+              EEP_LOG_DEBUG("rank {}: expert rows of MoE layer {} took {:.1f} ms ({} rows)", id, ml, ms, n);
+            return st;
           });
     } else {
       executor_ = std::make_unique<EpMoeExecutor>(config(), experts_.get(), comm_.get(), layout_);
@@ -511,8 +517,12 @@ class RankWorker {
     EEP_RETURN_IF_ERROR(SyncDeviceSlots(AllHeldSlots()));
     // The copier of expert exchanges (a stream and pinned bounce buffers) is made now, not
     // inside a failover's blocking window.
-    if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_))
+    if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_)) {
       EEP_RETURN_IF_ERROR_CTX(cuda::PrepareCopyBatch(gpu->device()), fmt::format("rank {}", id_));
+      const char* warm = std::getenv("EEP_RANK_WARMUP");  // 0: skip (measurements)
+      if (warm == nullptr || std::string(warm) != "0")
+        EEP_RETURN_IF_ERROR_CTX(WarmUp(gpu), fmt::format("rank {}: warm-up", id_));
+    }
     // The backup is optional: without it the rank runs and says so.
     const auto backup_endpoints = h.value("backup_endpoints", std::vector<std::string>{});
     if (!backup_endpoints.empty()) {
@@ -552,6 +562,58 @@ class RankWorker {
       for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
     };
     model_->SetRouteObserver(observer);
+    return Status::Ok();
+  }
+
+  // A CUDA rank's first prefill, decode step and expert rows pay one-time costs (scratch
+  // buffers, cuBLAS's first BF16 GEMMs, first launches of kernels): 70-230 ms measured, which a
+  // rank joining a scale-up paid inside the first steps after its switch, every other rank
+  // waiting for it. Paid here, at start-up, on dummy data: a prefill and a decode step with
+  // the routed experts answered by zeros (no peers involved), then expert rows on a zeroed
+  // slot of MoE layer 0 (held for the purpose if this rank holds none yet).
+  Status WarmUp(cuda::CudaModel* gpu) {
+    const ModelConfig& c = config();
+    if (c.MoeLayers().empty()) return Status::Ok();
+    const double t0 = NowSeconds();
+    struct Zeros : MoeExecutor {
+      int64_t hidden = 0;
+      Status Run(int64_t, const float*, int64_t num_tokens, int64_t, const int32_t*, const float*, float* out) override {
+        std::fill(out, out + num_tokens * hidden, 0.0f);
+        return Status::Ok();
+      }
+    } zeros;
+    zeros.hidden = c.hidden_size;
+    model_->SetMoeExecutor(&zeros);
+    auto cache = model_->NewCache();
+    std::vector<int64_t> prompt(kWarmUpTokens);
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int64_t>(i % static_cast<size_t>(c.vocab_size));
+    std::vector<int64_t> next = {1};
+    std::vector<float> logits;
+    Status st;
+    for (const auto* ids : {&prompt, &next}) {
+      ComputeStep step{cache.get(), *ids, false, &logits};
+      if (st.ok()) st = model_->Forward(std::span<ComputeStep>(&step, 1));
+    }
+    model_->SetMoeExecutor(nullptr);
+    EEP_RETURN_IF_ERROR_CTX(st, "forward");
+    // Expert rows (zero inputs: the slot is only read) on a held slot, or on slot 0 held for
+    // the purpose (zeroed) by a rank that holds none yet.
+    const ExpertMap& map = experts_->map();
+    const bool borrowed = experts_->slot_begin() == experts_->slot_end();
+    const int64_t slot = experts_->slot_begin();
+    if (borrowed) {
+      EEP_RETURN_IF_ERROR(gpu->ConfigureExpertSlots(map, slot, slot + 1));
+      EEP_ASSIGN_OR_RETURN(auto zero, cuda::DeviceMemory::Allocate(gpu->device(), static_cast<uint64_t>(gpu->slot_bytes())));
+      const std::vector<uint8_t> host_zeros(static_cast<size_t>(gpu->slot_bytes()), 0);
+      EEP_RETURN_IF_ERROR(zero->CopyFromHost(0, host_zeros.data(), host_zeros.size()));
+      EEP_RETURN_IF_ERROR(gpu->SetSlotFromDevice(0, slot, zero->data()));
+    }
+    const std::vector<int32_t> slots(kWarmUpTokens, static_cast<int32_t>(slot));
+    std::vector<float> x(static_cast<size_t>(kWarmUpTokens * c.hidden_size), 0.0f), y(x.size());
+    st = gpu->RunExpertRows(0, slots.data(), x.data(), kWarmUpTokens, y.data());
+    if (borrowed) EEP_RETURN_IF_ERROR(gpu->ConfigureExpertSlots(map, slot, slot));
+    EEP_RETURN_IF_ERROR_CTX(st, "expert rows");
+    EEP_LOG_INFO("rank {}: warmed up in {:.0f} ms", id_, (NowSeconds() - t0) * 1e3);
     return Status::Ok();
   }
 
@@ -611,7 +673,15 @@ class RankWorker {
       const size_t i = ids.size() - 1;
       batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
     }
+    const double t_fwd = NowSeconds();
     EEP_RETURN_IF_ERROR(model_->Forward(batch));
+    if (const double ms = (NowSeconds() - t_fwd) * 1e3; ms > kSlowStepMs)
+      EEP_LOG_DEBUG("rank {}: step {} forward took {:.1f} ms ({} sequence(s), {} token(s))", id_, snapshot_step_, ms,
+                    batch.size(), [&] {
+                      size_t n = 0;
+                      for (const auto& b : batch) n += b.ids.size();
+                      return n;
+                    }());
     ++steps_done_;
     ControlMessage out;
     out.header = {{"type", "step_done"}, {"outputs", nlohmann::json::array()}, {"load", load_}};

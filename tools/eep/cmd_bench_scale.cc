@@ -42,6 +42,7 @@ struct ScaleFlags {
   int cycles = 1;
   int max_tokens = 96;  // a sequence is replaced after this many tokens
   std::string backup = "off";
+  std::string rank_log_level = "warn";
   bool json = false;
 };
 
@@ -168,7 +169,7 @@ int RunBench(ScaleFlags f) {
   opts.ep_size = f.from;
   opts.communicator = f.communicator;
   opts.backend = f.backend;
-  opts.log_level = "warn";
+  opts.log_level = f.rank_log_level;
   if (f.backup == "on") {
     auto s = eep::backup::BackupSidecar::Start("/proc/self/exe", f.model, 0, 1, "shm", {"--log-level", "warn"}, 300000);
     if (!s.ok()) return eep::cli::Fail(s.status().WithContext("bench scale: backup manager"));
@@ -311,6 +312,7 @@ EEP_REGISTER_BENCH(scale, "scale", "elastic scale up/down under decode load: blo
                      app->add_option("--cycles", f->cycles, "up+down cycles")->check(CLI::Range(1, 100));
                      app->add_option("--max-tokens", f->max_tokens, "tokens per sequence before it is replaced")->check(CLI::Range(2, 100000));
                      app->add_option("--backup", f->backup, "on: new ranks take their experts from a DRAM backup sidecar");
+                     app->add_option("--rank-log-level", f->rank_log_level, "log level of the rank processes (debug: slow steps)");
                      app->add_flag("--json", f->json, "print JSON instead of the table");
                      return [f] { return RunBench(*f); };
                    });
