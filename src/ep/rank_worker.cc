@@ -519,9 +519,11 @@ class RankWorker {
     // inside a failover's blocking window.
     if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_)) {
       EEP_RETURN_IF_ERROR_CTX(cuda::PrepareCopyBatch(gpu->device()), fmt::format("rank {}", id_));
+      // Only an optimisation: a failed warm-up is reported and serving goes on (a sticky CUDA
+      // error would fail the first step anyway, and say so).
       const char* warm = std::getenv("EEP_RANK_WARMUP");  // 0: skip (measurements)
       if (warm == nullptr || std::string(warm) != "0")
-        EEP_RETURN_IF_ERROR_CTX(WarmUp(gpu), fmt::format("rank {}: warm-up", id_));
+        if (Status st = WarmUp(gpu); !st.ok()) EEP_LOG_WARN("rank {}: warm-up failed, going on: {}", id_, st.ToString());
     }
     // The backup is optional: without it the rank runs and says so.
     const auto backup_endpoints = h.value("backup_endpoints", std::vector<std::string>{});
@@ -601,17 +603,24 @@ class RankWorker {
     const ExpertMap& map = experts_->map();
     const bool borrowed = experts_->slot_begin() == experts_->slot_end();
     const int64_t slot = experts_->slot_begin();
+    const auto rows = [&]() -> Status {
+      if (borrowed) {
+        EEP_RETURN_IF_ERROR(gpu->ConfigureExpertSlots(map, slot, slot + 1));
+        EEP_ASSIGN_OR_RETURN(auto zero, cuda::DeviceMemory::Allocate(gpu->device(), static_cast<uint64_t>(gpu->slot_bytes())));
+        const std::vector<uint8_t> host_zeros(static_cast<size_t>(gpu->slot_bytes()), 0);
+        EEP_RETURN_IF_ERROR(zero->CopyFromHost(0, host_zeros.data(), host_zeros.size()));
+        EEP_RETURN_IF_ERROR(gpu->SetSlotFromDevice(0, slot, zero->data()));
+      }
+      const std::vector<int32_t> slots(kWarmUpTokens, static_cast<int32_t>(slot));
+      std::vector<float> x(static_cast<size_t>(kWarmUpTokens * c.hidden_size), 0.0f), y(x.size());
+      return gpu->RunExpertRows(0, slots.data(), x.data(), kWarmUpTokens, y.data());
+    };
+    st = rows();
+    // The borrowed slot is given back whatever happened.
     if (borrowed) {
-      EEP_RETURN_IF_ERROR(gpu->ConfigureExpertSlots(map, slot, slot + 1));
-      EEP_ASSIGN_OR_RETURN(auto zero, cuda::DeviceMemory::Allocate(gpu->device(), static_cast<uint64_t>(gpu->slot_bytes())));
-      const std::vector<uint8_t> host_zeros(static_cast<size_t>(gpu->slot_bytes()), 0);
-      EEP_RETURN_IF_ERROR(zero->CopyFromHost(0, host_zeros.data(), host_zeros.size()));
-      EEP_RETURN_IF_ERROR(gpu->SetSlotFromDevice(0, slot, zero->data()));
+      Status back = gpu->ConfigureExpertSlots(map, slot, slot);
+      if (st.ok()) st = back;
     }
-    const std::vector<int32_t> slots(kWarmUpTokens, static_cast<int32_t>(slot));
-    std::vector<float> x(static_cast<size_t>(kWarmUpTokens * c.hidden_size), 0.0f), y(x.size());
-    st = gpu->RunExpertRows(0, slots.data(), x.data(), kWarmUpTokens, y.data());
-    if (borrowed) EEP_RETURN_IF_ERROR(gpu->ConfigureExpertSlots(map, slot, slot));
     EEP_RETURN_IF_ERROR_CTX(st, "expert rows");
     EEP_LOG_INFO("rank {}: warmed up in {:.0f} ms", id_, (NowSeconds() - t0) * 1e3);
     return Status::Ok();
