@@ -17,22 +17,18 @@ namespace {
 
 constexpr uint64_t kBounceBytes = 16ull << 20;  // per buffer: large enough to run the link at speed
 
-bool IsDevice(const void* p) {
+// What CUDA knows of an address (plain host memory: cudaMemoryTypeUnregistered).
+cudaPointerAttributes Attributes(const void* p) {
   cudaPointerAttributes a{};
   if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
     cudaGetLastError();  // plain host memory on old drivers: not sticky
-    return false;
+    a.type = cudaMemoryTypeUnregistered;
   }
-  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+  return a;
 }
 
-bool IsPinned(const void* p) {
-  cudaPointerAttributes a{};
-  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return a.type == cudaMemoryTypeHost;
+bool OnDevice(const cudaPointerAttributes& a) {
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
 }
 
 class Copier {
@@ -46,21 +42,19 @@ class Copier {
   Status Run(std::span<const CopyItem> items) {
     if (std::all_of(items.begin(), items.end(), [](const CopyItem& it) { return it.bytes == 0; })) return Status::Ok();
     std::lock_guard<std::mutex> lock(mu_);
-    // On the GPU of the device memory involved (a rank's, whichever thread calls).
-    for (const CopyItem& it : items) {
-      cudaPointerAttributes a{};
-      if (it.bytes > 0 && cudaPointerGetAttributes(&a, IsDevice(it.dst) ? it.dst : it.src) == cudaSuccess &&
-          a.type == cudaMemoryTypeDevice) {
-        EEP_CUDA_RETURN_IF_ERROR(cudaSetDevice(a.device));
-        break;
-      }
-      cudaGetLastError();
-    }
-    EEP_RETURN_IF_ERROR(Init());
+    bool device_set = false;
     for (const CopyItem& it : items) {
       if (it.bytes == 0) continue;
-      const bool dst_dev = IsDevice(it.dst), src_dev = IsDevice(it.src);
-      if (dst_dev == src_dev || (dst_dev ? IsPinned(it.src) : IsPinned(it.dst))) {
+      const cudaPointerAttributes da = Attributes(it.dst), sa = Attributes(it.src);
+      const bool dst_dev = OnDevice(da), src_dev = OnDevice(sa);
+      if (const cudaPointerAttributes& dev = dst_dev ? da : sa; !device_set && dev.type == cudaMemoryTypeDevice) {
+        // On the GPU of the device memory involved (a rank's, whichever thread calls).
+        EEP_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev.device));
+        device_set = true;
+      }
+      EEP_RETURN_IF_ERROR(Init());
+      const bool pinned_host = (dst_dev ? sa : da).type == cudaMemoryTypeHost;
+      if (dst_dev == src_dev || pinned_host) {
         // Device to device, host to host, or pinned host: one DMA.
         EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(it.dst, it.src, it.bytes, cudaMemcpyDefault, stream_));
       } else if (src_dev) {

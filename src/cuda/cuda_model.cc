@@ -1297,10 +1297,9 @@ int CudaModel::device() const { return impl_->opt.device; }
 Status CudaModel::SetSlot(int64_t moe_layer, int64_t slot, DType dtype, const void* gate, const void* up,
                           const void* down) {
   Impl& im = *impl_;
-  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
-    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
+  EEP_ASSIGN_OR_RETURN(void* held, SlotAddress(moe_layer, slot));
   const size_t mat = static_cast<size_t>(im.I() * im.c.hidden_size);
-  bf16_t* dst = im.SlotPtr(moe_layer, slot);
+  bf16_t* dst = static_cast<bf16_t*>(held);
   const void* srcs[3] = {gate, up, down};
   for (int i = 0; i < 3; ++i) {
     Status st;
@@ -1445,12 +1444,10 @@ void CudaModel::set_restore_direct(bool direct) { impl_->restore_direct = direct
 
 Status CudaModel::ReadSlot(int64_t moe_layer, int64_t slot, std::vector<uint16_t>* bf16) const {
   const Impl& im = *impl_;
-  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
-    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
+  EEP_ASSIGN_OR_RETURN(void* src, SlotAddress(moe_layer, slot));
   bf16->resize(static_cast<size_t>(im.ExpertElems()));
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(bf16->data(), im.SlotPtr(moe_layer, slot),
-                                      bf16->size() * 2, cudaMemcpyDeviceToHost));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(bf16->data(), src, bf16->size() * 2, cudaMemcpyDeviceToHost));
   return Status::Ok();
 }
 
@@ -1501,11 +1498,9 @@ Status DeviceMemory::CopyFromHost(uint64_t offset, const void* src, uint64_t n) 
 
 Status CudaModel::ClearSlot(int64_t moe_layer, int64_t slot) {
   Impl& im = *impl_;
-  if (moe_layer < 0 || moe_layer >= im.map.num_moe_layers() || !im.HoldsSlot(slot))
-    return Status::OutOfRange(fmt::format("slot {} of MoE layer {} is not held here", slot, moe_layer));
+  EEP_ASSIGN_OR_RETURN(void* dst, SlotAddress(moe_layer, slot));
   EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(im.s()));
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.SlotPtr(moe_layer, slot), 0,
-                                      static_cast<size_t>(im.ExpertElems()) * 2));
+  EEP_CUDA_RETURN_IF_ERROR(cudaMemset(dst, 0, static_cast<size_t>(im.ExpertElems()) * 2));
   return Status::Ok();  // still "filled": a zero expert is a valid (if useless) one
 }
 

@@ -359,25 +359,25 @@ class RankWorker {
   const Checkpoint& checkpoint() const { return *ckpt_; }
 
   // CUDA ranks: re-shapes the device slots to the held range and map (kept slots keep their
-  // bytes), copies in the slots staged on the device (`from_peers`), DMAs the `direct` ones
-  // from the mapped backup mirror (with the host copies as their fallback) and uploads the
-  // listed (layer, slot) pairs that have a host copy. Then the host copies are dropped: the
-  // device slots are the record, and the source of exchanges.
-  Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload,
-                         const std::vector<std::tuple<int64_t, int64_t, int32_t>>& direct = {},
-                         const Staged* from_peers = nullptr) {
+  // bytes), copies in `staged`'s slots parked on the device (device_staged), DMAs its
+  // device_direct ones from the mapped backup mirror (with the host copies as their fallback)
+  // and uploads the listed (layer, slot) pairs that have a host copy. Then the host copies are
+  // dropped: the device slots are the record, and the source of exchanges.
+  Status SyncDeviceSlots(const std::vector<std::pair<int64_t, int64_t>>& upload, const Staged* staged = nullptr) {
     cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
     if (gpu == nullptr) return Status::Ok();
     EEP_RETURN_IF_ERROR_CTX(gpu->ConfigureExpertSlots(experts_->map(), experts_->slot_begin(), experts_->slot_end()),
                             "device expert slots");
-    // Slots received from peers into device staging: one device copy each.
-    if (from_peers != nullptr && !from_peers->device_staged.empty()) {
-      const auto* base = static_cast<const uint8_t*>(from_peers->device_staging->data());
-      for (const auto& [l, slot, i] : from_peers->device_staged)
+    // Slots parked in the device staging: one device copy each.
+    if (staged != nullptr && !staged->device_staged.empty()) {
+      const auto* base = static_cast<const uint8_t*>(staged->device_staging->data());
+      for (const auto& [l, slot, i] : staged->device_staged)
         EEP_RETURN_IF_ERROR_CTX(gpu->SetSlotFromDevice(l, slot, base + i * gpu->slot_bytes()),
                                 fmt::format("slot {} of MoE layer {} from the device staging", slot, l));
     }
     std::set<std::pair<int64_t, int64_t>> restored;
+    static const std::vector<std::tuple<int64_t, int64_t, int32_t>> kNone;
+    const auto& direct = staged != nullptr ? staged->device_direct : kNone;
     if (!direct.empty() && backup_) {
       std::vector<cuda::CudaModel::SlotRestore> list;
       for (const auto& [l, slot, e] : direct) list.push_back({l, slot, e});
@@ -846,7 +846,6 @@ class RankWorker {
       ex_members = m.header["comm_members"].get<std::vector<int>>();
     }
     const double t0 = NowSeconds();
-    // (Host copies of experts DMA'd from the mirror are made after the switch.)
     EEP_ASSIGN_OR_RETURN(Staged staged, StageTransfers(m.header["items"], comm, ex_members,
                                                        m.header["members"].get<std::vector<int>>(),
                                                        m.header["slots_per_rank"].get<int64_t>()));
@@ -873,19 +872,15 @@ class RankWorker {
     layout_ = LayoutFor(config().num_experts, members.size(), S);
     experts_->Relayout(std::move(next), layout_.FirstSlot(pos), layout_.FirstSlot(pos) + S);
     std::vector<std::pair<int64_t, int64_t>> filled;
-    std::vector<std::tuple<int64_t, int64_t, int32_t>> direct;
     // Kept to the end of the switch: its device staging is read by SyncDeviceSlots.
     std::unique_ptr<Staged> staged = std::move(staged_);
-    if (staged) {
-      filled = FillStaged(staged.get());
-      direct = std::move(staged->device_direct);
-    }
+    if (staged) filled = FillStaged(staged.get());
     DiscardLater(std::exchange(prefetched_, {}));
     const double t_sync = NowSeconds();
-    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, direct, staged.get()));
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, staged.get()));
     if (cuda::CudaModelOf(*model_) != nullptr)
       EEP_LOG_INFO("rank {}: device slots at the switch in {:.1f} ms ({} slot(s), {} by DMA from the mirror)", id_,
-                   (NowSeconds() - t_sync) * 1e3, filled.size(), direct.size());
+                   (NowSeconds() - t_sync) * 1e3, filled.size(), staged ? staged->device_direct.size() : 0);
     comm_ = it->second;
     auto ait = next_comms_.find(tag + "-async");
     async_comm_ = ait == next_comms_.end() ? nullptr : ait->second;
@@ -1244,7 +1239,7 @@ class RankWorker {
     const auto filled = FillStaged(staged);
     experts_->SetMap(std::move(next));
     const double t0 = NowSeconds();
-    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, staged->device_direct, staged));
+    EEP_RETURN_IF_ERROR(SyncDeviceSlots(filled, staged));
     if (cuda::CudaModelOf(*model_) != nullptr)
       EEP_LOG_DEBUG("rank {}: rebalance switch: device slots in {:.1f} ms ({} from device staging, {} uploaded)", id_,
                     (NowSeconds() - t0) * 1e3, staged->device_staged.size(), filled.size());

@@ -150,20 +150,7 @@ class NcclCommunicator : public Communicator {
               fmt::format("ExchangeDevice: peer {} of {} ranks, {} bytes at {}", d.peer, world_, d.bytes, d.data));
     if (sends.empty() && recvs.empty()) return Status::Ok();
     EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
-      for (const DeviceSpan& d : sends) {
-        if (d.bytes == 0) continue;
-        ncclResult_t r = ncclSend(d.data, d.bytes, ncclUint8, d.peer, comm_, stream_);
-        if (r != ncclSuccess && r != ncclInProgress) return r;
-      }
-      for (const DeviceSpan& d : recvs) {
-        if (d.bytes == 0) continue;
-        ncclResult_t r = ncclRecv(d.data, d.bytes, ncclUint8, d.peer, comm_, stream_);
-        if (r != ncclSuccess && r != ncclInProgress) return r;
-      }
-      return ncclSuccess;
-    }, "device exchange"));
-    return WaitComm(timeout_ms_, /*stream_too=*/true).WithContext("nccl: device exchange");
+    return SendRecv(sends, recvs, "device exchange");
   }
 
   // ncclCommShrink(NCCL_SHRINK_ABORT): ends what is in flight on this communicator (a peer is
@@ -228,19 +215,15 @@ class NcclCommunicator : public Communicator {
     int64_t* sizes_in = sizes_out + W;
     EEP_NCCL_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(sizes_out, send_sizes.data(), W * sizeof(int64_t), cudaMemcpyHostToDevice, stream_));
-    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
-      for (int p = 0; p < world_; ++p) {
-        ncclResult_t r = ncclSend(sizes_out + p, 1, ncclInt64, p, comm_, stream_);
-        if (r != ncclSuccess && r != ncclInProgress) return r;
-        r = ncclRecv(sizes_in + p, 1, ncclInt64, p, comm_, stream_);
-        if (r != ncclSuccess && r != ncclInProgress) return r;
-      }
-      return ncclSuccess;
-    }, "size exchange"));
-    // Wait (polling, abortable) for the transfers themselves before copying back: a copy to
-    // pageable host memory blocks the thread until earlier stream work is done, which would
-    // hang forever on a dead peer instead of returning to the abort check.
-    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: size exchange");
+    std::vector<DeviceSpan> out_spans, in_spans;
+    for (int p = 0; p < world_; ++p) {
+      out_spans.push_back({p, sizes_out + p, sizeof(int64_t)});
+      in_spans.push_back({p, sizes_in + p, sizeof(int64_t)});
+    }
+    // (SendRecv waits, polling and abortable, for the transfers themselves before the copy
+    // back: a copy to pageable host memory blocks the thread until earlier stream work is done,
+    // which would hang forever on a dead peer instead of returning to the abort check.)
+    EEP_RETURN_IF_ERROR(SendRecv(out_spans, in_spans, "size exchange"));
     EEP_NCCL_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(recv_sizes.data(), sizes_in, W * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
     EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: size exchange");
@@ -258,22 +241,14 @@ class NcclCommunicator : public Communicator {
         EEP_NCCL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(send_dev_.get() + send_off[p], send[p].data(), send[p].size(),
                                                       cudaMemcpyHostToDevice, stream_));
     // 3. One grouped round of point-to-point transfers (empty ones skipped on both sides).
-    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
-      for (int p = 0; p < world_; ++p) {
-        const size_t sp = static_cast<size_t>(p);
-        if (send_sizes[sp] > 0) {
-          ncclResult_t r = ncclSend(send_dev_.get() + send_off[sp], send[sp].size(), ncclUint8, p, comm_, stream_);
-          if (r != ncclSuccess && r != ncclInProgress) return r;
-        }
-        if (recv_sizes[sp] > 0) {
-          ncclResult_t r = ncclRecv(recv_dev_.get() + recv_off[sp], static_cast<size_t>(recv_sizes[sp]), ncclUint8, p,
-                                    comm_, stream_);
-          if (r != ncclSuccess && r != ncclInProgress) return r;
-        }
-      }
-      return ncclSuccess;
-    }, "data exchange"));
-    EEP_RETURN_IF_ERROR_CTX(WaitComm(timeout_ms_, /*stream_too=*/true), "nccl: data exchange");
+    out_spans.clear();
+    in_spans.clear();
+    for (int p = 0; p < world_; ++p) {
+      const size_t sp = static_cast<size_t>(p);
+      out_spans.push_back({p, send_dev_.get() + send_off[sp], send[sp].size()});
+      in_spans.push_back({p, recv_dev_.get() + recv_off[sp], static_cast<size_t>(recv_sizes[sp])});
+    }
+    EEP_RETURN_IF_ERROR(SendRecv(out_spans, in_spans, "data exchange"));
     // 4. Back to the host (the stream is idle: these copies cannot wait on a peer).
     recv->assign(W, {});
     for (size_t p = 0; p < W; ++p) {
@@ -298,6 +273,25 @@ class NcclCommunicator : public Communicator {
     // A remote error or a broken connection means a peer failed.
     if (r == ncclRemoteError || r == ncclSystemError) return Status::RemoteDisconnect(msg);
     return Status::Internal(msg);
+  }
+
+  // One grouped round of ncclSend/ncclRecv (empty buffers skipped), waited for: the
+  // point-to-point step of AllToAllV's size and data rounds and of ExchangeDevice.
+  Status SendRecv(std::span<const DeviceSpan> sends, std::span<const DeviceSpan> recvs, const char* what) {
+    EEP_RETURN_IF_ERROR(Group([&]() -> ncclResult_t {
+      for (const DeviceSpan& d : sends) {
+        if (d.bytes == 0) continue;
+        const ncclResult_t r = ncclSend(d.data, d.bytes, ncclUint8, d.peer, comm_, stream_);
+        if (r != ncclSuccess && r != ncclInProgress) return r;
+      }
+      for (const DeviceSpan& d : recvs) {
+        if (d.bytes == 0) continue;
+        const ncclResult_t r = ncclRecv(d.data, d.bytes, ncclUint8, d.peer, comm_, stream_);
+        if (r != ncclSuccess && r != ncclInProgress) return r;
+      }
+      return ncclSuccess;
+    }, what));
+    return WaitComm(timeout_ms_, /*stream_too=*/true).WithContext(fmt::format("nccl: {}", what));
   }
 
   // Issues the ops of `body` as one group.
