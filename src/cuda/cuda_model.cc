@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -186,6 +187,18 @@ struct CudaModel::Impl {
   bool use_graphs = true, gemv_dims_ok = false, batched_attn = false, fuse_attn_norm = false,
        fuse_next_norm = false;
   bool norm_sums = true;  // EEP_CUDA_NORM_SUMS (Body)
+  // EEP_CUDA_DOWN_COMBINE=1: at <= 8 tokens the MoE down projection adds into x (MoeDownCombine)
+  // instead of MoeDown + MoeCombineAdd. Off: on an H100 at batch 1 it measured 0.7% slower (three
+  // interleaved rounds; the one launch less does not pay for its two waves of blocks).
+  bool down_combine = false;
+  // EEP_CUDA_STAGED, bits: 1 the o-proj GEMV, 2 the q/k/v GEMV stage their weights in shared
+  // memory before waiting for their predecessor (GemvSegments::stage). H100, batch 1: the o-proj
+  // +1-3% (its weights stream during the attention); the q/k/v -3% (its predecessor, the MoE
+  // down projection, streams already), hence 1.
+  int staged = 1;
+  // EEP_CUDA_GATE_UP_ONE: steps of one token take MoeGateUp's one-assignment kernel (H100, batch
+  // 1: +1.8%).
+  bool gate_up_one = true;
   static constexpr int64_t kSumTokens = 8;  // rows per norm-sum slot (GemvNormFusable's limit)
   bool UseGemv(int64_t n) const { return gemv_dims_ok && n <= gemv_max; }
   // Per MoE layer, where each logical expert lives (MoeSlotTable), uploaded when the map,
@@ -545,6 +558,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
       sg.seg[1] = {ly.k.w.get(), k, ly.k_bias.get(), ly.k.out};
       sg.seg[2] = {ly.v.w.get(), v, ly.v_bias.get(), ly.v.out};
       sg.count = 3;
+      sg.stage = (staged & 2) != 0;
       if (norm_in)
         EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, x, H, N, false, s(), ly.input_norm.get(), eps, nullptr, in_sums));
       else
@@ -623,6 +637,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
     GemvSegments sg;
     sg.seg[0] = {ly.o.w.get(), x, ly.o_bias.get(), H};
     sg.count = 1;
+    sg.stage = (staged & 1) != 0;
     EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, nh * dv, attn, nh * dv, N, true, s(), nullptr, 0, nullptr, nullptr, sums_out));
     return Status::Ok();
   }
@@ -712,7 +727,7 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
   int32_t* ids = b_ids.as<int32_t>();
   float* w = b_w.as<float>();
   int32_t* pl = b_plan.as<int32_t>();
-  const MoePlan plan = MoePlanIn(pl, G);
+  const MoePlan plan = MoePlanIn(pl, G, A);
   const MoeSlotTable table = Table(ml);
   const bool ds = c.arch == Arch::kDeepseekV3;
   const bool norm_topk = c.norm_topk_prob || c.arch == Arch::kMixtral;
@@ -762,7 +777,14 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     EEP_CUDA_RETURN_IF_ERROR(MoeGateUpMma(hf, H, inter, k, table, plan, G, splits > 1, act, s()));
     EEP_CUDA_RETURN_IF_ERROR(MoeDownMma(act, H, inter, table, plan, G, splits > 1, y, s()));
   } else {
-    EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s()));
+    EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s(), N == 1 && gate_up_one));
+    // Few tokens, nothing else to add: the down projection combines into x itself (plan.slot_of
+    // comes from the one-block routing, taken below kWideRouteMin tokens).
+    if (down_combine && N <= kWideRouteMin && ly.shared.inter == 0 && next_norm == nullptr &&
+        MoeDownCombineSupported(N, inter, k)) {
+      EEP_CUDA_RETURN_IF_ERROR(MoeDownCombine(act, H, inter, N, k, table, plan, w, x, s(), next_sums));
+      return Status::Ok();
+    }
     EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s()));
   }
   const float* shared = nullptr;
@@ -1192,7 +1214,40 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
       graphs.push_back({N, M, any_greedy, gen, exec});
       it = graphs.end() - 1;
     }
+#ifdef EEP_PDL_TRACE
+    // Measurement builds: the timeline of replay EEP_PDL_TRACE_STEP (default 20) of this shape's
+    // graph, to EEP_PDL_TRACE_OUT (time ns, kind, sm, grid, block per line).
+    static int replays = 0;
+    static const int trace_at = std::getenv("EEP_PDL_TRACE_STEP") ? std::atoi(std::getenv("EEP_PDL_TRACE_STEP")) : 20;
+    const char* trace_out = std::getenv("EEP_PDL_TRACE_OUT");
+    if (trace_out != nullptr && ++replays == trace_at) {
+      constexpr unsigned kCap = 1u << 20;
+      EEP_ASSIGN_OR_RETURN(auto ev, DeviceAlloc<unsigned long long>(2 * kCap));
+      EEP_ASSIGN_OR_RETURN(auto cnt, DeviceAlloc<unsigned>(1));
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemset(cnt.get(), 0, 4));
+      EEP_CUDA_RETURN_IF_ERROR(PdlTraceSet(ev.get(), cnt.get(), kCap));
+      EEP_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->exec, s()));
+      EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+      EEP_CUDA_RETURN_IF_ERROR(PdlTraceSet(nullptr, nullptr, 0));
+      unsigned n = 0;
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(&n, cnt.get(), 4, cudaMemcpyDeviceToHost));
+      n = std::min(n, kCap);
+      std::vector<unsigned long long> h(2 * static_cast<size_t>(n));
+      EEP_CUDA_RETURN_IF_ERROR(cudaMemcpy(h.data(), ev.get(), h.size() * 8, cudaMemcpyDeviceToHost));
+      std::FILE* f = std::fopen(trace_out, "w");
+      if (f == nullptr) return Status::IOError(fmt::format("{}: cannot write the PDL trace", trace_out));
+      for (unsigned i = 0; i < n; ++i) {
+        const unsigned long long m = h[2 * i + 1];
+        std::fprintf(f, "%llu %llu %llu %llu %llu\n", h[2 * i], m >> 62, (m >> 48) & 0xff, (m >> 24) & 0xffffff,
+                     m & 0xffffff);
+      }
+      std::fclose(f);
+    } else {
+      EEP_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->exec, s()));
+    }
+#else
     EEP_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->exec, s()));
+#endif
   } else {
     Status body = Body(batch, N, M, any_greedy, fused);
     trace = nullptr;
@@ -1264,6 +1319,9 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   im.fuse_attn_norm = env_int("EEP_CUDA_FUSE_ATTN_NORM", 0) != 0;
   im.fuse_next_norm = env_int("EEP_CUDA_FUSE_NEXT_NORM", 0) != 0;
   im.norm_sums = env_int("EEP_CUDA_NORM_SUMS", 1) != 0;
+  im.down_combine = env_int("EEP_CUDA_DOWN_COMBINE", 0) != 0;
+  im.staged = static_cast<int>(env_int("EEP_CUDA_STAGED", 1));
+  im.gate_up_one = env_int("EEP_CUDA_GATE_UP_ONE", 1) != 0;
   EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
   EEP_ASSIGN_OR_RETURN(im.counters, DeviceAlloc<unsigned>(2));
   EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.counters.get(), 0, 2 * sizeof(unsigned)));

@@ -4,6 +4,7 @@
 // streaming loads, several in flight per lane; larger steps use cuBLAS from cuda_model.cc.
 // Kernels of the decode path are launched with programmatic dependent launch (Launch below).
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/head_ops.cuh"
 #include "kernels/cuda/pdl.h"
 
@@ -73,8 +74,8 @@ __device__ float BlockMax(float v, float* shared) {
 }
 
 __global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim, float* x, double* sums) {
+  EEP_PDL_TRACE_END;
   __shared__ double partial[32];
-  PdlTrigger();
   PdlWait();
   const int64_t t = blockIdx.x;
   const bf16_t* row = table + static_cast<int64_t>(ids[t]) * dim;
@@ -84,6 +85,9 @@ __global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim
     x[t * dim + i] = v;
     sum += static_cast<double>(v) * v;
   }
+  // The successor (the first q/k/v GEMV) starts only now: its weight prefetch would otherwise
+  // queue this kernel's row loads behind tens of MB (H100, batch 1: the embedding took ~7 us).
+  PdlTrigger();
   if (sums == nullptr) return;
   sum = BlockSum(sum, partial);
   if (threadIdx.x == 0) sums[t] = sum;
@@ -403,26 +407,33 @@ __device__ __forceinline__ void RouteSoftmaxRegs(const float (&z)[kRegRouteMax],
   const float inv = static_cast<float>(1.0 / sum);
 #pragma unroll
   for (int j = 0; j < kRegRouteMax; ++j) p[j] *= inv;
-  unsigned used = 0;  // bit j: this lane's element j was picked
+  // Top-k by warp reductions (redux.sync: one instruction each, where a shuffle butterfly is ten):
+  // p >= 0, so its bits order like its value; key = bits + 1 (0: taken or absent). Each lane keeps
+  // the key of its best remaining element (the first of equal ones), the warp takes the largest key
+  // and, among the lanes holding it, the lowest expert: the same picks, in the same order, as a
+  // (value, then lower index) argmax.
+  unsigned key[kRegRouteMax];
+#pragma unroll
+  for (int j = 0; j < kRegRouteMax; ++j) key[j] = lane + j * kWarp < E ? __float_as_uint(p[j]) + 1u : 0u;
   int my_id = -1;
   float my_p = 0;
   double s = 0;
   for (int r = 0; r < k; ++r) {
-    float bv = -INFINITY;
-    int bi = -1;
+    unsigned best = 0;
+    int bj = 0;
 #pragma unroll
-    for (int j = 0; j < kRegRouteMax; ++j) {
-      const int e = lane + j * kWarp;
-      if (e >= E || ((used >> j) & 1u)) continue;
-      if (bi < 0 || p[j] > bv) {
-        bv = p[j];
-        bi = e;
-      }
+    for (int j = 0; j < kRegRouteMax; ++j)
+      if (key[j] > best) best = key[j], bj = j;
+    const unsigned m = __reduce_max_sync(0xffffffffu, best);
+    const unsigned e = __reduce_min_sync(0xffffffffu, best == m ? static_cast<unsigned>(lane + bj * kWarp) : ~0u);
+    if (static_cast<int>(e % kWarp) == lane) {
+#pragma unroll
+      for (int j = 0; j < kRegRouteMax; ++j)
+        if (j == bj) key[j] = 0;
     }
-    WarpArgMax(bv, bi);
-    if (bi >= 0 && bi % kWarp == lane) used |= 1u << (bi / kWarp);
+    const float bv = __uint_as_float(m - 1u);
     if (lane == r) {
-      my_id = bi;
+      my_id = static_cast<int>(e);
       my_p = bv;
     }
     s += bv;
@@ -496,6 +507,7 @@ unsigned GridFor(int64_t n) {
 // Block per row: RmsNormKernel's arithmetic on a gathered row.
 __global__ void GatherRmsNormKernel(const float* in, const int32_t* src, int64_t dim, const float* w, float eps,
                                     float* out) {
+  EEP_PDL_TRACE_END;
   __shared__ double partial[32];
   PdlTrigger();
   PdlWait();
@@ -557,12 +569,22 @@ cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   return LaunchPdl(kernel, grid, block, smem, st, std::forward<Args>(args)...);
 }
 
+// Launch for the kernels of a decode step of few tokens that run on the SMs the staged o-proj
+// GEMV joins (embedding, GEMVs, attention): they ask for the largest shared-memory carveout
+// (PreferMaxShared), since an SM keeps the split of the kernel it runs.
+template <typename... Params, typename... Args>
+cudaError_t LaunchShared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                         Args&&... args) {
+  if (cudaError_t e = PreferMaxShared(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
+  return LaunchPdl(kernel, grid, block, smem, st, std::forward<Args>(args)...);
+}
+
 }  // namespace
 
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st,
                   double* sums_out) {
   if (n == 0) return cudaSuccess;
-  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out);
+  return LaunchShared(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out);
 }
 
 cudaError_t RmsNorm(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim, float eps,
@@ -982,9 +1004,230 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) GemvKernel(GemvSegments se
                                                                  int64_t x_stride, int64_t ntok, bool accumulate,
                                                                  const float* norm_w, float eps, float* norm_out,
                                                                  const double* norm_sums, double* sums_out) {
+  EEP_PDL_TRACE_END;
   extern __shared__ float4 gemv_sm4[];
   GemvBody<WT, kTok, kSplit, kR>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
                              reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
+}
+
+// --- Staged GEMV: the block's weight rows in shared memory before the PDL wait ---
+// At decode steps of few tokens a projection of a few tens of MB costs the chain more than its
+// bytes (ramp, tail, and the loads only start once the predecessor is done). Here each block
+// owns `rpb` consecutive output rows (over the segments, one block per SM) and copies their
+// weights into shared memory (16-byte cp.async) before it waits for its predecessor: the copy
+// streams while the previous kernels run (the attention before the o-proj, the MoE before the
+// next layer's q/k/v), and after the wait only x and the dot products remain.
+
+// Row r of the concatenated segments: its weights, output, bias and row within its segment
+// (constant indices only: a run-time index would copy the parameter struct to the stack).
+template <typename WT>
+struct SegRow {
+  const WT* w = nullptr;
+  float* y = nullptr;
+  const float* bias = nullptr;
+  int64_t seg_rows = 0, row = 0;
+};
+template <typename WT>
+__device__ __forceinline__ SegRow<WT> FindSegRow(const GemvSegments& segs, int64_t r, int64_t in) {
+  SegRow<WT> out;
+#pragma unroll
+  for (int i = 0; i < kMaxGemvSegments; ++i) {
+    if (out.w == nullptr && i < segs.count) {
+      if (r < segs.seg[i].rows) {
+        out.w = static_cast<const WT*>(segs.seg[i].w) + r * in;
+        out.y = segs.seg[i].y;
+        out.bias = segs.seg[i].bias;
+        out.seg_rows = segs.seg[i].rows;
+        out.row = r;
+      } else {
+        r -= segs.seg[i].rows;
+      }
+    }
+  }
+  return out;
+}
+
+// Eight weights from shared memory (16 or 32 bytes).
+__device__ __forceinline__ void Load8Shared(const bf16_t* p, float (&f)[8]) {
+  Raw8<bf16_t> r;
+  r.v = *reinterpret_cast<const uint4*>(p);
+  r.Unpack(f);
+}
+__device__ __forceinline__ void Load8Shared(const float* p, float (&f)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *(reinterpret_cast<const float4*>(p) + 1);
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+// Shared memory of a staged GEMV block: weights [rpb][in] WT, then x [ntok][in] f32.
+template <typename WT>
+int64_t StagedSmemBytes(int64_t rpb, int64_t in, int64_t ntok) {
+  return rpb * in * static_cast<int64_t>(sizeof(WT)) + ntok * in * 4;
+}
+
+// The body. smem: StagedSmemBytes. ntok <= kTok.
+// norm_w (with norm_sums): the input RMSNorm rides on x (x·w once per block) and 1/rms on the
+// sums; norm_out (may be null): the normed rows, a slice per block. sums_out: as GemvBody's.
+template <typename WT, int kTok>
+__device__ __forceinline__ void StagedGemvBody(const GemvSegments& segs, int64_t in, int64_t rpb, const float* x,
+                                               int64_t x_stride, int ntok, bool accumulate, const float* norm_w,
+                                               float eps, const double* norm_sums, float* norm_out, double* sums_out,
+                                               uint8_t* smem) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  WT* ws = reinterpret_cast<WT*>(smem);
+  float* xs = reinterpret_cast<float*>(smem + rpb * in * static_cast<int64_t>(sizeof(WT)));
+  int64_t total = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxGemvSegments; ++i)
+    if (i < segs.count) total += segs.seg[i].rows;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rpb;
+  const int64_t nrows = max(int64_t{0}, min(rpb, total - r0));
+  PdlTrigger();
+  constexpr int64_t kPer16 = 16 / sizeof(WT);
+  const int64_t chunks = in / kPer16;
+  for (int64_t rr = 0; rr < nrows; ++rr) {
+    const WT* row = FindSegRow<WT>(segs, r0 + rr, in).w;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) CpAsync16(ws + rr * in + c * kPer16, row + c * kPer16);
+  }
+  CpAsyncCommit();
+  PdlWait();
+  // x (times the norm weight) into shared memory; 1/rms per token.
+  const int64_t in4 = in / 4;
+  for (int t = 0; t < ntok; ++t) {
+    const float4* xr = reinterpret_cast<const float4*>(x + t * x_stride);
+    float4* xo = reinterpret_cast<float4*>(xs + t * in);
+    for (int64_t i = threadIdx.x; i < in4; i += blockDim.x) {
+      float4 v = xr[i];
+      if (norm_w != nullptr) {
+        const float4 g = reinterpret_cast<const float4*>(norm_w)[i];
+        v = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
+      }
+      xo[i] = v;
+    }
+  }
+  float inv[kTok];
+#pragma unroll
+  for (int t = 0; t < kTok; ++t)
+    inv[t] = norm_w != nullptr && t < ntok
+                 ? static_cast<float>(1.0 / sqrt(norm_sums[t] / static_cast<double>(in) + eps))
+                 : 1.0f;
+  if (norm_out != nullptr && norm_w != nullptr) {
+    // Normed rows as RmsNorm writes them (w·(x·inv)), a slice per block.
+    const int64_t chunk = ((in + gridDim.x - 1) / gridDim.x + 3) / 4 * 4;
+    const int64_t b0 = min(in, static_cast<int64_t>(blockIdx.x) * chunk), b1 = min(in, b0 + chunk);
+    for (int t = 0; t < ntok; ++t)
+      for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x)
+        norm_out[t * in + i] = norm_w[i] * (x[t * x_stride + i] * inv_of(inv, t));
+  }
+  CpAsyncWait<0>();
+  __syncthreads();
+  __shared__ double sq_sh[kGemvWarps][kTok];
+  double sq[kTok];
+#pragma unroll
+  for (int t = 0; t < kTok; ++t) sq[t] = 0;
+  for (int64_t rr = warp; rr < nrows; rr += warps) {
+    const WT* w = ws + rr * in;
+    float acc[kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) acc[t] = 0;
+#pragma unroll 4
+    for (int64_t c = lane * 8; c < in; c += 8 * kWarp) {
+      float wf[8];
+      Load8Shared(w + c, wf);
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) {
+        if (t >= ntok) break;
+        const float4 xa = *reinterpret_cast<const float4*>(xs + t * in + c);
+        const float4 xb = *(reinterpret_cast<const float4*>(xs + t * in + c) + 1);
+        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[t] = fmaf(wf[i], xv[i], acc[t]);
+      }
+    }
+    const SegRow<WT> sr = FindSegRow<WT>(segs, r0 + rr, in);
+    const float bias = sr.bias != nullptr ? sr.bias[sr.row] : 0.0f;
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      if (t >= ntok) break;
+      const float v = WarpSum(acc[t]) * inv[t] + bias;
+      if (lane == 0) {
+        float* y = sr.y + t * sr.seg_rows + sr.row;
+        *y = accumulate ? *y + v : v;
+        sq[t] += static_cast<double>(*y) * *y;
+      }
+    }
+  }
+  if (sums_out != nullptr) {
+    // One atomic per block and token (same-address atomics serialise).
+    if (lane == 0)
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) sq_sh[warp][t] = sq[t];
+    __syncthreads();
+    if (threadIdx.x < ntok) {
+      double sum = 0;
+      for (int wi = 0; wi < warps; ++wi) sum += sq_sh[wi][threadIdx.x];
+      atomicAdd(sums_out + threadIdx.x, sum);
+    }
+  }
+  __syncthreads();
+}
+
+template <typename WT, int kTok>
+__global__ void __launch_bounds__(kGemvWarps * kWarp) StagedGemvKernel(GemvSegments segs, int64_t in, int64_t rpb,
+                                                                       const float* x, int64_t x_stride, int ntok,
+                                                                       bool accumulate, const float* norm_w, float eps,
+                                                                       const double* norm_sums, double* sums_out) {
+  EEP_PDL_TRACE_END;
+  extern __shared__ float4 staged_sm4[];
+  StagedGemvBody<WT, kTok>(segs, in, rpb, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, nullptr, sums_out,
+                           reinterpret_cast<uint8_t*>(staged_sm4));
+}
+
+int SmCount() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 0;
+    return n;
+  }();
+  return sms;
+}
+
+// Staged GEMVs: -1 where the caller asks for it (GemvSegments::stage, RouterPlan's `stage`),
+// 0 never, 1 wherever the shape allows (SetGemvStaged: tests).
+std::atomic<int> g_staged{-1};
+bool StagedEnabled(bool requested) {
+  const int v = g_staged.load(std::memory_order_relaxed);
+  return v < 0 ? requested : v == 1;
+}
+
+// Shared memory a block may take (opt-in maximum less the static arrays and a margin).
+constexpr int64_t kStagedSmemMax = 200 * 1024;
+
+// Rows per block of a staged GEMV of `rows` × `in` over `blocks_max` blocks at most, or 0 where
+// the weights do not fit the SMs' shared memory or staging is off (`requested`: the caller's
+// wish, see g_staged).
+template <typename WT>
+int64_t StagedRowsPerBlock(int64_t rows, int64_t in, int64_t ntok, int64_t blocks_max, bool requested) {
+  if (!StagedEnabled(requested) || ntok < 1 || ntok > 8 || blocks_max < 1 || in % 8 != 0) return 0;
+  const int64_t rpb = (rows + blocks_max - 1) / blocks_max;
+  return StagedSmemBytes<WT>(rpb, in, ntok) <= kStagedSmemMax ? rpb : 0;
+}
+
+template <typename WT, int kTok>
+cudaError_t LaunchStaged(const GemvSegments& segs, int64_t in, int64_t rpb, int64_t rows, const float* x,
+                         int64_t x_stride, int64_t ntok, bool accumulate, const float* norm_w, float eps,
+                         const double* norm_sums, double* sums_out, cudaStream_t st) {
+  const int64_t smem = StagedSmemBytes<WT>(rpb, in, ntok);
+  static int64_t opted = 48 * 1024;  // the largest size set so far (kernel attribute)
+  if (smem > opted) {
+    cudaError_t e = cudaFuncSetAttribute(StagedGemvKernel<WT, kTok>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kStagedSmemMax));
+    if (e != cudaSuccess) return e;
+    opted = kStagedSmemMax;
+  }
+  return LaunchShared(StagedGemvKernel<WT, kTok>, dim3(static_cast<unsigned>((rows + rpb - 1) / rpb)),
+                dim3(kGemvWarps * kWarp), static_cast<size_t>(smem), st, segs, in, rpb, x, x_stride,
+                static_cast<int>(ntok), accumulate, norm_w, eps, norm_sums, sums_out);
 }
 
 // Rows per warp of an unsplit GEMV: 2 where one row per warp would need more than one wave of
@@ -1001,12 +1244,7 @@ int GemvRowsPerWarp(int64_t rows) {
     g_gemv_rows.compare_exchange_strong(expected, forced);
     forced = g_gemv_rows.load();
   }
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 0;
-    return n;
-  }();
+  const int sms = SmCount();
   if (forced == 1 || forced == 2) return forced;
   const int64_t wave = 3 * static_cast<int64_t>(sms), blocks = (rows + kGemvWarps - 1) / kGemvWarps;
   return sms > 0 && blocks > wave && (blocks + 1) / 2 <= wave ? 2 : 1;
@@ -1026,6 +1264,18 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
   int64_t rows = 0;
   for (int i = 0; i < segs.count; ++i) rows += segs.seg[i].rows;
   if (rows == 0) return cudaSuccess;
+  // Weights that fit the SMs' shared memory, few tokens: staged (no normed rows out, and the
+  // norm only with its sums given).
+  if (norm_out == nullptr && (norm_w == nullptr || norm_sums != nullptr) && x_stride % 4 == 0) {
+    const int64_t rpb = StagedRowsPerBlock<WT>(rows, in, ntok, SmCount(), segs.stage);
+    if (rpb > 0) {
+      if (ntok == 1)
+        return LaunchStaged<WT, 1>(segs, in, rpb, rows, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, sums_out, st);
+      if (ntok <= 4)
+        return LaunchStaged<WT, 4>(segs, in, rpb, rows, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, sums_out, st);
+      return LaunchStaged<WT, 8>(segs, in, rpb, rows, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, sums_out, st);
+    }
+  }
   // Few rows (a router): 8 warps per row, so that the matrix still has enough loads in flight.
   const bool split = rows < 1024 && in >= 8 * 256;
   const unsigned blocks = static_cast<unsigned>(split ? rows : (rows + kGemvWarps - 1) / kGemvWarps);
@@ -1033,34 +1283,34 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
   cudaError_t e;
   if (split) {
     if (ntok == 1)
-      e = Launch(GemvKernel<WT, 1, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+      e = LaunchShared(GemvKernel<WT, 1, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
-      e = Launch(GemvKernel<WT, 4, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+      e = LaunchShared(GemvKernel<WT, 4, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
     else
-      e = Launch(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+      e = LaunchShared(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
   } else if (GemvRowsPerWarp(rows) == 2) {
     const dim3 grid2(static_cast<unsigned>((rows + 2 * kGemvWarps - 1) / (2 * kGemvWarps)));
     if (ntok == 1)
-      e = Launch(GemvKernel<WT, 1, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = LaunchShared(GemvKernel<WT, 1, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
-      e = Launch(GemvKernel<WT, 4, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = LaunchShared(GemvKernel<WT, 4, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else
-      e = Launch(GemvKernel<WT, 8, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = LaunchShared(GemvKernel<WT, 8, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
   } else {
     if (ntok == 1)
-      e = Launch(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = LaunchShared(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
-      e = Launch(GemvKernel<WT, 4, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = LaunchShared(GemvKernel<WT, 4, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else
-      e = Launch(GemvKernel<WT, 8, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = LaunchShared(GemvKernel<WT, 8, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
   }
   return e;
@@ -1152,6 +1402,14 @@ __device__ __forceinline__ void GroupBySlot(int A, int P, const int* slot_of, in
   for (int a = threadIdx.x; a < A; a += kPlanThreads) plan.order[offset[slot_of[a]] + rank[a]] = a;
 }
 
+// RoutePlanBody's shared scratch: the per-slot counts zeroed and the replica table (static during
+// a step) loaded, by the whole block; reps = [E] counts | [E][R] slots.
+__device__ __forceinline__ void LoadPlanTable(int P, int E, int R, const MoeSlotTable& table, int* count, int* reps) {
+  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
+  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
+    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
+}
+
 // One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
 // the non-empty slots get group numbers in slot order (a block scan), and each assignment its
 // place in its group (the order within a group does not matter: every assignment's result is
@@ -1178,12 +1436,10 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   float z[kRegRouteMax];
   if (reg_route && !pdl && warp < N) LoadRouteLogits(logits + static_cast<int64_t>(warp) * E, E, z);
   if (pdl) PdlTrigger();
-  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
-  // The replica table (static during a step), loaded while the previous kernel finishes.
-  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
-    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
+  LoadPlanTable(P, E, R, table, count, reps);
   if (pdl) PdlWait();
   __syncthreads();
+  PdlTraceEvent(3);
   for (int t = warp; t < N; t += warps) {
     int32_t id = 0;
     float w = 0;
@@ -1197,11 +1453,15 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
     if (lane < k) {
       ids[t * k + lane] = id;
       weights[t * k + lane] = w;
-      slot_of[t * k + lane] = reps[E + id * R + t % reps[id]];
+      const int slot = reps[E + id * R + t % reps[id]];
+      slot_of[t * k + lane] = slot;
+      if (plan.slot_of != nullptr) plan.slot_of[t * k + lane] = slot;
     }
   }
   __syncthreads();
+  PdlTraceEvent(3);
   GroupBySlot(A, P, slot_of, count, offset, rank, scan, plan);
+  PdlTraceEvent(3);
 }
 
 __global__ void __launch_bounds__(kPlanThreads) MoeRoutePlanKernel(
@@ -1233,10 +1493,12 @@ __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
     GemvSegments segs, int64_t in, const float* x, int64_t ntok, const float* norm_w, float eps, float* norm_out,
     unsigned* counter, int E, int k, bool norm, const float* bias, int G, int topk_group, double scaling,
     MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan, const double* norm_sums) {
+  EEP_PDL_TRACE_END;
   extern __shared__ float4 router_sm4[];
   GemvBody<float, kTok, kSplit>(segs, in, x, in, ntok, false, norm_w, eps, norm_out,
                                 reinterpret_cast<float*>(router_sm4), norm_sums);
   if (!LastBlock(counter)) return;
+  PdlTraceEvent(3);
   RoutePlanBody(segs.seg[0].y, static_cast<int>(ntok), E, k, norm, bias, G, topk_group, scaling, table, ids, weights,
                 plan, reinterpret_cast<uint8_t*>(router_sm4), false);
 }
@@ -1284,7 +1546,9 @@ __global__ void __launch_bounds__(kPlanThreads) GroupPlanKernel(const int32_t* s
   PdlWait();
   for (int a = threadIdx.x; a < A; a += kPlanThreads) slot_of[a] = slot_of_g[a];
   __syncthreads();
+  PdlTraceEvent(3);
   GroupBySlot(A, P, slot_of, count, offset, rank, scan, plan);
+  PdlTraceEvent(3);
 }
 
 int64_t PlanSmemBytes(int64_t N, int64_t E, int64_t k, int64_t G, int64_t P, int64_t R = 1) {
@@ -1336,6 +1600,7 @@ __device__ __forceinline__ void GateUpRows(const bf16_t* base, const float* x, i
 
 __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeGateUpKernel(const float* x, int64_t H, int64_t I, int k,
                                                                      MoeSlotTable table, MoePlan plan, float* act) {
+  EEP_PDL_TRACE_END;
   PdlTrigger();
   PdlWait();
   const int g = blockIdx.y;
@@ -1350,6 +1615,38 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeGateUpKernel(const float
     GateUpRows<1>(base, x, H, I, k, order, cnt, i, act);
   else
     GateUpRows<8>(base, x, H, I, k, order, cnt, i, act);
+}
+
+// MoeGateUpKernel where every group holds one assignment (a step of one token): a warp per two
+// output rows (gate and up rows of both: four weight rows in flight), half the blocks at three
+// per SM, so that the launch fits one wave of the GPU (three waves of 768 blocks at two per SM
+// before, each paying the plan and slot-pointer loads and a DRAM round trip).
+constexpr int kGateUpOneRows = 2;
+__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeGateUpOneKernel(const float* x, int64_t H, int64_t I,
+                                                                           int k, MoeSlotTable table, MoePlan plan,
+                                                                           float* act) {
+  EEP_PDL_TRACE_END;
+  PdlTrigger();
+  PdlWait();
+  const int g = blockIdx.y, lane = threadIdx.x % kWarp;
+  const int groups = *plan.num_groups, slot = plan.group_slot[g], off = plan.group_off[g];
+  if (g >= groups) return;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp) * kGateUpOneRows;
+  if (i0 >= I) return;
+  const bf16_t* base = table.slot_ptr[slot];
+  const int a = plan.order[off];
+  const float* xr[1] = {x + static_cast<int64_t>(a / k) * H};
+  const int64_t i1 = min(i0 + 1, I - 1);
+  const bf16_t* const w[2 * kGateUpOneRows] = {base + i0 * H, base + (I + i0) * H, base + i1 * H, base + (I + i1) * H};
+  float acc[2 * kGateUpOneRows][1];
+#pragma unroll
+  for (int r = 0; r < 2 * kGateUpOneRows; ++r) acc[r][0] = 0;
+  WarpDotRows<bf16_t, 2 * kGateUpOneRows, 1, 2>(w, H, xr, 1, acc);
+#pragma unroll
+  for (int r = 0; r < kGateUpOneRows; ++r) {
+    const float gv = WarpSum(acc[2 * r][0]), uv = WarpSum(acc[2 * r + 1][0]);
+    if (lane == 0 && i0 + r < I) act[static_cast<int64_t>(a) * I + i0 + r] = Silu(gv) * uv;
+  }
 }
 
 // kDownRows consecutive output rows per warp (their loads in flight together, sharing the
@@ -1387,6 +1684,7 @@ __device__ __forceinline__ void DownRows(const bf16_t* base, const float* act, i
 
 __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* act, int64_t H, int64_t I,
                                                                    MoeSlotTable table, MoePlan plan, float* y) {
+  EEP_PDL_TRACE_END;
   PdlTrigger();
   PdlWait();
   const int g = blockIdx.y;
@@ -1402,12 +1700,94 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* 
     DownRows<4>(base, act, H, I, order, cnt, o0, y);
 }
 
+// MoeDown and MoeCombineAdd in one launch for few tokens. Block: kR consecutive output rows o;
+// warp w takes assignments a = w, w + 8, ... (a = t·k + j) and computes down_{slot(a)}[o]·act[a]
+// for its kR rows, every 16-byte weight load of them in flight at once (kC per lane and row:
+// inter <= 256·kC); then a thread per (token, row) sums the k terms with the routing weights in
+// top-k order into x[t][o] (as the combine does). Σ x² per token: one atomic per block and token.
+// No y buffer, one launch less in the chain.
+constexpr int kDownCombineMaxTokens = 8, kDownCombineMaxAssign = 256, kDownCombineRows = 4;
+template <int kC>
+__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownCombineKernel(const float* act, int64_t H, int64_t I, int k,
+                                                                          int ntok, MoeSlotTable table,
+                                                                          const int32_t* slot_of, const float* weights,
+                                                                          float* x, double* sums_out) {
+  EEP_PDL_TRACE_END;
+  constexpr int kR = kDownCombineRows;
+  __shared__ float part[kDownCombineMaxAssign][kR];
+  __shared__ double sq_sh[kDownCombineMaxTokens][kR];
+  PdlTrigger();
+  PdlWait();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kR;
+  const int A = ntok * k;
+  for (int a = warp; a < A; a += kMoeWarps) {
+    const bf16_t* base = table.slot_ptr[slot_of[a]] + 2 * I * H;
+    const float* ar = act + static_cast<int64_t>(a) * I;
+    Raw8<bf16_t> raw[kR][kC];
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        const int64_t col = lane * 8 + c * 8 * kWarp;
+        if (col < I && o0 + r < H)
+          raw[r][c].Load(base + (o0 + r) * I + col);
+        else
+          raw[r][c].Zero();
+      }
+    float acc[kR];
+#pragma unroll
+    for (int r = 0; r < kR; ++r) acc[r] = 0;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      const int64_t col = lane * 8 + c * 8 * kWarp;
+      if (col >= I) break;
+      const float4 xa = *reinterpret_cast<const float4*>(ar + col);
+      const float4 xb = *(reinterpret_cast<const float4*>(ar + col) + 1);
+      const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        float wf[8];
+        raw[r][c].Unpack(wf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[r] = fmaf(wf[i], xv[i], acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      const float d = WarpSum(acc[r]);
+      if (lane == 0) part[a][r] = d;
+    }
+  }
+  __syncthreads();
+  const int t = threadIdx.x / kR, r = threadIdx.x % kR;
+  if (t < ntok) {
+    double sq = 0;
+    if (o0 + r < H) {
+      float sum = 0;
+      for (int j = 0; j < k; ++j) sum += weights[t * k + j] * part[t * k + j][r];
+      const float v = x[t * H + o0 + r] + sum;
+      x[t * H + o0 + r] = v;
+      sq = static_cast<double>(v) * v;
+    }
+    sq_sh[t][r] = sq;
+  }
+  if (sums_out == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x < ntok) {
+    double s2 = 0;
+    for (int i = 0; i < kR; ++i) s2 += sq_sh[threadIdx.x][i];
+    atomicAdd(sums_out + threadIdx.x, s2);
+  }
+}
+
 // Block (column tile, token), a thread per column: the k terms' loads are independent.
 // With norm_w: the last block also RMSNorms the n updated rows of x into norm_out (the next
 // layer's input norm), as RmsNormKernel does.
 __global__ void MoeCombineAddKernel(const float* y, const float* w, int64_t k, int64_t dim, const float* shared,
                                     float* x, int64_t n, const float* norm_w, float eps, float* norm_out,
                                     unsigned* counter, double* sums_out) {
+  EEP_PDL_TRACE_END;
   __shared__ double partial[32];
   PdlTrigger();
   PdlWait();
@@ -1540,6 +1920,7 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
     const float* q, float* const* k_cache, float* const* v_cache, const int32_t* positions, int64_t nh,
     int64_t nkv, int64_t dk, int64_t dv, int64_t window, float scale, float* out, QkRope qr, bool decode,
     const float* k_new, const float* v_new) {
+  EEP_PDL_TRACE_END;
   PdlTrigger();
   constexpr int kMaxPerLane = kMaxBatchedHeadDim / kWarp;
   __shared__ float qs[kMaxBatchedHeadDim], kcur[kMaxBatchedHeadDim], vcur[kMaxBatchedHeadDim];
@@ -1577,6 +1958,7 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
     else if (warp == 2)
       for (int64_t i = lane; i < dv; i += kWarp) vcur[i] = v_new[(t * nkv + kvh) * dv + i];
     __syncthreads();
+    if (blockIdx.x == 0) PdlTraceEvent(3);
     if (h % (nh / nkv) == 0) {
       // Only row pos is written; every block of the group reads rows before it.
       float* kd = k_cache[t] + (pos * nkv + kvh) * dk;
@@ -1648,6 +2030,7 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
     }
     m = mn;
   }
+  if (blockIdx.x == 0 && warp == 0) PdlTraceEvent(3);
   if (lane == 0) wm[warp] = m, wl[warp] = l;
 #pragma unroll
   for (int i = 0; i < kMaxPerLane; ++i)
@@ -1679,6 +2062,7 @@ constexpr int kArgmaxWideThreads = 256, kArgmaxWidePerThread = 16;
 
 __global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const float* x, int64_t cols,
                                                                        unsigned long long* keys) {
+  EEP_PDL_TRACE_END;
   PdlTrigger();
   PdlWait();
   __shared__ unsigned long long warp_best[kArgmaxWideThreads / kWarp];
@@ -1710,6 +2094,7 @@ __global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const flo
 }
 
 __global__ void ArgmaxDecodeKernel(const unsigned long long* keys, int64_t rows, int32_t* out) {
+  EEP_PDL_TRACE_END;
   PdlTrigger();
   PdlWait();
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -1756,15 +2141,16 @@ bool GemvNormFusable(int64_t ntok, int64_t in) { return ntok <= 8 && ntok * in *
 
 int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots) { return std::max<int64_t>(1, std::min(assignments, num_slots)); }
 
-int64_t MoePlanInts(int64_t max_groups, int64_t assignments) { return 4 + 3 * max_groups + assignments; }
+int64_t MoePlanInts(int64_t max_groups, int64_t assignments) { return 4 + 3 * max_groups + 2 * assignments; }
 
-MoePlan MoePlanIn(int32_t* base, int64_t max_groups) {
+MoePlan MoePlanIn(int32_t* base, int64_t max_groups, int64_t assignments) {
   MoePlan plan;
   plan.num_groups = base;
   plan.group_slot = base + 4;
   plan.group_off = plan.group_slot + max_groups;
   plan.group_cnt = plan.group_off + max_groups;
   plan.order = plan.group_cnt + max_groups;
+  plan.slot_of = assignments > 0 ? plan.order + assignments : nullptr;
   return plan;
 }
 
@@ -1856,9 +2242,15 @@ cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int6
 }
 
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,
-                      int64_t max_groups, float* act, cudaStream_t st) {
+                      int64_t max_groups, float* act, cudaStream_t st, bool one_token) {
   if (max_groups == 0) return cudaSuccess;
   if (H % 8 != 0) return cudaErrorInvalidValue;
+  if (one_token) {
+    const int64_t rows = kMoeWarps * kGateUpOneRows;
+    return Launch(MoeGateUpOneKernel,
+                  dim3(static_cast<unsigned>((I + rows - 1) / rows), static_cast<unsigned>(max_groups)),
+                  dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);
+  }
   const dim3 grid(static_cast<unsigned>((I + kMoeWarps - 1) / kMoeWarps), static_cast<unsigned>(max_groups));
   return Launch(MoeGateUpKernel, grid, dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);
 }
@@ -1871,6 +2263,36 @@ cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& 
   const dim3 grid(static_cast<unsigned>((H + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(max_groups));
   return Launch(MoeDownKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
 }
+
+bool MoeDownCombineSupported(int64_t N, int64_t I, int64_t k) {
+  return N >= 1 && N <= kDownCombineMaxTokens && k >= 1 && N * k <= kDownCombineMaxAssign && I % 8 == 0 &&
+         I <= 4 * 8 * kWarp;
+}
+
+cudaError_t MoeDownCombine(const float* act, int64_t H, int64_t I, int64_t N, int64_t k, const MoeSlotTable& table,
+                           const MoePlan& plan, const float* weights, float* x, cudaStream_t st, double* sums_out) {
+  if (N == 0) return cudaSuccess;
+  if (!MoeDownCombineSupported(N, I, k) || plan.slot_of == nullptr) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((H + kDownCombineRows - 1) / kDownCombineRows)), block(kMoeWarps * kWarp);
+  const int chunks = static_cast<int>((I + 8 * kWarp - 1) / (8 * kWarp));
+  auto go = [&](auto kernel) {
+    return Launch(kernel, grid, block, 0, st, act, H, I, static_cast<int>(k), static_cast<int>(N), table,
+                  static_cast<const int32_t*>(plan.slot_of), weights, x, sums_out);
+  };
+  if (chunks == 1) return go(MoeDownCombineKernel<1>);
+  if (chunks == 2) return go(MoeDownCombineKernel<2>);
+  if (chunks == 3) return go(MoeDownCombineKernel<3>);
+  return go(MoeDownCombineKernel<4>);
+}
+
+#ifdef EEP_PDL_TRACE
+cudaError_t PdlTraceSet(unsigned long long* events, unsigned* count, unsigned cap) {
+  const PdlTraceBuf b{events, count, cap};
+  return cudaMemcpyToSymbol(g_pdl_trace, &b, sizeof b);
+}
+#endif
+
+void SetGemvStaged(int mode) { g_staged.store(mode == 0 || mode == 1 ? mode : -1); }
 
 cudaError_t MoeCombineAdd(const float* y, const float* w, int64_t n, int64_t k, int64_t dim, const float* shared,
                           float* x, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
@@ -1914,9 +2336,9 @@ cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int6
   if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0 || off + rope_dim > dk ||
       rope_dim % 2 != 0)
     return cudaErrorInvalidValue;
-  return Launch(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
-                k_cache, v_cache, positions, nh, nkv, dk, dv, window, scale, out,
-                QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v);
+  return LaunchShared(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st,
+                      q, k_cache, v_cache, positions, nh, nkv, dk, dv, window, scale, out,
+                      QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v);
 }
 
 }  // namespace eep::cuda

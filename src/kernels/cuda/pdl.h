@@ -9,11 +9,52 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_set>
 #include <utility>
 
 namespace eep::cuda {
 
+#ifdef EEP_PDL_TRACE
+// Measurement builds only (-DEEP_PDL_TRACE): thread 0 of every block records when the block
+// started (kind 0, at PdlTriggerDependents) and when its wait for the predecessor returned (kind
+// 1), with its SM, grid size and block index: the timeline of a decode step as the GPU ran it,
+// PDL overlap included (ncu serialises kernels). Per translation unit; see PdlTraceSet (ops.h).
+struct PdlTraceBuf {
+  unsigned long long* ev = nullptr;  // [cap][2]: time (ns), packed kind | sm | grid | block
+  unsigned* count = nullptr;
+  unsigned cap = 0;
+};
+static __device__ PdlTraceBuf g_pdl_trace;
+// Kinds 0-2 (start, wait returned, thread 0 done) in the first and last block of a grid only (one
+// counter for all: fewer atomics keep the timeline close to an untraced run); kind 3 (a kernel's
+// own mark) wherever it is called.
+__device__ __forceinline__ void PdlTraceEvent(unsigned long long kind) {
+  if (threadIdx.x != 0 || threadIdx.y != 0 || g_pdl_trace.ev == nullptr) return;
+  const unsigned lin = blockIdx.x + gridDim.x * blockIdx.y, last = gridDim.x * gridDim.y - 1;
+  if (kind < 3 && lin != 0 && lin != last) return;
+  unsigned long long t;
+  unsigned sm;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  const unsigned i = atomicAdd(g_pdl_trace.count, 1u);
+  if (i >= g_pdl_trace.cap) return;
+  const unsigned long long grid = gridDim.x * gridDim.y * gridDim.z, block = blockIdx.x + gridDim.x * blockIdx.y;
+  g_pdl_trace.ev[2 * i] = t;
+  g_pdl_trace.ev[2 * i + 1] = kind << 62 | static_cast<unsigned long long>(sm & 0xff) << 48 | (grid & 0xffffff) << 24 |
+                              (block & 0xffffff);
+}
+struct PdlTraceEndGuard {
+  __device__ ~PdlTraceEndGuard() { PdlTraceEvent(2); }
+};
+#define EEP_PDL_TRACE_END ::eep::cuda::PdlTraceEndGuard pdl_trace_end_guard_
+#else
+__device__ __forceinline__ void PdlTraceEvent(unsigned long long) {}
+#define EEP_PDL_TRACE_END (void)0
+#endif
+
 __device__ __forceinline__ void PdlTriggerDependents() {
+  PdlTraceEvent(0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
@@ -22,6 +63,7 @@ __device__ __forceinline__ void PdlWaitPrerequisites() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  PdlTraceEvent(1);
 }
 
 inline bool PdlLaunchEnabled() {
@@ -30,6 +72,25 @@ inline bool PdlLaunchEnabled() {
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return on;
+}
+
+// Kernels of different shared-memory carveouts cannot share an SM (the L1/shared split is set
+// per SM while it runs blocks), so kernels that should run alongside a staged GEMV's 100+ KB
+// blocks ask for the largest shared share (ops.cu's LaunchShared). Set once per kernel, and not
+// for every kernel: batch-16 steps lost 5% on an H100 with all of ops.cu's so set (the router and
+// expert kernels re-read their inputs through L1). EEP_CUDA_CARVEOUT=0 leaves the driver's choice
+// (measurements).
+inline cudaError_t PreferMaxShared(const void* kernel) {
+  static const bool on = [] {
+    const char* v = std::getenv("EEP_CUDA_CARVEOUT");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!on) return cudaSuccess;
+  static std::mutex mu;
+  static std::unordered_set<const void*> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!done.insert(kernel).second) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
 }
 
 template <typename... Params, typename... Args>
