@@ -187,15 +187,6 @@ struct CudaModel::Impl {
   bool use_graphs = true, gemv_dims_ok = false, batched_attn = false, fuse_attn_norm = false,
        fuse_next_norm = false;
   bool norm_sums = true;  // EEP_CUDA_NORM_SUMS (Body)
-  // EEP_CUDA_DOWN_COMBINE=1: at <= 8 tokens the MoE down projection adds into x (MoeDownCombine)
-  // instead of MoeDown + MoeCombineAdd. Off: on an H100 at batch 1 it measured 0.7% slower (three
-  // interleaved rounds; the one launch less does not pay for its two waves of blocks).
-  bool down_combine = false;
-  // EEP_CUDA_STAGED, bits: 1 the o-proj GEMV, 2 the q/k/v GEMV stage their weights in shared
-  // memory before waiting for their predecessor (GemvSegments::stage). H100, batch 1: the o-proj
-  // +1-3% (its weights stream during the attention); the q/k/v -3% (its predecessor, the MoE
-  // down projection, streams already), hence 1.
-  int staged = 1;
   // EEP_CUDA_GATE_UP_ONE: steps of one token take MoeGateUp's one-assignment kernel (H100, batch
   // 1: +1.8%).
   bool gate_up_one = true;
@@ -558,7 +549,6 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
       sg.seg[1] = {ly.k.w.get(), k, ly.k_bias.get(), ly.k.out};
       sg.seg[2] = {ly.v.w.get(), v, ly.v_bias.get(), ly.v.out};
       sg.count = 3;
-      sg.stage = (staged & 2) != 0;
       if (norm_in)
         EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, H, x, H, N, false, s(), ly.input_norm.get(), eps, nullptr, in_sums));
       else
@@ -637,7 +627,6 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
     GemvSegments sg;
     sg.seg[0] = {ly.o.w.get(), x, ly.o_bias.get(), H};
     sg.count = 1;
-    sg.stage = (staged & 1) != 0;
     EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, nh * dv, attn, nh * dv, N, true, s(), nullptr, 0, nullptr, nullptr, sums_out));
     return Status::Ok();
   }
@@ -727,7 +716,7 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
   int32_t* ids = b_ids.as<int32_t>();
   float* w = b_w.as<float>();
   int32_t* pl = b_plan.as<int32_t>();
-  const MoePlan plan = MoePlanIn(pl, G, A);
+  const MoePlan plan = MoePlanIn(pl, G);
   const MoeSlotTable table = Table(ml);
   const bool ds = c.arch == Arch::kDeepseekV3;
   const bool norm_topk = c.norm_topk_prob || c.arch == Arch::kMixtral;
@@ -778,13 +767,6 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     EEP_CUDA_RETURN_IF_ERROR(MoeDownMma(act, H, inter, table, plan, G, splits > 1, y, s()));
   } else {
     EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s(), N == 1 && gate_up_one));
-    // Few tokens, nothing else to add: the down projection combines into x itself (plan.slot_of
-    // comes from the one-block routing, taken below kWideRouteMin tokens).
-    if (down_combine && N <= kWideRouteMin && ly.shared.inter == 0 && next_norm == nullptr &&
-        MoeDownCombineSupported(N, inter, k)) {
-      EEP_CUDA_RETURN_IF_ERROR(MoeDownCombine(act, H, inter, N, k, table, plan, w, x, s(), next_sums));
-      return Status::Ok();
-    }
     EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s()));
   }
   const float* shared = nullptr;
@@ -1319,8 +1301,6 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   im.fuse_attn_norm = env_int("EEP_CUDA_FUSE_ATTN_NORM", 0) != 0;
   im.fuse_next_norm = env_int("EEP_CUDA_FUSE_NEXT_NORM", 0) != 0;
   im.norm_sums = env_int("EEP_CUDA_NORM_SUMS", 1) != 0;
-  im.down_combine = env_int("EEP_CUDA_DOWN_COMBINE", 0) != 0;
-  im.staged = static_cast<int>(env_int("EEP_CUDA_STAGED", 1));
   im.gate_up_one = env_int("EEP_CUDA_GATE_UP_ONE", 1) != 0;
   EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
   EEP_ASSIGN_OR_RETURN(im.counters, DeviceAlloc<unsigned>(2));

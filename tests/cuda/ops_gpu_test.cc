@@ -381,12 +381,8 @@ TEST_P(CudaGemv, MatchesCpu) {
   const int64_t T = GetParam();
   // 520 columns: a warp per row, or two (rows_per_warp 2: a warp's rows straddle segments 0|1, and
   // the last warp has one row); 2048 columns and < 1024 rows: 8 warps share each row.
-  // staged 1: at 1 and 7 tokens each block's rows go through shared memory (StagedGemvBody).
-  for (int staged : {0, 1})
   for (int rows_per_warp : {1, 2})
   for (int64_t in : {int64_t{520}, int64_t{2048}}) {
-  if (staged && rows_per_warp == 2) continue;
-  cuda::SetGemvStaged(staged);
   cuda::SetGemvRowsPerWarp(rows_per_warp);
   const int64_t stride = in + 8;
   const int64_t rows[3] = {95, 40, 17};
@@ -427,12 +423,10 @@ TEST_P(CudaGemv, MatchesCpu) {
                 cudaSuccess);
       for (int s = 0; s < 3; ++s)
         EXPECT_LT(RelErr(dy[s]->Host(), ref[s]), 1e-5) << "in " << in << " f32 " << f32 << " acc " << acc
-                                                       << " segment " << s << " rows per warp " << rows_per_warp
-                                                       << " staged " << staged;
+                                                       << " segment " << s << " rows per warp " << rows_per_warp;
     }
   }
   cuda::SetGemvRowsPerWarp(0);
-  cuda::SetGemvStaged(-1);
 }
 INSTANTIATE_TEST_SUITE_P(Tokens, CudaGemv, ::testing::Values(1, 7, 64));
 
@@ -490,7 +484,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   std::vector<float> ref_w;
   RouteRef(logits, N, E, k, true, mc.deepseek ? bias.data() : nullptr, G, topk_group, mc.deepseek ? 2.5 : 1.0,
            &ref_ids, &ref_w);
-  std::vector<float> ref = residual, ref_routed = residual;  // ref_routed: without the shared rows
+  std::vector<float> ref = residual;
   for (int64_t t = 0; t < N; ++t) {
     std::vector<double> acc(H, 0.0);
     for (int64_t j = 0; j < k; ++j) {
@@ -503,7 +497,6 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
       for (int64_t o = 0; o < H; ++o) acc[o] += ref_w[t * k + j] * Dot(w.data() + 2 * I * H + o * I, act.data(), I);
     }
     for (int64_t o = 0; o < H; ++o) ref[t * H + o] += static_cast<float>(acc[o] + shared[t * H + o]);
-    for (int64_t o = 0; o < H; ++o) ref_routed[t * H + o] += static_cast<float>(acc[o]);
   }
   Dev<float> dl(logits), db(bias), dx(x), dres(residual), dshared(shared), dw(A), dact(A * I), dy(A * H);
   Dev<int32_t> dids(A), dcount(rep_count), drep(rep_slot);
@@ -518,7 +511,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   table.max_replicas = max_reps;
   table.slot_ptr = reinterpret_cast<const uint16_t* const*>(dptr.p);
   table.num_slots = P;
-  const cuda::MoePlan plan = cuda::MoePlanIn(dplan.p, maxg, A);
+  const cuda::MoePlan plan = cuda::MoePlanIn(dplan.p, maxg);
   ASSERT_TRUE(cuda::MoeRoutePlanSupported(N, E, k, P));
   ASSERT_EQ(cuda::MoeRoutePlan(dl.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
                                mc.deepseek ? 2.5f : 1.0f, table, dids.p, dw.p, plan, nullptr),
@@ -535,23 +528,8 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
     ASSERT_EQ(cuda::MoeGateUp(dx.p, H, I, k, table, plan, maxg, dact1.p, nullptr, true), cudaSuccess);
     EXPECT_LT(RelErr(dact1.Host(), dact.Host()), 1e-6) << "MoeGateUp one_token";
   }
-  if (cuda::MoeDownCombineSupported(N, I, k)) {
-    // Down projection and combine in one launch (no shared rows), with Σ x² of the new rows.
-    Dev<float> dres2(residual);
-    Dev<double> dsum(std::vector<double>(N, 0.0));
-    ASSERT_EQ(cuda::MoeDownCombine(dact.p, H, I, N, k, table, plan, dw.p, dres2.p, nullptr, dsum.p), cudaSuccess);
-    auto got = dres2.Host();
-    EXPECT_LT(RelErr(got, ref_routed), 1e-5) << "MoeDownCombine";
-    auto sums = dsum.Host();
-    for (int64_t t = 0; t < N; ++t) {
-      double s2 = 0;
-      for (int64_t o = 0; o < H; ++o) s2 += static_cast<double>(got[t * H + o]) * got[t * H + o];
-      EXPECT_NEAR(sums[t], s2, 1e-9 * s2) << "MoeDownCombine sums, token " << t;
-    }
-  }
   // The plan: every assignment once, in the group of the slot its replica rule picks.
-  // with_slots: the plan also carries each assignment's slot (slot_of).
-  auto check_plan = [&](const std::vector<int32_t>& hp, const char* what, bool with_slots) {
+  auto check_plan = [&](const std::vector<int32_t>& hp, const char* what) {
     const int32_t groups = hp[0];
     std::vector<int> seen(A, 0);
     int64_t covered = 0;
@@ -568,16 +546,13 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
         ++seen[a];
         const int32_t e = ref_ids[a];
         EXPECT_EQ(slot, reps[e][(a / k) % reps[e].size()]) << what << ", assignment " << a;
-        if (with_slots) {
-          EXPECT_EQ(hp[4 + 3 * maxg + A + a], slot) << what << ", slot_of of assignment " << a;
-        }
       }
       covered += cnt;
     }
     EXPECT_EQ(covered, A) << what;
     for (int64_t a = 0; a < A; ++a) EXPECT_EQ(seen[a], 1) << what << ", assignment " << a;
   };
-  check_plan(dplan.Host(), "MoeRoutePlan", true);
+  check_plan(dplan.Host(), "MoeRoutePlan");
   {
     // The many-block routing (a warp per token) and one-block grouping: the same ids, weights
     // and a valid plan; outputs poisoned first.
@@ -590,7 +565,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
               cudaSuccess);
     EXPECT_EQ(dids_w.Host(), ref_ids) << "MoeRoutePlanWide";
     EXPECT_EQ(dw_w.Host(), dw.Host()) << "MoeRoutePlanWide weights equal MoeRoutePlan's";
-    check_plan(dplan_w.Host(), "MoeRoutePlanWide", false);
+    check_plan(dplan_w.Host(), "MoeRoutePlanWide");
   }
   // The one-launch router (GEMV + route + plan in its last block) against GemvF32 +
   // MoeRoutePlan, the combine's fused next-layer norm against the CPU RmsNorm.
@@ -827,10 +802,8 @@ TEST(CudaOps, GemvWithFusedNorm) {
       for (int64_t i = 0; i < in; ++i) sums[t] += static_cast<double>(x[t * in + i]) * x[t * in + i];
     Dev<double> dsums(sums);
     // Without norm_out the norm weight rides on the dot products (no shared-memory pass).
-    for (int staged : {0, 1})
     for (int64_t seg_rows : {rows, int64_t{40}})
       for (bool want_norm : {true, false}) {
-      cuda::SetGemvStaged(staged);
       Dev<float> dy2(std::vector<float>(T * seg_rows, NAN)), dn2(std::vector<float>(T * in, NAN));
       sg.seg[0] = {dw.p, dy2.p, nullptr, seg_rows};
       ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, T, false, nullptr, dnw.p, 1e-6f, want_norm ? dn2.p : nullptr, dsums.p),
@@ -841,13 +814,12 @@ TEST(CudaOps, GemvWithFusedNorm) {
       auto y2 = dy2.Host();
       for (float v : y2) ASSERT_TRUE(std::isfinite(v));
       EXPECT_LT(RelErr(y2, ref2), 1e-5) << T << " tokens, norm_sums, " << seg_rows << " rows, normed rows "
-                                         << want_norm << ", staged " << staged;
+                                         << want_norm;
       if (want_norm) {
         EXPECT_LT(RelErr(dn2.Host(), normed), 1e-6) << T << " tokens, norm_sums";
       }
       }
   }
-  cuda::SetGemvStaged(-1);
 }
 
 // sums_out of the accumulating GEMV (both row paths), Embed and the MoE combine: Σ of the
@@ -866,10 +838,8 @@ TEST(CudaOps, NormSumsOfResidualWriters) {
   };
   // 2004 rows: a warp per row, the last block part empty; 30 rows of 2048: 8 warps per row.
   // (2004 rows also with two rows per warp.)
-  // (rows per warp 0 with staging on: the staged GEMV, 2004 rows over the SMs' shared memory.)
-  for (int rows_per_warp : {0, 1, 2})
+  for (int rows_per_warp : {1, 2})
   for (int64_t T : {int64_t{1}, int64_t{5}}) {
-    cuda::SetGemvStaged(rows_per_warp == 0 ? 1 : 0);
     cuda::SetGemvRowsPerWarp(rows_per_warp);
     for (auto [rows, in] : {std::pair<int64_t, int64_t>{2004, 264}, std::pair<int64_t, int64_t>{30, 2048}}) {
       auto x = Random(T * in, 90, 1.0f), res = Random(T * rows, 91, 2.0f);
@@ -885,7 +855,6 @@ TEST(CudaOps, NormSumsOfResidualWriters) {
     }
   }
   cuda::SetGemvRowsPerWarp(0);
-  cuda::SetGemvStaged(-1);
   {
     const int64_t V = 40, H = 72;
     auto table = ToBf16(Random(V * H, 93));

@@ -4,7 +4,6 @@
 // streaming loads, several in flight per lane; larger steps use cuBLAS from cuda_model.cc.
 // Kernels of the decode path are launched with programmatic dependent launch (Launch below).
 #include "kernels/cuda/ops.h"
-#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/head_ops.cuh"
 #include "kernels/cuda/pdl.h"
 
@@ -569,22 +568,12 @@ cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   return LaunchPdl(kernel, grid, block, smem, st, std::forward<Args>(args)...);
 }
 
-// Launch for the kernels of a decode step of few tokens that run on the SMs the staged o-proj
-// GEMV joins (embedding, GEMVs, attention): they ask for the largest shared-memory carveout
-// (PreferMaxShared), since an SM keeps the split of the kernel it runs.
-template <typename... Params, typename... Args>
-cudaError_t LaunchShared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
-                         Args&&... args) {
-  if (cudaError_t e = PreferMaxShared(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
-  return LaunchPdl(kernel, grid, block, smem, st, std::forward<Args>(args)...);
-}
-
 }  // namespace
 
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st,
                   double* sums_out) {
   if (n == 0) return cudaSuccess;
-  return LaunchShared(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out);
+  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out);
 }
 
 cudaError_t RmsNorm(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim, float eps,
@@ -845,8 +834,8 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
     }
     if (row != nullptr) {
       const char* bytes = reinterpret_cast<const char*>(row);
-      for (int64_t b = static_cast<int64_t>(lane + slice * kWarp) * 128; b < in * static_cast<int64_t>(sizeof(WT));
-           b += kSplit * kWarp * 128)
+      const int64_t pre = in * static_cast<int64_t>(sizeof(WT)) * segs.prefetch_pct / 100;
+      for (int64_t b = static_cast<int64_t>(lane + slice * kWarp) * 128; b < pre; b += kSplit * kWarp * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(bytes + b));
     }
   }
@@ -1010,178 +999,6 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) GemvKernel(GemvSegments se
                              reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
 }
 
-// --- Staged GEMV: the block's weight rows in shared memory before the PDL wait ---
-// At decode steps of few tokens a projection of a few tens of MB costs the chain more than its
-// bytes (ramp, tail, and the loads only start once the predecessor is done). Here each block
-// owns `rpb` consecutive output rows (over the segments, one block per SM) and copies their
-// weights into shared memory (16-byte cp.async) before it waits for its predecessor: the copy
-// streams while the previous kernels run (the attention before the o-proj, the MoE before the
-// next layer's q/k/v), and after the wait only x and the dot products remain.
-
-// Row r of the concatenated segments: its weights, output, bias and row within its segment
-// (constant indices only: a run-time index would copy the parameter struct to the stack).
-template <typename WT>
-struct SegRow {
-  const WT* w = nullptr;
-  float* y = nullptr;
-  const float* bias = nullptr;
-  int64_t seg_rows = 0, row = 0;
-};
-template <typename WT>
-__device__ __forceinline__ SegRow<WT> FindSegRow(const GemvSegments& segs, int64_t r, int64_t in) {
-  SegRow<WT> out;
-#pragma unroll
-  for (int i = 0; i < kMaxGemvSegments; ++i) {
-    if (out.w == nullptr && i < segs.count) {
-      if (r < segs.seg[i].rows) {
-        out.w = static_cast<const WT*>(segs.seg[i].w) + r * in;
-        out.y = segs.seg[i].y;
-        out.bias = segs.seg[i].bias;
-        out.seg_rows = segs.seg[i].rows;
-        out.row = r;
-      } else {
-        r -= segs.seg[i].rows;
-      }
-    }
-  }
-  return out;
-}
-
-// Eight weights from shared memory (16 or 32 bytes).
-__device__ __forceinline__ void Load8Shared(const bf16_t* p, float (&f)[8]) {
-  Raw8<bf16_t> r;
-  r.v = *reinterpret_cast<const uint4*>(p);
-  r.Unpack(f);
-}
-__device__ __forceinline__ void Load8Shared(const float* p, float (&f)[8]) {
-  const float4 a = *reinterpret_cast<const float4*>(p), b = *(reinterpret_cast<const float4*>(p) + 1);
-  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-}
-
-// Shared memory of a staged GEMV block: weights [rpb][in] WT, then x [ntok][in] f32.
-template <typename WT>
-int64_t StagedSmemBytes(int64_t rpb, int64_t in, int64_t ntok) {
-  return rpb * in * static_cast<int64_t>(sizeof(WT)) + ntok * in * 4;
-}
-
-// The body. smem: StagedSmemBytes. ntok <= kTok.
-// norm_w (with norm_sums): the input RMSNorm rides on x (x·w once per block) and 1/rms on the
-// sums; norm_out (may be null): the normed rows, a slice per block. sums_out: as GemvBody's.
-template <typename WT, int kTok>
-__device__ __forceinline__ void StagedGemvBody(const GemvSegments& segs, int64_t in, int64_t rpb, const float* x,
-                                               int64_t x_stride, int ntok, bool accumulate, const float* norm_w,
-                                               float eps, const double* norm_sums, float* norm_out, double* sums_out,
-                                               uint8_t* smem) {
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-  WT* ws = reinterpret_cast<WT*>(smem);
-  float* xs = reinterpret_cast<float*>(smem + rpb * in * static_cast<int64_t>(sizeof(WT)));
-  int64_t total = 0;
-#pragma unroll
-  for (int i = 0; i < kMaxGemvSegments; ++i)
-    if (i < segs.count) total += segs.seg[i].rows;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rpb;
-  const int64_t nrows = max(int64_t{0}, min(rpb, total - r0));
-  PdlTrigger();
-  constexpr int64_t kPer16 = 16 / sizeof(WT);
-  const int64_t chunks = in / kPer16;
-  for (int64_t rr = 0; rr < nrows; ++rr) {
-    const WT* row = FindSegRow<WT>(segs, r0 + rr, in).w;
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) CpAsync16(ws + rr * in + c * kPer16, row + c * kPer16);
-  }
-  CpAsyncCommit();
-  PdlWait();
-  // x (times the norm weight) into shared memory; 1/rms per token.
-  const int64_t in4 = in / 4;
-  for (int t = 0; t < ntok; ++t) {
-    const float4* xr = reinterpret_cast<const float4*>(x + t * x_stride);
-    float4* xo = reinterpret_cast<float4*>(xs + t * in);
-    for (int64_t i = threadIdx.x; i < in4; i += blockDim.x) {
-      float4 v = xr[i];
-      if (norm_w != nullptr) {
-        const float4 g = reinterpret_cast<const float4*>(norm_w)[i];
-        v = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
-      }
-      xo[i] = v;
-    }
-  }
-  float inv[kTok];
-#pragma unroll
-  for (int t = 0; t < kTok; ++t)
-    inv[t] = norm_w != nullptr && t < ntok
-                 ? static_cast<float>(1.0 / sqrt(norm_sums[t] / static_cast<double>(in) + eps))
-                 : 1.0f;
-  if (norm_out != nullptr && norm_w != nullptr) {
-    // Normed rows as RmsNorm writes them (w·(x·inv)), a slice per block.
-    const int64_t chunk = ((in + gridDim.x - 1) / gridDim.x + 3) / 4 * 4;
-    const int64_t b0 = min(in, static_cast<int64_t>(blockIdx.x) * chunk), b1 = min(in, b0 + chunk);
-    for (int t = 0; t < ntok; ++t)
-      for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x)
-        norm_out[t * in + i] = norm_w[i] * (x[t * x_stride + i] * inv_of(inv, t));
-  }
-  CpAsyncWait<0>();
-  __syncthreads();
-  __shared__ double sq_sh[kGemvWarps][kTok];
-  double sq[kTok];
-#pragma unroll
-  for (int t = 0; t < kTok; ++t) sq[t] = 0;
-  for (int64_t rr = warp; rr < nrows; rr += warps) {
-    const WT* w = ws + rr * in;
-    float acc[kTok];
-#pragma unroll
-    for (int t = 0; t < kTok; ++t) acc[t] = 0;
-#pragma unroll 4
-    for (int64_t c = lane * 8; c < in; c += 8 * kWarp) {
-      float wf[8];
-      Load8Shared(w + c, wf);
-#pragma unroll
-      for (int t = 0; t < kTok; ++t) {
-        if (t >= ntok) break;
-        const float4 xa = *reinterpret_cast<const float4*>(xs + t * in + c);
-        const float4 xb = *(reinterpret_cast<const float4*>(xs + t * in + c) + 1);
-        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[t] = fmaf(wf[i], xv[i], acc[t]);
-      }
-    }
-    const SegRow<WT> sr = FindSegRow<WT>(segs, r0 + rr, in);
-    const float bias = sr.bias != nullptr ? sr.bias[sr.row] : 0.0f;
-#pragma unroll
-    for (int t = 0; t < kTok; ++t) {
-      if (t >= ntok) break;
-      const float v = WarpSum(acc[t]) * inv[t] + bias;
-      if (lane == 0) {
-        float* y = sr.y + t * sr.seg_rows + sr.row;
-        *y = accumulate ? *y + v : v;
-        sq[t] += static_cast<double>(*y) * *y;
-      }
-    }
-  }
-  if (sums_out != nullptr) {
-    // One atomic per block and token (same-address atomics serialise).
-    if (lane == 0)
-#pragma unroll
-      for (int t = 0; t < kTok; ++t) sq_sh[warp][t] = sq[t];
-    __syncthreads();
-    if (threadIdx.x < ntok) {
-      double sum = 0;
-      for (int wi = 0; wi < warps; ++wi) sum += sq_sh[wi][threadIdx.x];
-      atomicAdd(sums_out + threadIdx.x, sum);
-    }
-  }
-  __syncthreads();
-}
-
-template <typename WT, int kTok>
-__global__ void __launch_bounds__(kGemvWarps * kWarp) StagedGemvKernel(GemvSegments segs, int64_t in, int64_t rpb,
-                                                                       const float* x, int64_t x_stride, int ntok,
-                                                                       bool accumulate, const float* norm_w, float eps,
-                                                                       const double* norm_sums, double* sums_out) {
-  EEP_PDL_TRACE_END;
-  extern __shared__ float4 staged_sm4[];
-  StagedGemvBody<WT, kTok>(segs, in, rpb, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, nullptr, sums_out,
-                           reinterpret_cast<uint8_t*>(staged_sm4));
-}
-
 int SmCount() {
   static const int sms = [] {
     int dev = 0, n = 0;
@@ -1190,44 +1007,6 @@ int SmCount() {
     return n;
   }();
   return sms;
-}
-
-// Staged GEMVs: -1 where the caller asks for it (GemvSegments::stage, RouterPlan's `stage`),
-// 0 never, 1 wherever the shape allows (SetGemvStaged: tests).
-std::atomic<int> g_staged{-1};
-bool StagedEnabled(bool requested) {
-  const int v = g_staged.load(std::memory_order_relaxed);
-  return v < 0 ? requested : v == 1;
-}
-
-// Shared memory a block may take (opt-in maximum less the static arrays and a margin).
-constexpr int64_t kStagedSmemMax = 200 * 1024;
-
-// Rows per block of a staged GEMV of `rows` × `in` over `blocks_max` blocks at most, or 0 where
-// the weights do not fit the SMs' shared memory or staging is off (`requested`: the caller's
-// wish, see g_staged).
-template <typename WT>
-int64_t StagedRowsPerBlock(int64_t rows, int64_t in, int64_t ntok, int64_t blocks_max, bool requested) {
-  if (!StagedEnabled(requested) || ntok < 1 || ntok > 8 || blocks_max < 1 || in % 8 != 0) return 0;
-  const int64_t rpb = (rows + blocks_max - 1) / blocks_max;
-  return StagedSmemBytes<WT>(rpb, in, ntok) <= kStagedSmemMax ? rpb : 0;
-}
-
-template <typename WT, int kTok>
-cudaError_t LaunchStaged(const GemvSegments& segs, int64_t in, int64_t rpb, int64_t rows, const float* x,
-                         int64_t x_stride, int64_t ntok, bool accumulate, const float* norm_w, float eps,
-                         const double* norm_sums, double* sums_out, cudaStream_t st) {
-  const int64_t smem = StagedSmemBytes<WT>(rpb, in, ntok);
-  static int64_t opted = 48 * 1024;  // the largest size set so far (kernel attribute)
-  if (smem > opted) {
-    cudaError_t e = cudaFuncSetAttribute(StagedGemvKernel<WT, kTok>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kStagedSmemMax));
-    if (e != cudaSuccess) return e;
-    opted = kStagedSmemMax;
-  }
-  return LaunchShared(StagedGemvKernel<WT, kTok>, dim3(static_cast<unsigned>((rows + rpb - 1) / rpb)),
-                dim3(kGemvWarps * kWarp), static_cast<size_t>(smem), st, segs, in, rpb, x, x_stride,
-                static_cast<int>(ntok), accumulate, norm_w, eps, norm_sums, sums_out);
 }
 
 // Rows per warp of an unsplit GEMV: 2 where one row per warp would need more than one wave of
@@ -1250,10 +1029,24 @@ int GemvRowsPerWarp(int64_t rows) {
   return sms > 0 && blocks > wave && (blocks + 1) / 2 <= wave ? 2 : 1;
 }
 
+// EEP_CUDA_GEMV_PREFETCH: percent of each weight row a GEMV block pulls into L2 before its PDL wait.
+// Default 0: on an H100 at batch 1 the prefetch made the GEMVs shorter but their predecessors
+// longer by more (the attention's and the MoE down projection's loads queue behind it): 1175.6
+// tokens/s without it against 1140.5 with the whole rows (three interleaved rounds).
+int GemvPrefetchPct() {
+  static const int pct = [] {
+    const char* v = std::getenv("EEP_CUDA_GEMV_PREFETCH");
+    return v == nullptr ? 0 : std::max(0, std::min(100, std::atoi(v)));
+  }();
+  return pct;
+}
+
 template <typename WT>
-cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
+cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
                        bool accumulate, const float* norm_w, float eps, float* norm_out, cudaStream_t st,
                        const double* norm_sums, double* sums_out) {
+  GemvSegments segs = segs_in;
+  segs.prefetch_pct = GemvPrefetchPct();
   if (ntok == 0) return cudaSuccess;
   if (in % 8 != 0 || x_stride % 4 != 0 || segs.count < 1 || segs.count > kMaxGemvSegments)
     return cudaErrorInvalidValue;
@@ -1264,18 +1057,6 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
   int64_t rows = 0;
   for (int i = 0; i < segs.count; ++i) rows += segs.seg[i].rows;
   if (rows == 0) return cudaSuccess;
-  // Weights that fit the SMs' shared memory, few tokens: staged (no normed rows out, and the
-  // norm only with its sums given).
-  if (norm_out == nullptr && (norm_w == nullptr || norm_sums != nullptr) && x_stride % 4 == 0) {
-    const int64_t rpb = StagedRowsPerBlock<WT>(rows, in, ntok, SmCount(), segs.stage);
-    if (rpb > 0) {
-      if (ntok == 1)
-        return LaunchStaged<WT, 1>(segs, in, rpb, rows, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, sums_out, st);
-      if (ntok <= 4)
-        return LaunchStaged<WT, 4>(segs, in, rpb, rows, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, sums_out, st);
-      return LaunchStaged<WT, 8>(segs, in, rpb, rows, x, x_stride, ntok, accumulate, norm_w, eps, norm_sums, sums_out, st);
-    }
-  }
   // Few rows (a router): 8 warps per row, so that the matrix still has enough loads in flight.
   const bool split = rows < 1024 && in >= 8 * 256;
   const unsigned blocks = static_cast<unsigned>(split ? rows : (rows + kGemvWarps - 1) / kGemvWarps);
@@ -1283,34 +1064,34 @@ cudaError_t LaunchGemv(const GemvSegments& segs, int64_t in, const float* x, int
   cudaError_t e;
   if (split) {
     if (ntok == 1)
-      e = LaunchShared(GemvKernel<WT, 1, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+      e = Launch(GemvKernel<WT, 1, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
-      e = LaunchShared(GemvKernel<WT, 4, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+      e = Launch(GemvKernel<WT, 4, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
     else
-      e = LaunchShared(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
+      e = Launch(GemvKernel<WT, 8, kGemvWarps>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w,
                  eps, norm_out, norm_sums, sums_out);
   } else if (GemvRowsPerWarp(rows) == 2) {
     const dim3 grid2(static_cast<unsigned>((rows + 2 * kGemvWarps - 1) / (2 * kGemvWarps)));
     if (ntok == 1)
-      e = LaunchShared(GemvKernel<WT, 1, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvKernel<WT, 1, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
-      e = LaunchShared(GemvKernel<WT, 4, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvKernel<WT, 4, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else
-      e = LaunchShared(GemvKernel<WT, 8, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvKernel<WT, 8, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
   } else {
     if (ntok == 1)
-      e = LaunchShared(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvKernel<WT, 1, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
-      e = LaunchShared(GemvKernel<WT, 4, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvKernel<WT, 4, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else
-      e = LaunchShared(GemvKernel<WT, 8, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvKernel<WT, 8, 1>, grid, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
   }
   return e;
@@ -1453,9 +1234,7 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
     if (lane < k) {
       ids[t * k + lane] = id;
       weights[t * k + lane] = w;
-      const int slot = reps[E + id * R + t % reps[id]];
-      slot_of[t * k + lane] = slot;
-      if (plan.slot_of != nullptr) plan.slot_of[t * k + lane] = slot;
+      slot_of[t * k + lane] = reps[E + id * R + t % reps[id]];
     }
   }
   __syncthreads();
@@ -1698,87 +1477,6 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* 
     DownRows<1>(base, act, H, I, order, cnt, o0, y);
   else
     DownRows<4>(base, act, H, I, order, cnt, o0, y);
-}
-
-// MoeDown and MoeCombineAdd in one launch for few tokens. Block: kR consecutive output rows o;
-// warp w takes assignments a = w, w + 8, ... (a = t·k + j) and computes down_{slot(a)}[o]·act[a]
-// for its kR rows, every 16-byte weight load of them in flight at once (kC per lane and row:
-// inter <= 256·kC); then a thread per (token, row) sums the k terms with the routing weights in
-// top-k order into x[t][o] (as the combine does). Σ x² per token: one atomic per block and token.
-// No y buffer, one launch less in the chain.
-constexpr int kDownCombineMaxTokens = 8, kDownCombineMaxAssign = 256, kDownCombineRows = 4;
-template <int kC>
-__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownCombineKernel(const float* act, int64_t H, int64_t I, int k,
-                                                                          int ntok, MoeSlotTable table,
-                                                                          const int32_t* slot_of, const float* weights,
-                                                                          float* x, double* sums_out) {
-  EEP_PDL_TRACE_END;
-  constexpr int kR = kDownCombineRows;
-  __shared__ float part[kDownCombineMaxAssign][kR];
-  __shared__ double sq_sh[kDownCombineMaxTokens][kR];
-  PdlTrigger();
-  PdlWait();
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kR;
-  const int A = ntok * k;
-  for (int a = warp; a < A; a += kMoeWarps) {
-    const bf16_t* base = table.slot_ptr[slot_of[a]] + 2 * I * H;
-    const float* ar = act + static_cast<int64_t>(a) * I;
-    Raw8<bf16_t> raw[kR][kC];
-#pragma unroll
-    for (int r = 0; r < kR; ++r)
-#pragma unroll
-      for (int c = 0; c < kC; ++c) {
-        const int64_t col = lane * 8 + c * 8 * kWarp;
-        if (col < I && o0 + r < H)
-          raw[r][c].Load(base + (o0 + r) * I + col);
-        else
-          raw[r][c].Zero();
-      }
-    float acc[kR];
-#pragma unroll
-    for (int r = 0; r < kR; ++r) acc[r] = 0;
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-      const int64_t col = lane * 8 + c * 8 * kWarp;
-      if (col >= I) break;
-      const float4 xa = *reinterpret_cast<const float4*>(ar + col);
-      const float4 xb = *(reinterpret_cast<const float4*>(ar + col) + 1);
-      const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        float wf[8];
-        raw[r][c].Unpack(wf);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[r] = fmaf(wf[i], xv[i], acc[r]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      const float d = WarpSum(acc[r]);
-      if (lane == 0) part[a][r] = d;
-    }
-  }
-  __syncthreads();
-  const int t = threadIdx.x / kR, r = threadIdx.x % kR;
-  if (t < ntok) {
-    double sq = 0;
-    if (o0 + r < H) {
-      float sum = 0;
-      for (int j = 0; j < k; ++j) sum += weights[t * k + j] * part[t * k + j][r];
-      const float v = x[t * H + o0 + r] + sum;
-      x[t * H + o0 + r] = v;
-      sq = static_cast<double>(v) * v;
-    }
-    sq_sh[t][r] = sq;
-  }
-  if (sums_out == nullptr) return;
-  __syncthreads();
-  if (threadIdx.x < ntok) {
-    double s2 = 0;
-    for (int i = 0; i < kR; ++i) s2 += sq_sh[threadIdx.x][i];
-    atomicAdd(sums_out + threadIdx.x, s2);
-  }
 }
 
 // Block (column tile, token), a thread per column: the k terms' loads are independent.
@@ -2141,16 +1839,15 @@ bool GemvNormFusable(int64_t ntok, int64_t in) { return ntok <= 8 && ntok * in *
 
 int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots) { return std::max<int64_t>(1, std::min(assignments, num_slots)); }
 
-int64_t MoePlanInts(int64_t max_groups, int64_t assignments) { return 4 + 3 * max_groups + 2 * assignments; }
+int64_t MoePlanInts(int64_t max_groups, int64_t assignments) { return 4 + 3 * max_groups + assignments; }
 
-MoePlan MoePlanIn(int32_t* base, int64_t max_groups, int64_t assignments) {
+MoePlan MoePlanIn(int32_t* base, int64_t max_groups) {
   MoePlan plan;
   plan.num_groups = base;
   plan.group_slot = base + 4;
   plan.group_off = plan.group_slot + max_groups;
   plan.group_cnt = plan.group_off + max_groups;
   plan.order = plan.group_cnt + max_groups;
-  plan.slot_of = assignments > 0 ? plan.order + assignments : nullptr;
   return plan;
 }
 
@@ -2264,35 +1961,12 @@ cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& 
   return Launch(MoeDownKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
 }
 
-bool MoeDownCombineSupported(int64_t N, int64_t I, int64_t k) {
-  return N >= 1 && N <= kDownCombineMaxTokens && k >= 1 && N * k <= kDownCombineMaxAssign && I % 8 == 0 &&
-         I <= 4 * 8 * kWarp;
-}
-
-cudaError_t MoeDownCombine(const float* act, int64_t H, int64_t I, int64_t N, int64_t k, const MoeSlotTable& table,
-                           const MoePlan& plan, const float* weights, float* x, cudaStream_t st, double* sums_out) {
-  if (N == 0) return cudaSuccess;
-  if (!MoeDownCombineSupported(N, I, k) || plan.slot_of == nullptr) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((H + kDownCombineRows - 1) / kDownCombineRows)), block(kMoeWarps * kWarp);
-  const int chunks = static_cast<int>((I + 8 * kWarp - 1) / (8 * kWarp));
-  auto go = [&](auto kernel) {
-    return Launch(kernel, grid, block, 0, st, act, H, I, static_cast<int>(k), static_cast<int>(N), table,
-                  static_cast<const int32_t*>(plan.slot_of), weights, x, sums_out);
-  };
-  if (chunks == 1) return go(MoeDownCombineKernel<1>);
-  if (chunks == 2) return go(MoeDownCombineKernel<2>);
-  if (chunks == 3) return go(MoeDownCombineKernel<3>);
-  return go(MoeDownCombineKernel<4>);
-}
-
 #ifdef EEP_PDL_TRACE
 cudaError_t PdlTraceSet(unsigned long long* events, unsigned* count, unsigned cap) {
   const PdlTraceBuf b{events, count, cap};
   return cudaMemcpyToSymbol(g_pdl_trace, &b, sizeof b);
 }
 #endif
-
-void SetGemvStaged(int mode) { g_staged.store(mode == 0 || mode == 1 ? mode : -1); }
 
 cudaError_t MoeCombineAdd(const float* y, const float* w, int64_t n, int64_t k, int64_t dim, const float* shared,
                           float* x, cudaStream_t st, const float* norm_w, float eps, float* norm_out,
@@ -2336,9 +2010,9 @@ cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int6
   if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0 || off + rope_dim > dk ||
       rope_dim % 2 != 0)
     return cudaErrorInvalidValue;
-  return LaunchShared(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st,
-                      q, k_cache, v_cache, positions, nh, nkv, dk, dv, window, scale, out,
-                      QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v);
+  return Launch(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
+                k_cache, v_cache, positions, nh, nkv, dk, dv, window, scale, out,
+                QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v);
 }
 
 }  // namespace eep::cuda

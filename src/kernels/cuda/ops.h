@@ -118,10 +118,9 @@ constexpr int kMaxGemvSegments = 3;
 struct GemvSegments {
   GemvSegment seg[kMaxGemvSegments];
   int count = 0;
-  // Stage the weights in shared memory before waiting for the previous kernel (at most 8 tokens,
-  // weights that fit the SMs' shared memory, no normed rows out, a norm only with its sums): for
-  // a GEMV that follows a latency-bound kernel (attention), so that its bytes stream meanwhile.
-  bool stage = false;
+  // Percent of each weight row a block pulls into L2 before its PDL wait (set by Gemv from
+  // EEP_CUDA_GEMV_PREFETCH, default 0; measurements).
+  int prefetch_pct = 100;
 };
 // y_s[t, r] (+)= Σ_i w_s[r, i]·x[t·x_stride + i] (+ bias_s[r]) for every segment s, token
 // t < num_tokens; accumulate: added to y (one writer per element, so y may be a residual).
@@ -146,9 +145,6 @@ bool GemvSupported(int64_t in);
 // matrix fit in one wave of blocks, else 1), 1 or 2 forces it (tests, measurements; the
 // environment variable EEP_CUDA_GEMV_ROWS sets it at the first launch).
 void SetGemvRowsPerWarp(int rows);
-// Staged GEMVs (GemvSegments::stage): 1 wherever the shape allows, 0 never, -1 (default) where the
-// caller asks. Tests.
-void SetGemvStaged(int mode);
 #ifdef EEP_PDL_TRACE
 // Measurement builds: where the kernels of ops.cu record their timeline (pdl.h); null: nowhere.
 cudaError_t PdlTraceSet(unsigned long long* events, unsigned* count, unsigned cap);
@@ -174,16 +170,12 @@ struct MoePlan {
   int32_t* group_off = nullptr;
   int32_t* group_cnt = nullptr;
   int32_t* order = nullptr;
-  // [N·k]: each assignment's physical slot (written by the routing where not null; MoeDownCombine
-  // reads it).
-  int32_t* slot_of = nullptr;
 };
 int64_t MoeMaxGroups(int64_t assignments, int64_t num_slots);
 // A MoePlan laid out in one int32 buffer of MoePlanInts(max_groups, assignments) entries:
-// [num_groups, 3 spare][group_slot][group_off][group_cnt] (max_groups each)[order][slot_of]
-// (assignments each). Without `assignments` the plan has no slot_of.
+// [num_groups, 3 spare][group_slot][group_off][group_cnt] (max_groups each)[order] (assignments).
 int64_t MoePlanInts(int64_t max_groups, int64_t assignments);
-MoePlan MoePlanIn(int32_t* base, int64_t max_groups, int64_t assignments = 0);
+MoePlan MoePlanIn(int32_t* base, int64_t max_groups);
 // Whether MoeRoutePlan takes this shape (one block: slots and assignments bounded).
 bool MoeRoutePlanSupported(int64_t num_tokens, int64_t num_experts, int64_t top_k, int64_t num_slots);
 // Route (as Route above, same ids and weights) and group the assignments by slot, in one launch.
@@ -208,13 +200,6 @@ cudaError_t MoeGateUp(const float* x, int64_t hidden, int64_t inter, int64_t top
 // y[a, :] = down_s · act[a, :] for every assignment: y [N·k, hidden] f32.
 cudaError_t MoeDown(const float* act, int64_t hidden, int64_t inter, const MoeSlotTable& table, const MoePlan& plan,
                     int64_t max_groups, float* y, cudaStream_t stream);
-// MoeDown + MoeCombineAdd (no shared expert, no fused norm) in one launch for at most 8 tokens
-// (N·k <= 256, inter <= 1024): x[t,:] += Σ_j w[t,j]·(down_{slot(t·k+j)}·act[t·k+j,:]) in top-k
-// order, slots from plan.slot_of; sums_out (may be null) as MoeCombineAdd's.
-bool MoeDownCombineSupported(int64_t num_tokens, int64_t inter, int64_t top_k);
-cudaError_t MoeDownCombine(const float* act, int64_t hidden, int64_t inter, int64_t num_tokens, int64_t top_k,
-                           const MoeSlotTable& table, const MoePlan& plan, const float* weights, float* x,
-                           cudaStream_t stream, double* sums_out = nullptr);
 // x[t,:] += Σ_j w[t,j]·y[t·k + j,:] (j in top-k order, like the CPU) (+ shared[t,:], added to
 // the routed sum first, as the CPU does); shared may be null. With norm_w, the updated rows
 // are also RMSNorm-ed into norm_out [num_tokens, dim] (as RmsNorm; the next layer's input

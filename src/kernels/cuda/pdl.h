@@ -9,8 +9,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <unordered_set>
 #include <utility>
 
 namespace eep::cuda {
@@ -72,25 +70,6 @@ inline bool PdlLaunchEnabled() {
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return on;
-}
-
-// Kernels of different shared-memory carveouts cannot share an SM (the L1/shared split is set
-// per SM while it runs blocks), so kernels that should run alongside a staged GEMV's 100+ KB
-// blocks ask for the largest shared share (ops.cu's LaunchShared). Set once per kernel, and not
-// for every kernel: batch-16 steps lost 5% on an H100 with all of ops.cu's so set (the router and
-// expert kernels re-read their inputs through L1). EEP_CUDA_CARVEOUT=0 leaves the driver's choice
-// (measurements).
-inline cudaError_t PreferMaxShared(const void* kernel) {
-  static const bool on = [] {
-    const char* v = std::getenv("EEP_CUDA_CARVEOUT");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  if (!on) return cudaSuccess;
-  static std::mutex mu;
-  static std::unordered_set<const void*> done;
-  std::lock_guard<std::mutex> lock(mu);
-  if (!done.insert(kernel).second) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
 }
 
 template <typename... Params, typename... Args>
