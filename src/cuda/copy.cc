@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "cuda/cuda_model.h"
 #include "cuda/cuda_util.h"
@@ -42,17 +44,25 @@ class Copier {
   Status Run(std::span<const CopyItem> items) {
     if (std::all_of(items.begin(), items.end(), [](const CopyItem& it) { return it.bytes == 0; })) return Status::Ok();
     std::lock_guard<std::mutex> lock(mu_);
+    // One attribute query per address; the GPU of the device memory involved (a rank's,
+    // whichever thread calls) is current before the copier's stream and buffers are made.
+    std::vector<std::pair<cudaPointerAttributes, cudaPointerAttributes>> attrs(items.size());
     bool device_set = false;
-    for (const CopyItem& it : items) {
-      if (it.bytes == 0) continue;
-      const cudaPointerAttributes da = Attributes(it.dst), sa = Attributes(it.src);
-      const bool dst_dev = OnDevice(da), src_dev = OnDevice(sa);
-      if (const cudaPointerAttributes& dev = dst_dev ? da : sa; !device_set && dev.type == cudaMemoryTypeDevice) {
-        // On the GPU of the device memory involved (a rank's, whichever thread calls).
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i].bytes == 0) continue;
+      auto& [da, sa] = attrs[i];
+      da = Attributes(items[i].dst), sa = Attributes(items[i].src);
+      if (const cudaPointerAttributes& dev = OnDevice(da) ? da : sa; !device_set && dev.type == cudaMemoryTypeDevice) {
         EEP_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev.device));
         device_set = true;
       }
-      EEP_RETURN_IF_ERROR(Init());
+    }
+    EEP_RETURN_IF_ERROR(Init());
+    for (size_t i = 0; i < items.size(); ++i) {
+      const CopyItem& it = items[i];
+      if (it.bytes == 0) continue;
+      const auto& [da, sa] = attrs[i];
+      const bool dst_dev = OnDevice(da), src_dev = OnDevice(sa);
       const bool pinned_host = (dst_dev ? sa : da).type == cudaMemoryTypeHost;
       if (dst_dev == src_dev || pinned_host) {
         // Device to device, host to host, or pinned host: one DMA.

@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/attention_gqa.h"
 #include "kernels/cuda/head_ops.cuh"
 #include "kernels/cuda/ops.h"
@@ -59,6 +58,18 @@ __device__ __forceinline__ float WarpMax(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+
+__device__ __forceinline__ void CpAsync16(float* smem, const float* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // One head row [n] from global into registers (lane holds values lane + 32·j).

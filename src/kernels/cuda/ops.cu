@@ -84,8 +84,9 @@ __global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim
     x[t * dim + i] = v;
     sum += static_cast<double>(v) * v;
   }
-  // The successor (the first q/k/v GEMV) starts only now: its weight prefetch would otherwise
-  // queue this kernel's row loads behind tens of MB (H100, batch 1: the embedding took ~7 us).
+  // The successor (the first q/k/v GEMV) starts only now: with EEP_CUDA_GEMV_PREFETCH its weight
+  // prefetch would otherwise queue this kernel's row loads behind tens of MB (H100, batch 1: the
+  // embedding took ~7 us).
   PdlTrigger();
   if (sums == nullptr) return;
   sum = BlockSum(sum, partial);
@@ -1031,8 +1032,9 @@ int GemvRowsPerWarp(int64_t rows) {
 
 // EEP_CUDA_GEMV_PREFETCH: percent of each weight row a GEMV block pulls into L2 before its PDL wait.
 // Default 0: on an H100 at batch 1 the prefetch made the GEMVs shorter but their predecessors
-// longer by more (the attention's and the MoE down projection's loads queue behind it): 1175.6
-// tokens/s without it against 1140.5 with the whole rows (three interleaved rounds).
+// longer by more (the attention's and the MoE down projection's loads queue behind it): 1224.1
+// tokens/s without it against 1157.8 with the whole rows (three interleaved rounds). (The
+// router's GEMV in RouterPlan keeps GemvSegments' default: its own 1 MB.)
 int GemvPrefetchPct() {
   static const int pct = [] {
     const char* v = std::getenv("EEP_CUDA_GEMV_PREFETCH");
@@ -1183,14 +1185,6 @@ __device__ __forceinline__ void GroupBySlot(int A, int P, const int* slot_of, in
   for (int a = threadIdx.x; a < A; a += kPlanThreads) plan.order[offset[slot_of[a]] + rank[a]] = a;
 }
 
-// RoutePlanBody's shared scratch: the per-slot counts zeroed and the replica table (static during
-// a step) loaded, by the whole block; reps = [E] counts | [E][R] slots.
-__device__ __forceinline__ void LoadPlanTable(int P, int E, int R, const MoeSlotTable& table, int* count, int* reps) {
-  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
-  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
-    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
-}
-
 // One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
 // the non-empty slots get group numbers in slot order (a block scan), and each assignment its
 // place in its group (the order within a group does not matter: every assignment's result is
@@ -1217,7 +1211,10 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   float z[kRegRouteMax];
   if (reg_route && !pdl && warp < N) LoadRouteLogits(logits + static_cast<int64_t>(warp) * E, E, z);
   if (pdl) PdlTrigger();
-  LoadPlanTable(P, E, R, table, count, reps);
+  for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
+  // The replica table (static during a step), loaded while the previous kernel finishes.
+  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
+    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
   if (pdl) PdlWait();
   __syncthreads();
   PdlTraceEvent(3);

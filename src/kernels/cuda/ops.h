@@ -118,8 +118,8 @@ constexpr int kMaxGemvSegments = 3;
 struct GemvSegments {
   GemvSegment seg[kMaxGemvSegments];
   int count = 0;
-  // Percent of each weight row a block pulls into L2 before its PDL wait (set by Gemv from
-  // EEP_CUDA_GEMV_PREFETCH, default 0; measurements).
+  // Percent of each weight row a block pulls into L2 before its PDL wait. Gemv and GemvF32 set it
+  // from EEP_CUDA_GEMV_PREFETCH (default 0); RouterPlan's router rows keep this default.
   int prefetch_pct = 100;
 };
 // y_s[t, r] (+)= Σ_i w_s[r, i]·x[t·x_stride + i] (+ bias_s[r]) for every segment s, token

@@ -14,10 +14,11 @@
 namespace eep::cuda {
 
 #ifdef EEP_PDL_TRACE
-// Measurement builds only (-DEEP_PDL_TRACE): thread 0 of every block records when the block
-// started (kind 0, at PdlTriggerDependents) and when its wait for the predecessor returned (kind
-// 1), with its SM, grid size and block index: the timeline of a decode step as the GPU ran it,
-// PDL overlap included (ncu serialises kernels). Per translation unit; see PdlTraceSet (ops.h).
+// Measurement builds only (-DEEP_PDL_TRACE): thread 0 of a grid's first and last block records
+// when the block started (kind 0, at PdlTriggerDependents), when its wait for the predecessor
+// returned (kind 1) and when it ended (kind 2, EEP_PDL_TRACE_END), with its SM, grid size and
+// block index: the timeline of a decode step as the GPU ran it, PDL overlap included (ncu
+// serialises kernels). Per translation unit; see PdlTraceSet (ops.h).
 struct PdlTraceBuf {
   unsigned long long* ev = nullptr;  // [cap][2]: time (ns), packed kind | sm | grid | block
   unsigned* count = nullptr;
