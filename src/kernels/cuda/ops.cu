@@ -989,8 +989,18 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
   }
 }
 
+// Measurement builds (EEP_PDL_TRACE) keep the q/k/v GEMV (GemvKernel<bf16, 1, 1, 2>: 80 registers)
+// at three blocks per SM: the trace's code took it to 94 registers, two blocks per SM, so that the
+// 320 blocks of Qwen3-30B-A3B's q/k/v ran in two waves there and not in normal builds (the "cold
+// start" of session 6's timelines). Normal builds keep the bare bound: an explicit minimum of 1
+// is not the same (ptxas then gave this kernel 104 registers).
+#ifdef EEP_PDL_TRACE
+#define EEP_GEMV_BOUNDS __launch_bounds__(kGemvWarps * kWarp, 3)
+#else
+#define EEP_GEMV_BOUNDS __launch_bounds__(kGemvWarps * kWarp)
+#endif
 template <typename WT, int kTok, int kSplit, int kR = 1>
-__global__ void __launch_bounds__(kGemvWarps * kWarp) GemvKernel(GemvSegments segs, int64_t in, const float* x,
+__global__ void EEP_GEMV_BOUNDS GemvKernel(GemvSegments segs, int64_t in, const float* x,
                                                                  int64_t x_stride, int64_t ntok, bool accumulate,
                                                                  const float* norm_w, float eps, float* norm_out,
                                                                  const double* norm_sums, double* sums_out) {
