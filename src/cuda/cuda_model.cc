@@ -1197,8 +1197,9 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
       it = graphs.end() - 1;
     }
 #ifdef EEP_PDL_TRACE
-    // Measurement builds: the timeline of replay EEP_PDL_TRACE_STEP (default 20) of this shape's
-    // graph, to EEP_PDL_TRACE_OUT (time ns, kind, sm, grid, block per line).
+    // Measurement builds: the timeline of the process's graph replay number EEP_PDL_TRACE_STEP
+    // (default 20, whatever its shape), to EEP_PDL_TRACE_OUT (time ns, kind, sm, grid, block per
+    // line).
     static int replays = 0;
     static const int trace_at = std::getenv("EEP_PDL_TRACE_STEP") ? std::atoi(std::getenv("EEP_PDL_TRACE_STEP")) : 20;
     const char* trace_out = std::getenv("EEP_PDL_TRACE_OUT");

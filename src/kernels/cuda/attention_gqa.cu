@@ -277,13 +277,7 @@ int GqaBuffers(int64_t blocks) {
     return v == nullptr ? 0 : std::atoi(v);
   }();
   if (forced == 1 || forced == 2) return forced;
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 0;
-    return n;
-  }();
+  const int sms = SmCount();
   return sms > 0 && blocks <= 3 * static_cast<int64_t>(sms) ? 2 : 1;
 }
 

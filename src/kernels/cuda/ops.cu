@@ -1000,24 +1000,13 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
 #define EEP_GEMV_BOUNDS __launch_bounds__(kGemvWarps * kWarp)
 #endif
 template <typename WT, int kTok, int kSplit, int kR = 1>
-__global__ void EEP_GEMV_BOUNDS GemvKernel(GemvSegments segs, int64_t in, const float* x,
-                                                                 int64_t x_stride, int64_t ntok, bool accumulate,
-                                                                 const float* norm_w, float eps, float* norm_out,
-                                                                 const double* norm_sums, double* sums_out) {
+__global__ void EEP_GEMV_BOUNDS GemvKernel(GemvSegments segs, int64_t in, const float* x, int64_t x_stride,
+                                           int64_t ntok, bool accumulate, const float* norm_w, float eps,
+                                           float* norm_out, const double* norm_sums, double* sums_out) {
   EEP_PDL_TRACE_END;
   extern __shared__ float4 gemv_sm4[];
   GemvBody<WT, kTok, kSplit, kR>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
                              reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
-}
-
-int SmCount() {
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 0;
-    return n;
-  }();
-  return sms;
 }
 
 // Rows per warp of an unsplit GEMV: 2 where one row per warp would need more than one wave of
@@ -1827,6 +1816,16 @@ cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned 
 
 
 bool GemvSupported(int64_t in) { return in > 0 && in % 8 == 0; }
+
+int SmCount() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 0;
+    return n;
+  }();
+  return sms;
+}
 
 void SetGemvRowsPerWarp(int rows) { g_gemv_rows.store(rows == 1 || rows == 2 ? rows : 0); }
 

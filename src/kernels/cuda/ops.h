@@ -145,6 +145,9 @@ bool GemvSupported(int64_t in);
 // matrix fit in one wave of blocks, else 1), 1 or 2 forces it (tests, measurements; the
 // environment variable EEP_CUDA_GEMV_ROWS sets it at the first launch).
 void SetGemvRowsPerWarp(int rows);
+// Streaming multiprocessors of the GPU current at the first call (0 if unknown): the kernels'
+// one-wave launch shapes.
+int SmCount();
 #ifdef EEP_PDL_TRACE
 // Measurement builds: where the kernels of ops.cu record their timeline (pdl.h); null: nowhere.
 cudaError_t PdlTraceSet(unsigned long long* events, unsigned* count, unsigned cap);
