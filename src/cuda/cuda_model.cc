@@ -623,10 +623,12 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
     }
   }
   if (gemv) {
-    // x += attn·Woᵀ (+ bias): the residual add rides on the GEMV.
+    // x += attn·Woᵀ (+ bias): the residual add rides on the GEMV. At one token its weights go to
+    // shared memory while the attention (a latency chain) runs.
     GemvSegments sg;
     sg.seg[0] = {ly.o.w.get(), x, ly.o_bias.get(), H};
     sg.count = 1;
+    sg.stage = true;
     EEP_CUDA_RETURN_IF_ERROR(Gemv(sg, nh * dv, attn, nh * dv, N, true, s(), nullptr, 0, nullptr, nullptr, sums_out));
     return Status::Ok();
   }

@@ -381,8 +381,12 @@ TEST_P(CudaGemv, MatchesCpu) {
   const int64_t T = GetParam();
   // 520 columns: a warp per row, or two (rows_per_warp 2: a warp's rows straddle segments 0|1, and
   // the last warp has one row); 2048 columns and < 1024 rows: 8 warps share each row.
+  // One token: also from shared memory (stage 1: a block's rows straddle segments 0|1 and 1|2).
+  for (int stage : {0, 1})
   for (int rows_per_warp : {1, 2})
   for (int64_t in : {int64_t{520}, int64_t{2048}}) {
+  if (stage == 1 && (T != 1 || rows_per_warp != 1)) continue;
+  cuda::SetGemvStage(stage == 1 ? 2 : 0);  // 2: every one-token GEMV
   cuda::SetGemvRowsPerWarp(rows_per_warp);
   const int64_t stride = in + 8;
   const int64_t rows[3] = {95, 40, 17};
@@ -423,10 +427,86 @@ TEST_P(CudaGemv, MatchesCpu) {
                 cudaSuccess);
       for (int s = 0; s < 3; ++s)
         EXPECT_LT(RelErr(dy[s]->Host(), ref[s]), 1e-5) << "in " << in << " f32 " << f32 << " acc " << acc
-                                                       << " segment " << s << " rows per warp " << rows_per_warp;
+                                                       << " segment " << s << " rows per warp " << rows_per_warp
+                                                       << " stage " << stage;
     }
   }
   cuda::SetGemvRowsPerWarp(0);
+  cuda::SetGemvStage(-1);
+}
+
+// The one-token GEMV from shared memory at Qwen3-30B-A3B's shapes: q/k/v (5120 rows of 2048 in
+// three segments, 39 rows a block on 132 SMs, RMSNorm on the dot products with Σ x² given, normed
+// row written; staged only in mode 2) and the output projection (2048 rows of 4096, added to the
+// residual, Σ y² out; staged as decode asks); against the CPU in double, and against the register
+// GEMV (stage 0).
+TEST(CudaOps, GemvStagedDecodeShapes) {
+  REQUIRE_GPU();
+  {
+    const int64_t in = 2048, rows[3] = {4096, 512, 512};
+    auto x = Random(in, 100, 3.0f), nw = Random(in, 101);
+    std::vector<float> normed(in);
+    cpu::RmsNorm(x.data(), nw.data(), 1, in, 1e-6f, normed.data());
+    double sum = 0;
+    for (float v : x) sum += static_cast<double>(v) * v;
+    Dev<float> dx(x), dnw(nw);
+    Dev<double> dsums(std::vector<double>{sum});
+    std::vector<std::unique_ptr<Dev<uint16_t>>> dw;
+    std::vector<std::vector<float>> wf(3), ref(3);
+    for (int s = 0; s < 3; ++s) {
+      auto b = ToBf16(Random(rows[s] * in, 102 + s, 0.05f));
+      wf[s] = FromBf16(b);
+      dw.push_back(std::make_unique<Dev<uint16_t>>(b));
+      ref[s].resize(rows[s]);
+      for (int64_t r = 0; r < rows[s]; ++r) ref[s][r] = static_cast<float>(Dot(wf[s].data() + r * in, normed.data(), in));
+    }
+    std::vector<float> by_stage[2][3];
+    for (int stage : {0, 1}) {
+      cuda::SetGemvStage(stage == 1 ? 2 : 0);  // 2: every one-token GEMV
+      std::vector<std::unique_ptr<Dev<float>>> dy;
+      Dev<float> dn(std::vector<float>(in, NAN));
+      cuda::GemvSegments sg;
+      sg.count = 3;
+      for (int s = 0; s < 3; ++s) {
+        dy.push_back(std::make_unique<Dev<float>>(std::vector<float>(rows[s], NAN)));
+        sg.seg[s] = {dw[s]->p, dy.back()->p, nullptr, rows[s]};
+      }
+      ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, 1, false, nullptr, dnw.p, 1e-6f, dn.p, dsums.p), cudaSuccess);
+      for (int s = 0; s < 3; ++s) {
+        by_stage[stage][s] = dy[s]->Host();
+        EXPECT_LT(RelErr(by_stage[stage][s], ref[s]), 1e-5) << "q/k/v segment " << s << " stage " << stage;
+      }
+      EXPECT_LT(RelErr(dn.Host(), normed), 1e-6) << "normed row, stage " << stage;
+    }
+    for (int s = 0; s < 3; ++s) EXPECT_LT(RelErr(by_stage[1][s], by_stage[0][s]), 1e-5) << "segment " << s;
+  }
+  {
+    const int64_t in = 4096, rows = 2048;
+    auto x = Random(in, 110), res = Random(rows, 111, 2.0f);
+    auto b = ToBf16(Random(rows * in, 112, 0.05f));
+    auto wf = FromBf16(b);
+    std::vector<float> ref(rows);
+    double ref_sq = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      ref[r] = static_cast<float>(res[r] + Dot(wf.data() + r * in, x.data(), in));
+      ref_sq += static_cast<double>(ref[r]) * ref[r];
+    }
+    Dev<uint16_t> dw(b);
+    Dev<float> dx(x);
+    for (int stage : {0, 1}) {
+      cuda::SetGemvStage(stage);  // 1: the GEMVs that ask (as decode's output projection)
+      Dev<float> dy(res);
+      Dev<double> dsq(std::vector<double>{0.0});
+      cuda::GemvSegments sg;
+      sg.seg[0] = {dw.p, dy.p, nullptr, rows};
+      sg.count = 1;
+      sg.stage = true;
+      ASSERT_EQ(cuda::Gemv(sg, in, dx.p, in, 1, true, nullptr, nullptr, 0, nullptr, nullptr, dsq.p), cudaSuccess);
+      EXPECT_LT(RelErr(dy.Host(), ref), 1e-5) << "o-proj, stage " << stage;
+      EXPECT_NEAR(dsq.Host()[0], ref_sq, 1e-5 * ref_sq) << "Σ y², stage " << stage;
+    }
+  }
+  cuda::SetGemvStage(-1);
 }
 INSTANTIATE_TEST_SUITE_P(Tokens, CudaGemv, ::testing::Values(1, 7, 64));
 

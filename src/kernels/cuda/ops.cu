@@ -15,6 +15,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -704,6 +705,7 @@ template <>
 struct Raw8<bf16_t> {
   uint4 v;
   __device__ __forceinline__ void Load(const bf16_t* p) { v = __ldcs(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void LoadShared(const bf16_t* p) { v = *reinterpret_cast<const uint4*>(p); }
   __device__ __forceinline__ void Zero() { v = make_uint4(0, 0, 0, 0); }
   __device__ __forceinline__ void Unpack(float (&f)[8]) const {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
@@ -720,6 +722,10 @@ struct Raw8<float> {
   __device__ __forceinline__ void Load(const float* p) {
     a = __ldcs(reinterpret_cast<const float4*>(p));
     b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ __forceinline__ void LoadShared(const float* p) {
+    a = *reinterpret_cast<const float4*>(p);
+    b = *(reinterpret_cast<const float4*>(p) + 1);
   }
   __device__ __forceinline__ void Zero() { a = b = make_float4(0, 0, 0, 0); }
   __device__ __forceinline__ void Unpack(float (&f)[8]) const {
@@ -1009,6 +1015,198 @@ __global__ void EEP_GEMV_BOUNDS GemvKernel(GemvSegments segs, int64_t in, const 
                              reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
 }
 
+// --- One-token GEMV from shared memory ---------------------------------------------------
+// At batch 1 a GEMV is a stream of weights, and the weights do not depend on the previous kernel.
+// Each block of this kernel (one per SM) takes a contiguous range of rows, starts one bulk copy
+// (TMA, cp.async.bulk) of them into shared memory before its PDL wait, and computes from there
+// once the input is ready: the weights of the attention's output projection arrive while the
+// attention (a latency chain that leaves HBM idle) runs, and a q/k/v projection's while the MoE
+// down projection and combine finish. Unlike an L2 prefetch the bytes cannot be evicted before use.
+constexpr int kStageThreads = 256, kStageWarps = kStageThreads / kWarp;
+constexpr int kStageMaxRows = 64;    // rows per block (the cross-warp sums live in shared memory)
+constexpr int kStageMaxChunks = 4;   // chunks of 8 input values per thread: in <= 8192
+constexpr int64_t kStageMaxBytes = 200 * 1024;  // a block's weights (leaves room for small co-resident blocks)
+
+__device__ __forceinline__ uint32_t SharedAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <typename WT>
+__global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegments segs, int64_t in, int rows_per_block,
+                                                                     const float* x, bool accumulate,
+                                                                     const float* norm_w, float eps, float* norm_out,
+                                                                     const double* norm_sums, double* sums_out) {
+  EEP_PDL_TRACE_END;
+  extern __shared__ __align__(128) uint8_t stage_sm[];
+  __shared__ __align__(8) uint64_t bar;
+  __shared__ float red[kStageWarps][kStageMaxRows];
+  __shared__ double sq_sh[kStageWarps];
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  int64_t total = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxGemvSegments; ++i)
+    if (i < segs.count) total += segs.seg[i].rows;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(rows_per_block), total - r0));
+  const int64_t row_bytes = in * static_cast<int64_t>(sizeof(WT));
+  PdlTrigger();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (tid == 0) {
+    const uint32_t b = SharedAddr(&bar);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
+                 "r"(static_cast<uint32_t>(nrows * row_bytes))
+                 : "memory");
+    // The block's rows, one copy per segment they fall in (segments are separate matrices).
+    uint32_t dst = SharedAddr(stage_sm);
+    int64_t r = r0, left = nrows, base = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxGemvSegments; ++i) {
+      if (i < segs.count) {
+        const int64_t hi = base + segs.seg[i].rows;
+        if (left > 0 && r < hi) {
+          const int64_t n = min(left, hi - r);
+          const char* src = static_cast<const char*>(segs.seg[i].w) + (r - base) * row_bytes;
+          asm volatile(
+              "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+              "l"(src), "r"(static_cast<uint32_t>(n * row_bytes)), "r"(b)
+              : "memory");
+          dst += static_cast<uint32_t>(n * row_bytes);
+          r += n;
+          left -= n;
+        }
+        base = hi;
+      }
+    }
+  }
+#endif
+  PdlWait();
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  {  // (Older GPUs: a plain copy; the launcher takes this kernel on sm_90 only.)
+    int64_t base = 0, done = 0;
+    for (int i = 0; i < segs.count && done < nrows; ++i) {
+      const int64_t hi = base + segs.seg[i].rows;
+      for (int64_t r = r0 + done; r < hi && done < nrows; ++r, ++done) {
+        const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(segs.seg[i].w) + (r - base) * row_bytes);
+        uint4* d = reinterpret_cast<uint4*>(stage_sm + done * row_bytes);
+        for (int64_t j = tid; j < row_bytes / 16; j += kStageThreads) d[j] = src[j];
+      }
+      base = hi;
+    }
+  }
+#endif
+  // The input: this thread's chunks of x in registers (times the norm weight; 1/rms goes on the sums).
+  float inv = 1;
+  if (norm_sums != nullptr) inv = static_cast<float>(1.0 / sqrt(norm_sums[0] / static_cast<double>(in) + eps));
+  if (norm_out != nullptr && norm_w != nullptr) {
+    // The normed row, a slice per block (as GemvBody).
+    const int64_t chunk = ((in + gridDim.x - 1) / gridDim.x + 3) / 4 * 4;
+    const int64_t b0 = min(in, static_cast<int64_t>(blockIdx.x) * chunk), b1 = min(in, b0 + chunk);
+    for (int64_t i = b0 + tid; i < b1; i += kStageThreads) norm_out[i] = norm_w[i] * (x[i] * inv);
+  }
+  const int chunks = static_cast<int>(in / 8);
+  float xv[kStageMaxChunks][8];
+#pragma unroll
+  for (int j = 0; j < kStageMaxChunks; ++j) {
+    const int c = tid + j * kStageThreads;
+    if (c < chunks) {
+      const float4 a = *reinterpret_cast<const float4*>(x + c * 8), bb = *reinterpret_cast<const float4*>(x + c * 8 + 4);
+      float v[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
+      if (norm_w != nullptr) {
+        const float4 ga = *reinterpret_cast<const float4*>(norm_w + c * 8),
+                     gb = *reinterpret_cast<const float4*>(norm_w + c * 8 + 4);
+        const float g[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] *= g[i];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xv[j][i] = v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xv[j][i] = 0;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __syncthreads();  // the barrier's initialisation, before anyone waits on it
+  {
+    const uint32_t b = SharedAddr(&bar);
+    uint32_t ready = 0;
+    while (!ready)
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
+          : "=r"(ready)
+          : "r"(b)
+          : "memory");
+  }
+#else
+  __syncthreads();
+#endif
+  PdlTraceEvent(3);
+  // Each thread's partial dot products, four rows at a time, then summed across the warp and
+  // (below, in warp order: deterministic) across the warps.
+  const WT* wsm = reinterpret_cast<const WT*>(stage_sm);
+  for (int r = 0; r < nrows; r += 4) {
+    float acc[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (r + u >= nrows) break;
+#pragma unroll
+      for (int j = 0; j < kStageMaxChunks; ++j) {
+        const int c = tid + j * kStageThreads;
+        if (c >= chunks) break;
+        Raw8<WT> raw;
+        raw.LoadShared(wsm + (r + u) * in + c * 8);
+        float wf[8];
+        raw.Unpack(wf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[u] = fmaf(wf[i], xv[j][i], acc[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float v = WarpSum(acc[u]);
+      if (lane == 0 && r + u < nrows) red[warp][r + u] = v;
+    }
+  }
+  __syncthreads();
+  double sq = 0;
+  if (tid < nrows) {
+    float v = 0;
+#pragma unroll
+    for (int w = 0; w < kStageWarps; ++w) v += red[w][tid];
+    int64_t o = r0 + tid;
+    float* y = nullptr;
+    const float* bias = nullptr;
+#pragma unroll
+    for (int i = 0; i < kMaxGemvSegments; ++i) {
+      if (y == nullptr && i < segs.count) {
+        if (o < segs.seg[i].rows) {
+          y = segs.seg[i].y + o;
+          bias = segs.seg[i].bias;
+        } else {
+          o -= segs.seg[i].rows;
+        }
+      }
+    }
+    v = v * inv + (bias != nullptr ? bias[o] : 0.0f);
+    const float out = accumulate ? *y + v : v;
+    *y = out;
+    sq = static_cast<double>(out) * out;
+  }
+  if (sums_out != nullptr) {
+    // One atomic per block (rows <= 64: warps 0 and 1 hold them).
+    sq = WarpSum(sq);
+    if (lane == 0) sq_sh[warp] = sq;
+    __syncthreads();
+    if (tid == 0) {
+      double s = 0;
+      for (int w = 0; w < kStageWarps; ++w) s += sq_sh[w];
+      atomicAdd(sums_out, s);
+    }
+  }
+}
+
 // Rows per warp of an unsplit GEMV: 2 where one row per warp would need more than one wave of
 // blocks (3 resident per SM) but two rows fit in one; else 1. EEP_CUDA_GEMV_ROWS=1|2 forces it
 // (measurements).
@@ -1042,6 +1240,31 @@ int GemvPrefetchPct() {
   return pct;
 }
 
+// Which one-token GEMVs run from shared memory (GemvStagedKernel; SetGemvStage): sm_90 and later
+// only (bulk copies).
+std::atomic<int> g_gemv_stage{-1};  // -1: not read from the environment yet
+
+int GemvStageMode() {
+  int mode = g_gemv_stage.load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* v = std::getenv("EEP_CUDA_GEMV_STAGE");
+    const int env = v == nullptr ? 1 : std::max(0, std::min(2, std::atoi(v)));
+    int expected = -1;
+    g_gemv_stage.compare_exchange_strong(expected, env);
+    mode = g_gemv_stage.load();
+  }
+  static const bool sm90 = [] {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+  }();
+  return sm90 ? mode : 0;
+}
+bool GemvStageOn(const GemvSegments& segs) {
+  const int mode = GemvStageMode();
+  return mode == 2 || (mode == 1 && segs.stage);
+}
+
 template <typename WT>
 cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
                        bool accumulate, const float* norm_w, float eps, float* norm_out, cudaStream_t st,
@@ -1058,6 +1281,20 @@ cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, 
   int64_t rows = 0;
   for (int i = 0; i < segs.count; ++i) rows += segs.seg[i].rows;
   if (rows == 0) return cudaSuccess;
+  if (ntok == 1 && GemvStageOn(segs) && (norm_w == nullptr || norm_sums != nullptr) &&
+      in / 8 <= kStageMaxChunks * kStageThreads) {
+    const int sms = SmCount();
+    const int64_t per_block = sms > 0 ? (rows + sms - 1) / sms : 0;
+    const int64_t bytes = per_block * in * static_cast<int64_t>(sizeof(WT));
+    if (per_block > 0 && per_block <= kStageMaxRows && bytes <= kStageMaxBytes) {
+      static const cudaError_t attr = cudaFuncSetAttribute(
+          GemvStagedKernel<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kStageMaxBytes));
+      if (attr != cudaSuccess) return attr;
+      const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block)), block(kStageThreads);
+      return Launch(GemvStagedKernel<WT>, grid, block, static_cast<size_t>(bytes), st, segs, in,
+                    static_cast<int>(per_block), x, accumulate, norm_w, eps, norm_out, norm_sums, sums_out);
+    }
+  }
   // Few rows (a router): 8 warps per row, so that the matrix still has enough loads in flight.
   const bool split = rows < 1024 && in >= 8 * 256;
   const unsigned blocks = static_cast<unsigned>(split ? rows : (rows + kGemvWarps - 1) / kGemvWarps);
@@ -1190,10 +1427,23 @@ __device__ __forceinline__ void GroupBySlot(int A, int P, const int* slot_of, in
 // computed on its own).
 // `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
 // caller has waited already.
+// The plan's replica table in shared memory: [E] counts, then [E][max_replicas] slots.
+__device__ __forceinline__ void LoadReplicaTable(const MoeSlotTable& table, int E, int* reps) {
+  const int R = static_cast<int>(table.max_replicas);
+  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
+    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
+}
+
+// Where RoutePlanBody keeps the replica table in its shared memory.
+__device__ __forceinline__ int* PlanReps(uint8_t* plan_sm, int E, int G, int P, int A) {
+  return reinterpret_cast<int*>(plan_sm + (kPlanThreads / kWarp) * RouteSmemBytes(E, G)) + 2 * P + 2 * A +
+         2 * (kPlanThreads / kWarp);
+}
+
 __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E, int k, bool norm, const float* bias,
                                               int G, int topk_group, double scaling, const MoeSlotTable& table,
                                               int32_t* ids, float* weights, const MoePlan& plan, uint8_t* plan_sm,
-                                              bool pdl) {
+                                              bool pdl, bool reps_ready = false) {
   const int warps = kPlanThreads / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t route_bytes = RouteSmemBytes(E, G);
   const int P = static_cast<int>(table.num_slots), A = N * k;
@@ -1212,8 +1462,7 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   if (pdl) PdlTrigger();
   for (int i = threadIdx.x; i < P; i += kPlanThreads) count[i] = 0;
   // The replica table (static during a step), loaded while the previous kernel finishes.
-  for (int i = threadIdx.x; i < E * (1 + R); i += kPlanThreads)
-    reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
+  if (!reps_ready) LoadReplicaTable(table, E, reps);
   if (pdl) PdlWait();
   __syncthreads();
   PdlTraceEvent(3);
@@ -1270,12 +1519,19 @@ __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
     MoeSlotTable table, int32_t* ids, float* weights, MoePlan plan, const double* norm_sums) {
   EEP_PDL_TRACE_END;
   extern __shared__ float4 router_sm4[];
+  uint8_t* plan_sm = reinterpret_cast<uint8_t*>(router_sm4);
+  // Every block loads the replica table before its PDL wait (which block routes is known only at
+  // the end), so that the routing block does not wait for it after the GEMV. Not where GemvBody
+  // norms x in shared memory (the same bytes).
+  const bool reps_early = norm_w == nullptr || norm_sums != nullptr;
+  if (reps_early)
+    LoadReplicaTable(table, E, PlanReps(plan_sm, E, G, static_cast<int>(table.num_slots), static_cast<int>(ntok) * k));
   GemvBody<float, kTok, kSplit>(segs, in, x, in, ntok, false, norm_w, eps, norm_out,
                                 reinterpret_cast<float*>(router_sm4), norm_sums);
   if (!LastBlock(counter)) return;
   PdlTraceEvent(3);
   RoutePlanBody(segs.seg[0].y, static_cast<int>(ntok), E, k, norm, bias, G, topk_group, scaling, table, ids, weights,
-                plan, reinterpret_cast<uint8_t*>(router_sm4), false);
+                plan, plan_sm, false, reps_early);
 }
 
 // Routing of many tokens (MoeRoutePlanWide): a warp per token over many blocks; ids, weights and
@@ -1828,6 +2084,7 @@ int SmCount() {
 }
 
 void SetGemvRowsPerWarp(int rows) { g_gemv_rows.store(rows == 1 || rows == 2 ? rows : 0); }
+void SetGemvStage(int mode) { g_gemv_stage.store(mode < 0 ? -1 : std::min(mode, 2)); }
 
 cudaError_t Gemv(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
                  bool accumulate, cudaStream_t st, const float* norm_w, float eps, float* norm_out,

@@ -121,6 +121,10 @@ struct GemvSegments {
   // Percent of each weight row a block pulls into L2 before its PDL wait. Gemv and GemvF32 set it
   // from EEP_CUDA_GEMV_PREFETCH (default 0); RouterPlan's router rows keep this default.
   int prefetch_pct = 100;
+  // One token: take each block's rows into shared memory before the PDL wait (GemvStagedKernel),
+  // where they fit. For GEMVs that follow a latency-bound kernel (the attention), whose weights
+  // then stream while it runs; see SetGemvStage.
+  bool stage = false;
 };
 // y_s[t, r] (+)= Σ_i w_s[r, i]·x[t·x_stride + i] (+ bias_s[r]) for every segment s, token
 // t < num_tokens; accumulate: added to y (one writer per element, so y may be a residual).
@@ -145,6 +149,12 @@ bool GemvSupported(int64_t in);
 // matrix fit in one wave of blocks, else 1), 1 or 2 forces it (tests, measurements; the
 // environment variable EEP_CUDA_GEMV_ROWS sets it at the first launch).
 void SetGemvRowsPerWarp(int rows);
+// One-token GEMVs (num_tokens 1, without the in-block norm pass) whose rows fit one block per SM
+// may take each block's rows into shared memory with one bulk copy before the PDL wait (sm_90),
+// so that the weights stream in while the previous kernel still runs. mode 0: never; 1: the
+// GEMVs that ask for it (GemvSegments::stage; the default); 2: every one-token GEMV; -1: from
+// the environment variable EEP_CUDA_GEMV_STAGE (0, 1 or 2) at the next launch.
+void SetGemvStage(int mode);
 // Streaming multiprocessors of the GPU current at the first call (0 if unknown): the kernels'
 // one-wave launch shapes.
 int SmCount();
