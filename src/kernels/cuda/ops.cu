@@ -1019,9 +1019,10 @@ __global__ void EEP_GEMV_BOUNDS GemvKernel(GemvSegments segs, int64_t in, const 
 // At batch 1 a GEMV is a stream of weights, and the weights do not depend on the previous kernel.
 // Each block of this kernel (one per SM) takes a contiguous range of rows, starts one bulk copy
 // (TMA, cp.async.bulk) of them into shared memory before its PDL wait, and computes from there
-// once the input is ready: the weights of the attention's output projection arrive while the
-// attention (a latency chain that leaves HBM idle) runs, and a q/k/v projection's while the MoE
-// down projection and combine finish. Unlike an L2 prefetch the bytes cannot be evicted before use.
+// once the input is ready. Decode stages the attention's output projection: its weights stream
+// while the attention (a latency chain that leaves HBM idle) runs, and unlike an L2 prefetch they
+// cannot be evicted before use. (Staging the q/k/v GEMV as well lost on an H100: its loads only
+// moved into the MoE down projection's, which already stream at full bandwidth; bench/RESULTS.md.)
 constexpr int kStageThreads = 256, kStageWarps = kStageThreads / kWarp;
 constexpr int kStageMaxRows = 64;    // rows per block (the cross-warp sums live in shared memory)
 constexpr int kStageMaxChunks = 4;   // chunks of 8 input values per thread: in <= 8192
@@ -1142,7 +1143,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegment
 #else
   __syncthreads();
 #endif
-  PdlTraceEvent(3);
+  if (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1) PdlTraceEvent(3);  // (measurement builds) rows on chip
   // Each thread's partial dot products, four rows at a time, then summed across the warp and
   // (below, in warp order: deterministic) across the warps.
   const WT* wsm = reinterpret_cast<const WT*>(stage_sm);
