@@ -807,6 +807,24 @@ __device__ __forceinline__ float inv_of(const float (&inv)[kTok], int t) {
   return v;
 }
 
+// The segment holding output row o of segs (into seg; o becomes the row within it); false past the
+// last row. Constant indices only: a run-time index would copy the parameter struct to the stack.
+__device__ __forceinline__ bool FindSegment(const GemvSegments& segs, int64_t& o, GemvSegment& seg) {
+  bool found = false;
+#pragma unroll
+  for (int i = 0; i < kMaxGemvSegments; ++i) {
+    if (!found && i < segs.count) {
+      if (o < segs.seg[i].rows) {
+        seg = segs.seg[i];
+        found = true;
+      } else {
+        o -= segs.seg[i].rows;
+      }
+    }
+  }
+  return found;
+}
+
 // kR > 1 (kSplit 1 only): a warp takes kR consecutive rows, their loads in flight together, so that
 // a large matrix fits in one wave of blocks (every block's prologue then prefetches its rows while
 // the previous kernel runs, and no partial second wave trails).
@@ -829,17 +847,9 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
     // Weights do not depend on earlier kernels: pull this warp's rows into L2 while the
     // previous kernel finishes (a 128-byte line per lane and step).
     int64_t r = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
-    const WT* row = nullptr;
-#pragma unroll
-    for (int i = 0; i < kMaxGemvSegments; ++i) {
-      if (row == nullptr && i < segs.count) {
-        if (r < segs.seg[i].rows)
-          row = static_cast<const WT*>(segs.seg[i].w) + r * in;
-        else
-          r -= segs.seg[i].rows;
-      }
-    }
-    if (row != nullptr) {
+    GemvSegment seg;
+    if (FindSegment(segs, r, seg)) {
+      const WT* row = static_cast<const WT*>(seg.w) + r * in;
       const char* bytes = reinterpret_cast<const char*>(row);
       const int64_t pre = in * static_cast<int64_t>(sizeof(WT)) * segs.prefetch_pct / 100;
       for (int64_t b = static_cast<int64_t>(lane + slice * kWarp) * 128; b < pre; b += kSplit * kWarp * 128)
@@ -890,27 +900,14 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
     x = xs;
     x_stride = in;
   }
-  // The segment of each row, with constant indices only (a run-time index would copy the
-  // parameter struct to the stack). Rows past the end: not found (and every later row too).
+  // The segment of each row. Rows past the end: not found (and every later row too).
   GemvSegment sgs[kR];
   bool fnd[kR];
   int64_t orow[kR];
 #pragma unroll
   for (int rr = 0; rr < kR; ++rr) {
-    int64_t o = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
-    fnd[rr] = false;
-#pragma unroll
-    for (int i = 0; i < kMaxGemvSegments; ++i) {
-      if (!fnd[rr] && i < segs.count) {
-        if (o < segs.seg[i].rows) {
-          sgs[rr] = segs.seg[i];
-          fnd[rr] = true;
-        } else {
-          o -= segs.seg[i].rows;
-        }
-      }
-    }
-    orow[rr] = o;
+    orow[rr] = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
+    fnd[rr] = FindSegment(segs, orow[rr], sgs[rr]);
   }
   const bool found = fnd[0];
   const int64_t o = orow[0];
@@ -1177,20 +1174,10 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegment
 #pragma unroll
     for (int w = 0; w < kStageWarps; ++w) v += red[w][tid];
     int64_t o = r0 + tid;
-    float* y = nullptr;
-    const float* bias = nullptr;
-#pragma unroll
-    for (int i = 0; i < kMaxGemvSegments; ++i) {
-      if (y == nullptr && i < segs.count) {
-        if (o < segs.seg[i].rows) {
-          y = segs.seg[i].y + o;
-          bias = segs.seg[i].bias;
-        } else {
-          o -= segs.seg[i].rows;
-        }
-      }
-    }
-    v = v * inv + (bias != nullptr ? bias[o] : 0.0f);
+    GemvSegment seg;
+    FindSegment(segs, o, seg);  // (tid < nrows: always found)
+    float* y = seg.y + o;
+    v = v * inv + (seg.bias != nullptr ? seg.bias[o] : 0.0f);
     const float out = accumulate ? *y + v : v;
     *y = out;
     sq = static_cast<double>(out) * out;
@@ -1288,9 +1275,12 @@ cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, 
     const int64_t per_block = sms > 0 ? (rows + sms - 1) / sms : 0;
     const int64_t bytes = per_block * in * static_cast<int64_t>(sizeof(WT));
     if (per_block > 0 && per_block <= kStageMaxRows && bytes <= kStageMaxBytes) {
-      static const cudaError_t attr = cudaFuncSetAttribute(
-          GemvStagedKernel<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kStageMaxBytes));
-      if (attr != cudaSuccess) return attr;
+      // (Per launch, as the other large-shared-memory launches: the attribute is the current device's.)
+      if (bytes > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(GemvStagedKernel<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(bytes));
+        if (e != cudaSuccess) return e;
+      }
       const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block)), block(kStageThreads);
       return Launch(GemvStagedKernel<WT>, grid, block, static_cast<size_t>(bytes), st, segs, in,
                     static_cast<int>(per_block), x, accumulate, norm_w, eps, norm_out, norm_sums, sums_out);
@@ -1422,12 +1412,6 @@ __device__ __forceinline__ void GroupBySlot(int A, int P, const int* slot_of, in
   for (int a = threadIdx.x; a < A; a += kPlanThreads) plan.order[offset[slot_of[a]] + rank[a]] = a;
 }
 
-// One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
-// the non-empty slots get group numbers in slot order (a block scan), and each assignment its
-// place in its group (the order within a group does not matter: every assignment's result is
-// computed on its own).
-// `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
-// caller has waited already.
 // The plan's replica table in shared memory: [E] counts, then [E][max_replicas] slots.
 __device__ __forceinline__ void LoadReplicaTable(const MoeSlotTable& table, int E, int* reps) {
   const int R = static_cast<int>(table.max_replicas);
@@ -1435,12 +1419,31 @@ __device__ __forceinline__ void LoadReplicaTable(const MoeSlotTable& table, int 
     reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
 }
 
-// Where RoutePlanBody keeps the replica table in its shared memory.
-__device__ __forceinline__ int* PlanReps(uint8_t* plan_sm, int E, int G, int P, int A) {
-  return reinterpret_cast<int*>(plan_sm + (kPlanThreads / kWarp) * RouteSmemBytes(E, G)) + 2 * P + 2 * A +
-         2 * (kPlanThreads / kWarp);
-}
+// RoutePlanBody's shared memory (PlanSmemBytes in all): each warp's RouteToken scratch, then
+// these arrays (A = N·k assignments, P slots).
+struct PlanSmem {
+  int* count;    // [P]
+  int* offset;   // [P]
+  int* slot_of;  // [A]
+  int* rank;     // [A]
+  int* scan;     // [2·warps]
+  int* reps;     // the replica table (LoadReplicaTable)
+  __device__ PlanSmem(uint8_t* plan_sm, int E, int G, int P, int A) {
+    count = reinterpret_cast<int*>(plan_sm + (kPlanThreads / kWarp) * RouteSmemBytes(E, G));
+    offset = count + P;
+    slot_of = offset + P;
+    rank = slot_of + A;
+    scan = rank + A;
+    reps = scan + 2 * (kPlanThreads / kWarp);
+  }
+};
 
+// One block: warps route the tokens (RouteToken), then the assignments are counted per slot,
+// the non-empty slots get group numbers in slot order (a block scan), and each assignment its
+// place in its group (the order within a group does not matter: every assignment's result is
+// computed on its own).
+// `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
+// caller has waited already. reps_ready: the caller has loaded the replica table (PlanSmem::reps).
 __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E, int k, bool norm, const float* bias,
                                               int G, int topk_group, double scaling, const MoeSlotTable& table,
                                               int32_t* ids, float* weights, const MoePlan& plan, uint8_t* plan_sm,
@@ -1448,12 +1451,8 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   const int warps = kPlanThreads / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t route_bytes = RouteSmemBytes(E, G);
   const int P = static_cast<int>(table.num_slots), A = N * k;
-  int* count = reinterpret_cast<int*>(plan_sm + warps * route_bytes);  // [P]
-  int* offset = count + P;                                            // [P]
-  int* slot_of = offset + P;                                          // [A]
-  int* rank = slot_of + A;                                            // [A]
-  int* scan = rank + A;                                               // [2·warps]
-  int* reps = scan + 2 * warps;                                       // [E]: count | slots [E][R]
+  const PlanSmem sm(plan_sm, E, G, P, A);
+  int *count = sm.count, *offset = sm.offset, *slot_of = sm.slot_of, *rank = sm.rank, *scan = sm.scan, *reps = sm.reps;
   const int R = static_cast<int>(table.max_replicas);
   // Softmax routing with E <= 256: logits in registers (RouteSoftmaxRegs). Without PDL the
   // logits are ready: each warp's first token's loads go out with the replica table's.
@@ -1526,7 +1525,7 @@ __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
   // norms x in shared memory (the same bytes).
   const bool reps_early = norm_w == nullptr || norm_sums != nullptr;
   if (reps_early)
-    LoadReplicaTable(table, E, PlanReps(plan_sm, E, G, static_cast<int>(table.num_slots), static_cast<int>(ntok) * k));
+    LoadReplicaTable(table, E, PlanSmem(plan_sm, E, G, static_cast<int>(table.num_slots), static_cast<int>(ntok) * k).reps);
   GemvBody<float, kTok, kSplit>(segs, in, x, in, ntok, false, norm_w, eps, norm_out,
                                 reinterpret_cast<float*>(router_sm4), norm_sums);
   if (!LastBlock(counter)) return;
