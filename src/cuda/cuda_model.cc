@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <set>
 #include <random>
@@ -72,13 +73,28 @@ Result<std::string> ResolveBackend(const std::string& requested) {
 struct CudaKvCache::Impl {
   int64_t length = 0, capacity = 0;
   std::vector<DevicePtr<float>> k, v;  // [layer]
+  // The greedy token of this sequence's last step: row greedy_row of the argmax of step
+  // greedy_serial (0: none), and its value once the host has it (-1 until then).
+  uint64_t greedy_serial = 0;
+  int64_t greedy_row = -1, greedy_token = -1;
+  void ForgetGreedy() {
+    greedy_serial = 0;
+    greedy_row = greedy_token = -1;
+  }
 };
 
 CudaKvCache::CudaKvCache() : impl_(std::make_unique<Impl>()) {}
 CudaKvCache::~CudaKvCache() = default;
 int64_t CudaKvCache::length() const { return impl_->length; }
-void CudaKvCache::Clear() { impl_->length = 0; }
-void CudaKvCache::Truncate(int64_t n) { impl_->length = std::min(impl_->length, std::max<int64_t>(0, n)); }
+void CudaKvCache::Clear() {
+  impl_->length = 0;
+  impl_->ForgetGreedy();
+}
+void CudaKvCache::Truncate(int64_t n) {
+  if (n >= impl_->length) return;
+  impl_->length = std::max<int64_t>(0, n);
+  impl_->ForgetGreedy();
+}
 
 // ---------------------------------------------------------------------------------------
 // Weights
@@ -212,9 +228,24 @@ struct CudaModel::Impl {
     return t;
   }
   // Step inputs, uploaded in one copy from pinned memory: [tokens N][positions N][LM head rows
-  // M] int32, then (8-aligned) per-token cache pointers [k|v][layer][N].
-  PinnedPtr h_in;
-  size_t h_in_bytes = 0;
+  // M] int32, then (8-aligned) per-token cache pointers [k|v][layer][N]. Two of each host
+  // buffer, alternating by step, so that the host fills step n+1's while step n runs; h_tok
+  // receives a step's argmax rows, step_done marks the step's end.
+  PinnedPtr h_in[2], h_tok[2];
+  size_t h_in_bytes[2] = {0, 0}, h_tok_bytes[2] = {0, 0};
+  EventPtr step_done[2];
+  // Steps queued and not yet collected (at most two: the slots above), oldest first.
+  struct PendingStep {
+    uint64_t serial = 0;
+    int slot = 0;
+    std::vector<int64_t*> outs;                 // greedy_token of each sequence (may be null)
+    std::vector<CudaKvCache::Impl*> caches;     // the sequences' caches
+    std::vector<int64_t> rows;                  // each sequence's row in h_tok[slot]
+  };
+  std::deque<PendingStep> pending;
+  uint64_t serial = 0;          // steps launched
+  uint64_t launch_gen = 0;      // DeviceBuffer::generation() when the last step was launched
+  Status Collect();
   DeviceBuffer b_in;
   int64_t in_N = 0, in_M = 0, in_ptr_off = 0;
   const int32_t* TokD() const { return b_in.as<int32_t>(); }
@@ -239,7 +270,7 @@ struct CudaModel::Impl {
     graphs.clear();
   }
   ~Impl() { DropGraphs(); }
-  DeviceBuffer b_actf, b_act, b_plan, b_argkey, b_slot_of;
+  DeviceBuffer b_actf, b_act, b_plan, b_slot_of;
   // Fused MoE steps of more tokens than this route a warp per token over many blocks
   // (MoeRoutePlanWide) instead of in the router kernel's last block.
   static constexpr int64_t kWideRouteMin = 16;
@@ -250,7 +281,8 @@ struct CudaModel::Impl {
 
   DeviceBuffer blas_workspace;
   // Per-forward scratch.
-  // b_sums: Σ x² of the residual rows ahead of each norm, [2·layers + 1][8] f64 (norm_sums).
+  // b_sums: Σ x² of the residual rows ahead of each norm, [2·layers + 1][8] f64 (norm_sums),
+  // then the argmax keys [M + 1] (ArgmaxRowsWide's scratch).
   DeviceBuffer b_sums;
   DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
       b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_head16, b_out;
@@ -406,7 +438,13 @@ struct CudaModel::Impl {
   // Everything of a step from the embedding to the LM head and argmax, queued on the stream
   // (captured into a graph for decode steps).
   Status Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused);
-  Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace);
+  // Queues a step (async: no logits, no trace) and records it in `pending`.
+  Status Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* trace, bool async);
+  Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace) {
+    EEP_RETURN_IF_ERROR(Launch(batch, trace, false));
+    while (!pending.empty()) EEP_RETURN_IF_ERROR(Collect());
+    return Status::Ok();
+  }
   // Appends the first sequence's T0 rows of x [., H] to the trace (synchronous).
   Status TraceHidden(const float* x, int64_t T0, CudaForwardTrace* trace);
   CudaForwardTrace* trace = nullptr;  // set for the duration of a traced Forward
@@ -901,7 +939,7 @@ Status CudaModel::Impl::TraceHidden(const float* x, int64_t T0, CudaForwardTrace
 }
 
 Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused) {
-  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
   const bool mla = c.arch == Arch::kDeepseekV3;
   const bool gemv = UseGemv(N);
   float* x = b_x.as<float>();
@@ -925,10 +963,11 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   double* sum_base = b_sums.as<double>();
   auto in_sums = [&](int64_t l) { return sums ? sum_base + 2 * l * kSumTokens : nullptr; };
   auto post_sums = [&](int64_t l) { return sums ? sum_base + (2 * l + 1) * kSumTokens : nullptr; };
-  if (sums)
-    EEP_CUDA_RETURN_IF_ERROR(
-        cudaMemsetAsync(sum_base, 0, static_cast<size_t>((2 * c.num_layers + 1) * kSumTokens) * 8, s()));
-  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s(), in_sums(0)));
+  // The embedding writes slot 0 of the norm sums and clears the rest and the argmax keys after
+  // them (later kernels add into them; no memset nodes in a captured step).
+  const int64_t sum_words = (2 * L + 1) * kSumTokens + M + 1;
+  EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s(), in_sums(0), b_argmax.as<int32_t>(),
+                                 sums ? sum_base + kSumTokens : sum_base, sums ? sum_words - kSumTokens : sum_words));
   if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
   bool hf_ready = false;  // the previous layer's combine already wrote this layer's normed rows
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -987,6 +1026,8 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   // LM head once for the whole batch over the rows any sequence wants (its last token, or all
   // of them), then argmax on the device.
   const bf16_t* head = c.tie_word_embeddings ? embed.get() : lm_head.w.get();
+  // (Measured on an H100 at batch 1: the LM head GEMV norming x itself in each of its ~19k
+  // blocks, with the Σ x² the last combine leaves, took 255 us against 202 plus a 5 us gather.)
   if (norm_in_gather)
     EEP_CUDA_RETURN_IF_ERROR(GatherRmsNormF32(x, SelD(), M, H, final_norm.get(), eps, b_hsel.as<float>(), s()));
   else
@@ -1001,12 +1042,27 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
     EEP_RETURN_IF_ERROR(Linear(b_head16.as<bf16_t>(), M, head, V, H, nullptr, b_out.as<float>()));
   }
   if (any_greedy)
-    EEP_CUDA_RETURN_IF_ERROR(ArgmaxRowsWide(b_out.as<float>(), M, V, b_argkey.as<unsigned long long>(),
-                                            b_argmax.as<int32_t>(), s()));
+    EEP_CUDA_RETURN_IF_ERROR(ArgmaxRowsWide(b_out.as<float>(), M, V,
+                                            reinterpret_cast<unsigned long long*>(sum_base + (2 * L + 1) * kSumTokens),
+                                            b_argmax.as<int32_t>(), s(), true));
   return Status::Ok();
 }
 
-Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* tr) {
+Status CudaModel::Impl::Collect() {
+  if (pending.empty()) return Status::Ok();
+  PendingStep p = std::move(pending.front());
+  pending.pop_front();
+  EEP_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(step_done[p.slot].get()));
+  const auto* out = reinterpret_cast<const int32_t*>(h_tok[p.slot].get());
+  for (size_t i = 0; i < p.rows.size(); ++i) {
+    const int64_t tok = out[p.rows[i]];
+    if (p.outs[i] != nullptr) *p.outs[i] = tok;
+    if (p.caches[i]->greedy_serial == p.serial) p.caches[i]->greedy_token = tok;
+  }
+  return Status::Ok();
+}
+
+Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* tr, bool async) {
   const int64_t H = c.hidden_size, V = c.vocab_size, S = splits, L = c.num_layers;
   const bool mla = c.arch == Arch::kDeepseekV3;
   const int64_t nh = c.num_heads, nkv = mla ? nh : c.num_kv_heads;
@@ -1016,8 +1072,17 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   bool decode = true;  // every sequence brings one token
   for (const CudaSeqStep& st : batch) {
     if (st.cache == nullptr) return Status::InvalidArgument("forward: sequence without a KV cache");
+    if (async && st.logits != nullptr)
+      return Status::InvalidArgument("submit: a step that wants logits needs Forward (they are copied to the host)");
     for (size_t i = 0; i < st.ids.size(); ++i) {
       const int64_t id = st.ids[i];
+      if (id == CudaModel::kDeviceToken) {
+        if (st.ids.size() != 1)
+          return Status::InvalidArgument("forward: kDeviceToken must be the only id of a decode step");
+        if (st.cache->impl_->greedy_serial == 0)
+          return Status::InvalidArgument("forward: kDeviceToken, but the sequence's last step made no greedy token");
+        continue;
+      }
       if (id < 0 || id >= V)
         return Status::InvalidArgument(fmt::format("token id {} is out of the vocabulary [0, {})", id, V));
     }
@@ -1078,8 +1143,7 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     sel_first[i] = M;
     M += st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
   }
-  // Scratch, sized for this step before any launch (Reserve may free a buffer in use).
-  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  // Scratch, sized for this step before any launch (a growing Reserve waits for the device first).
   const int64_t A = N * k;
   const int64_t F = std::max<int64_t>({c.intermediate_size, I(), c.moe_intermediate_size * c.n_shared_experts, 1});
   const int64_t wide = std::max<int64_t>({H, nh * dk, nh * dv, nh * (c.qk_nope_head_dim + c.v_head_dim),
@@ -1088,7 +1152,7 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   EEP_RETURN_IF_ERROR(R(b_x, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_h16, S * N * H * 2));
   EEP_RETURN_IF_ERROR(R(b_hf, N * H * 4));
-  EEP_RETURN_IF_ERROR(R(b_sums, (2 * L + 1) * kSumTokens * 8));
+  EEP_RETURN_IF_ERROR(R(b_sums, ((2 * L + 1) * kSumTokens + M + 1) * 8));  // + the argmax keys
   EEP_RETURN_IF_ERROR(R(b_o, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_o2, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_q, N * nh * dk * 4));
@@ -1120,33 +1184,60 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     EEP_RETURN_IF_ERROR(R(b_head16, S * M * H * 2));
     EEP_RETURN_IF_ERROR(R(b_out, M * V * 4));
     EEP_RETURN_IF_ERROR(R(b_argmax, M * 4));
-    EEP_RETURN_IF_ERROR(R(b_argkey, M * 8));
   }
-  // Step inputs: one pinned buffer, one copy.
+  // Step inputs: one pinned buffer, one copy. This step's host buffers are free once the step
+  // two back (the same slot) is collected.
+  const uint64_t this_serial = serial + 1;
+  const int slot = static_cast<int>(this_serial & 1);
+  while (std::any_of(pending.begin(), pending.end(), [&](const PendingStep& p) { return p.slot == slot; }))
+    EEP_RETURN_IF_ERROR(Collect());
+  // A kDeviceToken is read on the device from the argmax rows of the step just before, unless
+  // the host already has it, or those rows may have moved (a buffer grew since: the device is
+  // idle then) or been overwritten by a later step: then the host waits for it.
+  for (const CudaSeqStep& st : batch) {
+    CudaKvCache::Impl& kc = *st.cache->impl_;
+    if (st.ids.size() != 1 || st.ids[0] != CudaModel::kDeviceToken || kc.greedy_token >= 0) continue;
+    if (kc.greedy_serial != serial || launch_gen != DeviceBuffer::generation())
+      while (kc.greedy_token < 0 && !pending.empty()) EEP_RETURN_IF_ERROR(Collect());
+    if (kc.greedy_serial != serial && kc.greedy_token < 0)
+      return Status::InvalidArgument("forward: kDeviceToken, but the sequence's greedy token is gone");
+  }
   in_N = N;
   in_M = M;
   in_ptr_off = ((2 * N + M) * 4 + 15) / 16 * 16;
   const size_t in_bytes = static_cast<size_t>(in_ptr_off + 2 * L * N * 8);
   EEP_RETURN_IF_ERROR(R(b_in, static_cast<int64_t>(in_bytes)));
-  if (h_in_bytes < in_bytes) {
-    h_in.reset();
+  auto pinned = [](PinnedPtr& buf, size_t& have, size_t want) -> Status {
+    if (have >= want) return Status::Ok();
+    buf.reset();
     void* p = nullptr;
-    EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, in_bytes, cudaHostAllocDefault));
-    h_in.reset(static_cast<uint8_t*>(p));
-    h_in_bytes = in_bytes;
+    EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, want, cudaHostAllocDefault));
+    buf.reset(static_cast<uint8_t*>(p));
+    have = want;
+    return Status::Ok();
+  };
+  EEP_RETURN_IF_ERROR(pinned(h_in[slot], h_in_bytes[slot], in_bytes));
+  EEP_RETURN_IF_ERROR(pinned(h_tok[slot], h_tok_bytes[slot], static_cast<size_t>(std::max<int64_t>(M, 1)) * 4));
+  if (step_done[slot] == nullptr) {
+    cudaEvent_t e = nullptr;
+    EEP_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    step_done[slot].reset(e);
   }
   {
-    auto* ids32 = reinterpret_cast<int32_t*>(h_in.get());
+    auto* ids32 = reinterpret_cast<int32_t*>(h_in[slot].get());
     int32_t* pos32 = ids32 + N;
     int32_t* sel = ids32 + 2 * N;
-    auto* ptrs = reinterpret_cast<float**>(h_in.get() + in_ptr_off);
+    auto* ptrs = reinterpret_cast<float**>(h_in[slot].get() + in_ptr_off);
     int64_t t = 0, m = 0;
     for (size_t i = 0; i < batch.size(); ++i) {
       const CudaSeqStep& st = batch[i];
       CudaKvCache::Impl& kc = *st.cache->impl_;
       const int64_t T = static_cast<int64_t>(st.ids.size());
       for (int64_t j = 0; j < T; ++j, ++t) {
-        ids32[t] = static_cast<int32_t>(st.ids[static_cast<size_t>(j)]);
+        const int64_t id = st.ids[static_cast<size_t>(j)];
+        ids32[t] = static_cast<int32_t>(id != CudaModel::kDeviceToken ? id
+                                        : kc.greedy_token >= 0      ? kc.greedy_token
+                                                                    : -1 - kc.greedy_row);
         pos32[t] = static_cast<int32_t>(kc.length + j);
         for (int64_t l = 0; l < L; ++l) {
           ptrs[l * N + t] = kc.k[static_cast<size_t>(l)].get();
@@ -1158,7 +1249,8 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
       for (int64_t r = all ? 0 : T - 1; r < T; ++r) sel[m++] = static_cast<int32_t>(t - T + r);
     }
   }
-  EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b_in.as<uint8_t>(), h_in.get(), in_bytes, cudaMemcpyHostToDevice, s()));
+  EEP_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(b_in.as<uint8_t>(), h_in[slot].get(), in_bytes, cudaMemcpyHostToDevice, s()));
 
   trace = tr;
   step_is_decode = decode;
@@ -1240,13 +1332,28 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
   }
   trace = nullptr;
   for (CudaSeqStep& st : batch) st.cache->impl_->length += static_cast<int64_t>(st.ids.size());
-  std::vector<int32_t> argmax;
-  if (M > 0 && any_greedy) {
-    argmax.resize(static_cast<size_t>(M));
-    EEP_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(argmax.data(), b_argmax.as<int32_t>(), argmax.size() * 4, cudaMemcpyDeviceToHost, s()));
-  }
+  PendingStep p;
+  p.serial = this_serial;
+  p.slot = slot;
+  if (M > 0 && any_greedy)
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_tok[slot].get(), b_argmax.as<int32_t>(), static_cast<size_t>(M) * 4,
+                                             cudaMemcpyDeviceToHost, s()));
   for (size_t i = 0; i < batch.size(); ++i) {
+    const CudaSeqStep& st = batch[i];
+    CudaKvCache::Impl& kc = *st.cache->impl_;
+    if (!any_greedy || sel_first[i] < 0) {
+      kc.ForgetGreedy();
+      continue;
+    }
+    const int64_t rows = st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
+    kc.greedy_serial = this_serial;
+    kc.greedy_row = sel_first[i] + rows - 1;
+    kc.greedy_token = -1;
+    p.outs.push_back(st.greedy_token);
+    p.caches.push_back(&kc);
+    p.rows.push_back(kc.greedy_row);
+  }
+  for (size_t i = 0; i < batch.size() && !async; ++i) {
     const CudaSeqStep& st = batch[i];
     if (st.logits == nullptr || sel_first[i] < 0) continue;
     const int64_t rows = st.all_logits ? static_cast<int64_t>(st.ids.size()) : 1;
@@ -1254,13 +1361,10 @@ Status CudaModel::Impl::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* 
     EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(st.logits->data(), b_out.as<float>() + sel_first[i] * V,
                                              static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s()));
   }
-  EEP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const CudaSeqStep& st = batch[i];
-    if (st.greedy_token == nullptr) continue;
-    const int64_t rows = st.all_logits && st.logits != nullptr ? static_cast<int64_t>(st.ids.size()) : 1;
-    *st.greedy_token = argmax[static_cast<size_t>(sel_first[i] + rows - 1)];
-  }
+  EEP_CUDA_RETURN_IF_ERROR(cudaEventRecord(step_done[slot].get(), s()));
+  serial = this_serial;
+  launch_gen = DeviceBuffer::generation();
+  pending.push_back(std::move(p));
   return Status::Ok();
 }
 
@@ -1331,6 +1435,9 @@ const ModelConfig& CudaModel::config() const { return impl_->c; }
 Status CudaModel::Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace) {
   return impl_->Forward(batch, trace);
 }
+Status CudaModel::Submit(std::span<CudaSeqStep> batch) { return impl_->Launch(batch, nullptr, true); }
+Status CudaModel::Collect() { return impl_->Collect(); }
+size_t CudaModel::queued_steps() const { return impl_->pending.size(); }
 const ExpertMap& CudaModel::expert_map() const { return impl_->map; }
 int64_t CudaModel::weight_bytes() const { return impl_->bytes; }
 int CudaModel::device() const { return impl_->opt.device; }

@@ -115,6 +115,18 @@ class CudaModel {
   // and a decode step is replayed from a CUDA graph.
   Status Forward(std::span<CudaSeqStep> batch, CudaForwardTrace* trace = nullptr);
 
+  // Decode with the host off the critical path (greedy only): Submit queues a step and returns
+  // without waiting for it, so the host queues step n+1 while step n runs and the GPU goes from
+  // one to the next without idling on the host; Collect waits for the oldest queued step and
+  // writes its greedy tokens. Step n+1 gives each sequence kDeviceToken as its one id: the
+  // greedy token step n left on the device. At most two steps are queued (Submit collects the
+  // older one first); Forward collects every queued step. Steps that want logits need Forward.
+  // Caches and greedy_token pointers must stay valid until their step is collected.
+  static constexpr int64_t kDeviceToken = -1;
+  Status Submit(std::span<CudaSeqStep> batch);
+  Status Collect();
+  size_t queued_steps() const;
+
   // Expert slots: device buffers [gate | up | down] in BF16 per (MoE layer, physical slot).
   const ExpertMap& expert_map() const;
   // Loads one expert from raw host bytes (BF16, or F32/F16 converted) into `slot`.

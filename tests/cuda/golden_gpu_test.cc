@@ -342,6 +342,109 @@ TEST_P(CudaDecodeTest, ExpertSlotsFollowTheMap) {
   EXPECT_LT(test::RelErr(after, before), 1e-5);
 }
 
+// Queued greedy decoding (Submit/Collect, each step's token left on the device for the next)
+// decodes what host-synchronous Forward steps decode, fed explicit ids: two sequences batched,
+// 72 steps, so that the KV caches grow past 64 positions with a step in flight. A difference is
+// allowed only where the reference's top two logits nearly tie (then that sequence is not
+// compared further). Also: a Forward continuing with kDeviceToken after queued steps, and the
+// placeholder refused where it names no token.
+TEST_P(CudaDecodeTest, QueuedDecodeMatchesForward) {
+  REQUIRE_GPU();
+  const std::string name = GetParam();
+  auto gpu = cuda::CudaModel::Load(test::ModelDir(name));
+  ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+  auto prompts = LoadPrompts(name);
+  constexpr int kSteps = 72;
+  const int64_t V = (*gpu)->config().vocab_size;
+  // Reference: Forward per step with logits and the argmax, ids from the host.
+  std::vector<int64_t> ref[2], margin_ok[2];
+  {
+    auto c0 = (*gpu)->NewCache(), c1 = (*gpu)->NewCache();
+    std::vector<int64_t> in0 = prompts[0].ids, in1 = prompts[2].ids;
+    for (int step = 0; step <= kSteps; ++step) {
+      std::vector<float> l0, l1;
+      int64_t t0 = -1, t1 = -1;
+      cuda::CudaSeqStep gs[2] = {{c0.get(), in0, false, &l0, &t0}, {c1.get(), in1, false, &l1, &t1}};
+      ASSERT_TRUE((*gpu)->Forward(gs).ok());
+      const std::vector<float>* ls[2] = {&l0, &l1};
+      for (int q = 0; q < 2; ++q) {
+        std::vector<float> sorted(ls[q]->begin(), ls[q]->end());
+        std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+        const float scale = std::max(1.0f, std::abs(sorted[0]));
+        margin_ok[q].push_back(sorted[0] - sorted[1] > 1e-3f * scale);
+      }
+      ASSERT_EQ(t0, std::max_element(l0.begin(), l0.end()) - l0.begin());
+      ref[0].push_back(t0);
+      ref[1].push_back(t1);
+      in0.assign(1, t0);
+      in1.assign(1, t1);
+    }
+    ASSERT_EQ(c0->length(), static_cast<int64_t>(prompts[0].ids.size()) + kSteps);
+  }
+  auto c0 = (*gpu)->NewCache(), c1 = (*gpu)->NewCache();
+  // The placeholder names no token yet: refused, and nothing is queued.
+  {
+    static constexpr int64_t kDev[1] = {cuda::CudaModel::kDeviceToken};
+    int64_t t = -1;
+    cuda::CudaSeqStep bad{c0.get(), kDev, false, nullptr, &t};
+    EXPECT_FALSE((*gpu)->Submit(std::span<cuda::CudaSeqStep>(&bad, 1)).ok());
+    EXPECT_EQ((*gpu)->queued_steps(), 0u);
+    EXPECT_EQ(c0->length(), 0);
+  }
+  std::vector<int64_t> got[2];
+  got[0].assign(kSteps + 1, -1);
+  got[1].assign(kSteps + 1, -1);
+  {
+    cuda::CudaSeqStep gs[2] = {{c0.get(), prompts[0].ids, false, nullptr, &got[0][0]},
+                               {c1.get(), prompts[2].ids, false, nullptr, &got[1][0]}};
+    ASSERT_TRUE((*gpu)->Submit(gs).ok());
+  }
+  static constexpr int64_t kDev[1] = {cuda::CudaModel::kDeviceToken};
+  for (int step = 1; step < kSteps; ++step) {
+    cuda::CudaSeqStep gs[2] = {{c0.get(), kDev, false, nullptr, &got[0][static_cast<size_t>(step)]},
+                               {c1.get(), kDev, false, nullptr, &got[1][static_cast<size_t>(step)]}};
+    ASSERT_TRUE((*gpu)->Submit(gs).ok()) << "step " << step;
+    EXPECT_LE((*gpu)->queued_steps(), 2u);
+    if ((*gpu)->queued_steps() > 1) ASSERT_TRUE((*gpu)->Collect().ok());
+  }
+  {
+    // A host-synchronous step continues from the queued ones (it collects them first).
+    std::vector<float> l0;
+    cuda::CudaSeqStep gs[2] = {{c0.get(), kDev, false, &l0, &got[0][kSteps]},
+                               {c1.get(), kDev, false, nullptr, &got[1][kSteps]}};
+    ASSERT_TRUE((*gpu)->Forward(gs).ok());
+    EXPECT_EQ((*gpu)->queued_steps(), 0u);
+    EXPECT_EQ(static_cast<int64_t>(l0.size()), V);
+  }
+  EXPECT_EQ(c0->length(), static_cast<int64_t>(prompts[0].ids.size()) + kSteps);
+  int compared = 0;
+  for (int q = 0; q < 2; ++q)
+    for (int step = 0; step <= kSteps; ++step) {
+      const size_t i = static_cast<size_t>(step);
+      if (got[q][i] != ref[q][i]) {
+        EXPECT_FALSE(margin_ok[q][i]) << name << " sequence " << q << " step " << step << ": queued " << got[q][i]
+                                      << " vs " << ref[q][i] << " with no near-tie";
+        break;
+      }
+      ++compared;
+    }
+  fmt::print("{}: queued decode equals host-synchronous Forward on {} of {} tokens\n", name, compared,
+             2 * (kSteps + 1));
+  EXPECT_GT(compared, kSteps);
+  // After Truncate the sequence's token on the device is forgotten.
+  c0->Truncate(c0->length() - 1);
+  int64_t t = -1;
+  cuda::CudaSeqStep gone{c0.get(), kDev, false, nullptr, &t};
+  EXPECT_FALSE((*gpu)->Forward(std::span<cuda::CudaSeqStep>(&gone, 1)).ok());
+  // Two ids with the placeholder, and a queued step that wants logits, are refused.
+  const int64_t two[2] = {cuda::CudaModel::kDeviceToken, 1};
+  std::vector<float> logits;
+  cuda::CudaSeqStep bad2{c1.get(), two, false, nullptr, &t};
+  EXPECT_FALSE((*gpu)->Forward(std::span<cuda::CudaSeqStep>(&bad2, 1)).ok());
+  cuda::CudaSeqStep bad3{c1.get(), kDev, false, &logits, &t};
+  EXPECT_FALSE((*gpu)->Submit(std::span<cuda::CudaSeqStep>(&bad3, 1)).ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, CudaDecodeTest, ::testing::Values("qwen3moe-tiny", "mixtral-tiny", "deepseekv3-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;

@@ -76,6 +76,26 @@ TEST(CudaOps, Embed) {
     for (int64_t i = 0; i < H; ++i) ASSERT_EQ(x[t * H + i], BF16ToF32(table[ids[t] * H + i]));
 }
 
+// Ids the previous step left on the device (-1-r: prev[r]) and the accumulators it clears.
+TEST(CudaOps, EmbedDeviceIdsAndClears) {
+  REQUIRE_GPU();
+  const int64_t V = 50, H = 72;
+  auto table = ToBf16(Random(V * H, 1));
+  std::vector<int32_t> ids = {-2, 7, -1}, prev = {11, 42}, want = {42, 7, 11};
+  Dev<uint16_t> dt(table);
+  Dev<int32_t> di(ids), dp(prev);
+  Dev<float> dx(ids.size() * H);
+  Dev<double> zero(std::vector<double>(1000, 3.5));
+  ASSERT_EQ(cuda::Embed(dt.p, di.p, 3, H, dx.p, nullptr, nullptr, dp.p, zero.p + 1, 998), cudaSuccess);
+  auto x = dx.Host();
+  for (size_t t = 0; t < ids.size(); ++t)
+    for (int64_t i = 0; i < H; ++i) ASSERT_EQ(x[t * H + i], BF16ToF32(table[want[t] * H + i])) << "token " << t;
+  auto z = zero.Host();
+  EXPECT_EQ(z[0], 3.5);
+  EXPECT_EQ(z[999], 3.5);
+  for (size_t i = 1; i < 999; ++i) ASSERT_EQ(z[i], 0.0) << i;
+}
+
 TEST(CudaOps, RmsNormF32AndSplit) {
   REQUIRE_GPU();
   const int64_t rows = 7, dim = 320, stride = 400;
@@ -842,14 +862,29 @@ TEST(CudaOps, ArgmaxRowsWideMatchesArgmaxRows) {
   for (int64_t c = 0; c < cols; ++c) x[4 * cols + c] = -1.0f;  // all equal: 0 wins
   Dev<float> dx(x);
   Dev<int32_t> a(rows), b(rows);
-  Dev<unsigned long long> scratch(rows);
+  Dev<unsigned long long> scratch(rows + 1);  // keys, then the block counter
   ASSERT_EQ(cuda::ArgmaxRows(dx.p, rows, cols, a.p, nullptr), cudaSuccess);
-  ASSERT_EQ(cuda::ArgmaxRowsWide(dx.p, rows, cols, scratch.p, b.p, nullptr), cudaSuccess);
+  // Twice: the second run must not see the first one's keys or counter (zeroed again).
+  for (int run = 0; run < 2; ++run)
+    ASSERT_EQ(cuda::ArgmaxRowsWide(dx.p, rows, cols, scratch.p, b.p, nullptr), cudaSuccess);
   auto ha = a.Host(), hb = b.Host();
   EXPECT_EQ(ha, hb);
   EXPECT_EQ(hb[1], 7);
   EXPECT_EQ(hb[2], cols - 1);
   EXPECT_EQ(hb[4], 0);
+  for (int64_t r = 0; r < rows; ++r) {  // the host's max_element, NaN skipped
+    int64_t best = -1;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = x[static_cast<size_t>(r * cols + c)];
+      if (!std::isnan(v) && (best < 0 || v > x[static_cast<size_t>(r * cols + best)])) best = c;
+    }
+    EXPECT_EQ(hb[static_cast<size_t>(r)], best) << "row " << r;
+  }
+  // Scratch the caller zeroed (as a captured decode step's embedding does): same result, no memset.
+  Dev<int32_t> c2(rows);
+  ASSERT_EQ(cudaMemset(scratch.p, 0, (rows + 1) * sizeof(unsigned long long)), cudaSuccess);
+  ASSERT_EQ(cuda::ArgmaxRowsWide(dx.p, rows, cols, scratch.p, c2.p, nullptr, true), cudaSuccess);
+  EXPECT_EQ(c2.Host(), hb);
 }
 
 // The GEMV with the RMSNorm of its input fused in (every block normalises and block 0 writes the

@@ -28,7 +28,7 @@ struct DecodeBenchFlags {
   int64_t cpu_tokens = 16;  // decode steps timed on the CPU (slower)
   std::vector<int64_t> batches = {1, 16, 64, 256};
   std::string mode = "both";  // split | bf16 | both
-  bool skip_cpu = false, json = false, no_graphs = false;
+  bool skip_cpu = false, json = false, no_graphs = false, sync_steps = false;
   int64_t gemv_max_tokens = -1, fused_moe_max_tokens = -1;  // -1: CudaLoadOptions' defaults
   uint64_t seed = 1;
 };
@@ -69,14 +69,17 @@ struct CudaDecodeResult {
   double tokens_per_s = 0;
   double step_ms = 0;
   int64_t experts_touched = 0;  // distinct (MoE layer, slot) pairs of one traced step
+  std::vector<int64_t> tokens;  // the timed steps' greedy tokens, [step][batch]
 };
 
 // Tokens/s (summed over the batch) of `steps` decode steps of `batch` sequences on the GPU,
-// then one traced step (untimed) that counts the experts a step touches.
+// then one traced step (untimed) that counts the experts a step touches. Queued: each step is
+// queued (Submit) while the one before runs, its tokens left on the device; else the host waits
+// for every step's tokens before it queues the next (Forward).
 // Sequence b starts from its own random prompt (seed + b), so that the batch routes like
 // independent requests rather than B copies of one.
 eep::Result<CudaDecodeResult> CudaDecode(eep::cuda::CudaModel& m, int64_t prompt_len, uint64_t seed, int64_t steps,
-                                         int64_t batch) {
+                                         int64_t batch, bool queued) {
   std::vector<std::unique_ptr<eep::cuda::CudaKvCache>> caches;
   std::vector<int64_t> greedy(static_cast<size_t>(batch));
   std::vector<std::vector<int64_t>> next;
@@ -95,12 +98,30 @@ eep::Result<CudaDecodeResult> CudaDecode(eep::cuda::CudaModel& m, int64_t prompt
     for (int64_t b = 0; b < batch; ++b) next[static_cast<size_t>(b)].assign(1, greedy[static_cast<size_t>(b)]);
     return eep::Status::Ok();
   };
-  for (int64_t s = 0; s < steps + warmup; ++s) {
-    if (s == warmup) t0 = Now();
-    EEP_RETURN_IF_ERROR(step(nullptr));
+  CudaDecodeResult r;
+  r.tokens.resize(static_cast<size_t>(steps * batch));
+  for (int64_t s = 0; s < warmup; ++s) EEP_RETURN_IF_ERROR(step(nullptr));
+  t0 = Now();
+  if (queued) {
+    static constexpr int64_t kDev[1] = {eep::cuda::CudaModel::kDeviceToken};
+    for (int64_t s = 0; s < steps; ++s) {
+      std::vector<eep::cuda::CudaSeqStep> steps_in;
+      for (int64_t b = 0; b < batch; ++b)
+        steps_in.push_back({caches[static_cast<size_t>(b)].get(), kDev, false, nullptr,
+                            &r.tokens[static_cast<size_t>(s * batch + b)]});
+      EEP_RETURN_IF_ERROR(m.Submit(steps_in));
+      if (m.queued_steps() > 1) EEP_RETURN_IF_ERROR(m.Collect());
+    }
+    while (m.queued_steps() > 0) EEP_RETURN_IF_ERROR(m.Collect());
+    for (int64_t b = 0; b < batch; ++b)
+      next[static_cast<size_t>(b)].assign(1, r.tokens[static_cast<size_t>((steps - 1) * batch + b)]);
+  } else {
+    for (int64_t s = 0; s < steps; ++s) {
+      EEP_RETURN_IF_ERROR(step(nullptr));
+      for (int64_t b = 0; b < batch; ++b) r.tokens[static_cast<size_t>(s * batch + b)] = greedy[static_cast<size_t>(b)];
+    }
   }
   const double elapsed = Now() - t0;
-  CudaDecodeResult r;
   r.tokens_per_s = static_cast<double>(steps * batch) / elapsed;
   r.step_ms = elapsed / static_cast<double>(steps) * 1e3;
   eep::cuda::CudaForwardTrace trace;
@@ -165,17 +186,29 @@ int RunDecodeBench(const DecodeBenchFlags& f) {
                mode, (*m)->weight_bytes() / double(1ull << 30), all_slots / double(1ull << 30), map.num_moe_layers(),
                map.num_physical(), slot_bytes / double(1 << 20));
     for (int64_t b : f.batches) {
-      auto r = CudaDecode(**m, f.prompt_len, f.seed, f.tokens, b);
+      auto r = CudaDecode(**m, f.prompt_len, f.seed, f.tokens, b, !f.sync_steps);
       if (!r.ok()) return eep::cli::Fail(r.status());
+      // The same steps with the host waiting for each one's tokens (what a plain generate loop
+      // does): the queued steps' gain, and a check that they decode the same tokens.
+      eep::Result<CudaDecodeResult> sync = r;
+      if (!f.sync_steps) sync = CudaDecode(**m, f.prompt_len, f.seed, f.tokens, b, false);
+      if (!sync.ok()) return eep::cli::Fail(sync.status());
+      int64_t differ = 0;
+      for (size_t i = 0; i < r->tokens.size(); ++i) differ += r->tokens[i] != sync->tokens[i];
       const double ratio = cpu_tps > 0 ? r->tokens_per_s / cpu_tps : 0;
       const double step_bytes = static_cast<double>(dense + r->experts_touched * slot_bytes);
       const double roofline_tps = static_cast<double>(b) / (step_bytes / (*bw * 1e9));
       fmt::print(
           "cuda batch {:3} ({:10}): {:9.1f} tokens/s, {:7.2f} ms/step | weights/step {:6.2f} GB ({:4} experts) -> "
-          "roofline {:9.1f} tokens/s: {:5.1f}% of roofline{}\n",
+          "roofline {:9.1f} tokens/s: {:5.1f}% of roofline{}{}\n",
           b, mode, r->tokens_per_s, r->step_ms, step_bytes / 1e9, r->experts_touched, roofline_tps,
           100.0 * r->tokens_per_s / roofline_tps,
-          cpu_tps > 0 ? fmt::format(" | {:.1f}x cpu batch 1", ratio) : std::string());
+          cpu_tps > 0 ? fmt::format(" | {:.1f}x cpu batch 1", ratio) : std::string(),
+          f.sync_steps ? std::string(" | host-synchronous steps")
+                       : fmt::format(" | host-synchronous steps {:.1f} tokens/s ({:.1f}%), tokens {}", sync->tokens_per_s,
+                                     100.0 * sync->tokens_per_s / roofline_tps,
+                                     differ == 0 ? std::string("equal")
+                                                 : fmt::format("differ at {} of {}", differ, r->tokens.size())));
       j["cuda"].push_back({{"mode", mode},
                            {"batch", b},
                            {"tokens_per_s", r->tokens_per_s},
@@ -184,7 +217,10 @@ int RunDecodeBench(const DecodeBenchFlags& f) {
                            {"experts_touched", r->experts_touched},
                            {"roofline_tokens_per_s", roofline_tps},
                            {"fraction_of_roofline", r->tokens_per_s / roofline_tps},
-                           {"ratio_vs_cpu", ratio}});
+                           {"ratio_vs_cpu", ratio},
+                           {"queued_steps", !f.sync_steps},
+                           {"sync_tokens_per_s", sync->tokens_per_s},
+                           {"tokens_differ_from_sync", differ}});
     }
   }
   if (f.json) fmt::print("{}\n", j.dump());
@@ -204,6 +240,9 @@ EEP_REGISTER_BENCH(decode, "decode", "decode tokens/s: CUDA backend vs its memor
                                      "GPU activations: split (hi+lo BF16, f32-level), bf16, or both");
                      app->add_flag("--json", f->json, "also print one JSON line");
                      app->add_flag("--no-graphs", f->no_graphs, "run decode steps without CUDA graphs");
+                     app->add_flag("--sync-steps", f->sync_steps,
+                                   "the host waits for each step's tokens before it queues the next (default: "
+                                   "each step is queued while the one before runs, and this is measured beside it)");
                      app->add_option("--gemv-max-tokens", f->gemv_max_tokens,
                                      "steps of at most this many tokens use GEMV kernels for dense layers");
                      app->add_option("--fused-moe-max-tokens", f->fused_moe_max_tokens,

@@ -73,12 +73,17 @@ __device__ float BlockMax(float v, float* shared) {
   return m;
 }
 
-__global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim, float* x, double* sums) {
+__global__ void EmbedKernel(const bf16_t* table, const int32_t* ids, int64_t dim, float* x, double* sums,
+                            const int32_t* prev_ids, double* zero, int64_t zero_count) {
   EEP_PDL_TRACE_END;
   __shared__ double partial[32];
   PdlWait();
   const int64_t t = blockIdx.x;
-  const bf16_t* row = table + static_cast<int64_t>(ids[t]) * dim;
+  int32_t id = ids[t];
+  if (id < 0) id = prev_ids[-1 - id];
+  const bf16_t* row = table + static_cast<int64_t>(id) * dim;
+  for (int64_t i = t * blockDim.x + threadIdx.x; i < zero_count; i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    zero[i] = 0;
   double sum = 0;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
     const float v = Bf16ToF32(row[i]);
@@ -573,9 +578,10 @@ cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
 }  // namespace
 
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t n, int64_t dim, float* x, cudaStream_t st,
-                  double* sums_out) {
+                  double* sums_out, const int32_t* prev_ids, double* zero, int64_t zero_count) {
   if (n == 0) return cudaSuccess;
-  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out);
+  return Launch(EmbedKernel, dim3(static_cast<unsigned>(n)), dim3(kThreads), 0, st, table, ids, dim, x, sums_out,
+                prev_ids, zero, zero_count);
 }
 
 cudaError_t RmsNorm(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t dim, float eps,
@@ -2010,8 +2016,9 @@ __device__ __forceinline__ unsigned long long ArgmaxKey(float v, int64_t i) {
 
 constexpr int kArgmaxWideThreads = 256, kArgmaxWidePerThread = 16;
 
-__global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const float* x, int64_t cols,
-                                                                       unsigned long long* keys) {
+// keys: [rows] then a block counter; the last block to finish decodes every row's key into out.
+__global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const float* x, int64_t rows, int64_t cols,
+                                                                       unsigned long long* keys, int32_t* out) {
   EEP_PDL_TRACE_END;
   PdlTrigger();
   PdlWait();
@@ -2037,37 +2044,36 @@ __global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const flo
   }
   if (threadIdx.x % kWarp == 0) warp_best[threadIdx.x / kWarp] = best;
   __syncthreads();
+  __shared__ bool last;
   if (threadIdx.x == 0) {
     for (int w = 1; w < kArgmaxWideThreads / kWarp; ++w) best = warp_best[w] > best ? warp_best[w] : best;
     if (best != 0) atomicMax(keys + row, best);
+    __threadfence();
+    last = atomicAdd(keys + rows, 1ull) == static_cast<unsigned long long>(gridDim.x) * gridDim.y - 1;
   }
-}
-
-__global__ void ArgmaxDecodeKernel(const unsigned long long* keys, int64_t rows, int32_t* out) {
-  EEP_PDL_TRACE_END;
-  PdlTrigger();
-  PdlWait();
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  const unsigned long long k = keys[r];
-  out[r] = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    const unsigned long long k = atomicAdd(keys + r, 0ull);  // from L2: other blocks' atomics
+    out[r] = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
+  }
 }
 
 }  // namespace
 
 cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned long long* scratch, int32_t* out,
-                           cudaStream_t st) {
+                           cudaStream_t st, bool scratch_zeroed) {
   if (rows == 0) return cudaSuccess;
   if (cols <= 0 || cols > 0x7ffffffe || rows > 65535) return cudaErrorInvalidValue;
-  cudaError_t e = cudaMemsetAsync(scratch, 0, static_cast<size_t>(rows) * sizeof(unsigned long long), st);
-  if (e != cudaSuccess) return e;
+  if (!scratch_zeroed) {
+    const cudaError_t e = cudaMemsetAsync(scratch, 0, static_cast<size_t>(rows + 1) * sizeof(unsigned long long), st);
+    if (e != cudaSuccess) return e;
+  }
   const int64_t per_block = kArgmaxWideThreads * kArgmaxWidePerThread;
-  e = Launch(ArgmaxWideKernel,
-             dim3(static_cast<unsigned>((cols + per_block - 1) / per_block), static_cast<unsigned>(rows)),
-             dim3(kArgmaxWideThreads), 0, st, x, cols, scratch);
-  if (e != cudaSuccess) return e;
-  return Launch(ArgmaxDecodeKernel, dim3(static_cast<unsigned>((rows + 255) / 256)), dim3(256), 0, st, scratch, rows,
-                out);
+  return Launch(ArgmaxWideKernel,
+                dim3(static_cast<unsigned>((cols + per_block - 1) / per_block), static_cast<unsigned>(rows)),
+                dim3(kArgmaxWideThreads), 0, st, x, rows, cols, scratch, out);
 }
 
 

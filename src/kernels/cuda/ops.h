@@ -19,9 +19,12 @@ namespace eep::cuda {
 using bf16_t = uint16_t;  // raw BF16 bits, as stored in checkpoints
 
 // x[t,:] = f32(table[ids[t],:]); sums_out (may be null): sums_out[t] = Σ x[t,:]² (f64, for a
-// Gemv's norm_sums).
+// Gemv's norm_sums). A negative id -1-r stands for prev_ids[r] (a token the previous step left
+// on the device: decode steps queued before the host has read it). zero/zero_count: f64
+// accumulators the step's later kernels add into, cleared here instead of by a memset node.
 cudaError_t Embed(const bf16_t* table, const int32_t* ids, int64_t num_tokens, int64_t dim, float* x,
-                  cudaStream_t stream, double* sums_out = nullptr);
+                  cudaStream_t stream, double* sums_out = nullptr, const int32_t* prev_ids = nullptr,
+                  double* zero = nullptr, int64_t zero_count = 0);
 
 // Row-wise RMSNorm: y = w ⊙ x / sqrt(mean(x²) + eps) over `dim` values of each of `rows` rows
 // (row r of x at x + r·x_stride). Writes f32 rows to y (stride y_stride; may be null) and/or
@@ -86,9 +89,11 @@ cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int
 cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
 // The same result spread over many blocks per row (rows as long as a vocabulary): each block
 // reduces 4096 values and atomicMax-es a 64-bit (ordered value, inverted index) key into
-// scratch[row] (zeroed here first), then out[row] is decoded from it. scratch: rows entries.
+// scratch[row], and the last block to finish (a counter in scratch[rows]) decodes out[row] from
+// it. scratch: rows + 1 entries, zeroed here first unless the caller has (scratch_zeroed: one
+// memset node less in a captured step).
 cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned long long* scratch, int32_t* out,
-                           cudaStream_t stream);
+                           cudaStream_t stream, bool scratch_zeroed = false);
 
 // Weighted combine in top-k order: out[t,:] = Σ_j w[t,j]·Σ_s y[rows[(t·k + j)·splits + s],:],
 // terms added in j order like the CPU LocalExperts.
