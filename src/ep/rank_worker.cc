@@ -663,6 +663,10 @@ class RankWorker {
     std::vector<ComputeStep> batch;
     std::vector<std::vector<int64_t>> ids;
     std::vector<std::vector<float>> logits;
+    // Greedy sequences that return no logits take the argmax the backend computes (CUDA: on the
+    // device, so [vocab] floats per sequence neither cross PCIe nor get scanned on the host).
+    std::vector<int64_t> greedy(in.size(), -1);
+    std::vector<bool> greedy_only(in.size(), false);
     ids.reserve(in.size());
     logits.resize(in.size());
     for (const auto& s : in) {
@@ -680,7 +684,9 @@ class RankWorker {
       }
       ids.push_back(s["ids"].get<std::vector<int64_t>>());
       const size_t i = ids.size() - 1;
-      batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(), &logits[i]});
+      greedy_only[i] = s["temperature"].get<double>() <= 0 && !s["logits"].get<bool>();
+      batch.push_back({it->second.cache.get(), ids.back(), s["all_logits"].get<bool>(),
+                       greedy_only[i] ? nullptr : &logits[i], greedy_only[i] ? &greedy[i] : nullptr});
     }
     const double t_fwd = NowSeconds();
     EEP_RETURN_IF_ERROR(model_->Forward(batch));
@@ -703,8 +709,11 @@ class RankWorker {
       const int64_t id = s["seq"].get<int64_t>();
       SamplingParams sp{s["temperature"].get<double>(), s["top_p"].get<double>(), s["top_k"].get<int64_t>(),
                         s["seed"].get<uint64_t>()};
-      const float* last = logits[i].data() + logits[i].size() - static_cast<size_t>(V);
-      const int64_t token = SampleToken(last, V, sp, &seqs_[id].rng);
+      int64_t token = greedy[i];
+      if (!greedy_only[i]) {
+        const float* last = logits[i].data() + logits[i].size() - static_cast<size_t>(V);
+        token = SampleToken(last, V, sp, &seqs_[id].rng);
+      }
       nlohmann::json o{{"seq", id}, {"token", token}};
       if (s["logits"].get<bool>()) {
         // A replayed sequence returns only the rows of this step's own tokens.
