@@ -29,6 +29,7 @@ class CudaComputeModel final : public ComputeModel {
   }
   void SetMoeExecutor(MoeExecutor* executor) override { model_->SetMoeExecutor(executor); }
   void SetRouteObserver(RouteObserver observer) override { model_->SetRouteObserver(std::move(observer)); }
+  void SetRouteCounter(RouteObserver observer) override { model_->SetRouteObserver(std::move(observer), true); }
   CudaModel* model() { return model_.get(); }
 
  protected:

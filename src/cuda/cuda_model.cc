@@ -187,6 +187,14 @@ struct CudaModel::Impl {
   // Host-side MoE executor (expert parallelism) and routing observer; null: none.
   MoeExecutor* moe_executor = nullptr;
   CudaModel::RouteObserver route_observer;
+  bool route_counts_only = false;  // SetRouteObserver(.., counts_only)
+  // Fused steps with a counting observer: per (MoE layer, expert) counts, in b_sums after the
+  // argmax keys (cleared by the embedding), set by Body; the host copy per step slot.
+  int32_t* route_hist = nullptr;
+  PinnedPtr h_hist[2];
+  size_t h_hist_bytes[2] = {0, 0};
+  bool CountsOnDevice() const { return route_observer && route_counts_only; }
+  int64_t HistWords() const { return CountsOnDevice() ? (map.num_moe_layers() * c.num_experts + 1) / 2 : 0; }
   std::vector<float> h_x, h_w, h_out;
   // Scratch of RunExpertRows (separate from the forward's: it runs inside a forward).
   DeviceBuffer e_x, e_x16, e_g16, e_gu, e_act16, e_y, e_src, e_rows, e_w, e_out;
@@ -241,6 +249,7 @@ struct CudaModel::Impl {
     std::vector<int64_t*> outs;                 // greedy_token of each sequence (may be null)
     std::vector<CudaKvCache::Impl*> caches;     // the sequences' caches
     std::vector<int64_t> rows;                  // each sequence's row in h_tok[slot]
+    bool counts = false;                        // route counts in h_hist[slot] for the observer
   };
   std::deque<PendingStep> pending;
   uint64_t serial = 0;          // steps launched
@@ -788,7 +797,8 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     EEP_CUDA_RETURN_IF_ERROR(MoeRoutePlan(logits, N, E, k, norm_topk, bias, n_group, topk_group, scaling, table, ids,
                                           w, plan, s()));
   }
-  if (trace != nullptr || route_observer) {
+  if (route_hist != nullptr) EEP_CUDA_RETURN_IF_ERROR(CountRoutes(ids, A, route_hist + ml * E, s()));
+  if (trace != nullptr || (route_observer && route_hist == nullptr)) {
     h_ids.resize(static_cast<size_t>(A));
     EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_ids.data(), ids, static_cast<size_t>(A) * 4, cudaMemcpyDeviceToHost, s()));
     if (trace != nullptr) {
@@ -965,7 +975,7 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   auto post_sums = [&](int64_t l) { return sums ? sum_base + (2 * l + 1) * kSumTokens : nullptr; };
   // The embedding writes slot 0 of the norm sums and clears the rest and the argmax keys after
   // them (later kernels add into them; no memset nodes in a captured step).
-  const int64_t sum_words = (2 * L + 1) * kSumTokens + M + 1;
+  const int64_t sum_words = (2 * L + 1) * kSumTokens + M + 1 + HistWords();
   EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s(), in_sums(0), b_argmax.as<int32_t>(),
                                  sums ? sum_base + kSumTokens : sum_base, sums ? sum_words - kSumTokens : sum_words));
   if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
@@ -1058,6 +1068,16 @@ Status CudaModel::Impl::Collect() {
     const int64_t tok = out[p.rows[i]];
     if (p.outs[i] != nullptr) *p.outs[i] = tok;
     if (p.caches[i]->greedy_serial == p.serial) p.caches[i]->greedy_token = tok;
+  }
+  if (p.counts && route_observer) {
+    // The observer takes ids: each expert as often as it was routed to.
+    const auto* counts = reinterpret_cast<const int32_t*>(h_hist[p.slot].get());
+    std::vector<int32_t> ids;
+    for (int64_t ml = 0; ml < map.num_moe_layers(); ++ml) {
+      ids.clear();
+      for (int64_t e = 0; e < c.num_experts; ++e) ids.insert(ids.end(), counts[ml * c.num_experts + e], static_cast<int32_t>(e));
+      route_observer(ml, ids.data(), static_cast<int64_t>(ids.size()));
+    }
   }
   return Status::Ok();
 }
@@ -1152,7 +1172,7 @@ Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* t
   EEP_RETURN_IF_ERROR(R(b_x, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_h16, S * N * H * 2));
   EEP_RETURN_IF_ERROR(R(b_hf, N * H * 4));
-  EEP_RETURN_IF_ERROR(R(b_sums, ((2 * L + 1) * kSumTokens + M + 1) * 8));  // + the argmax keys
+  EEP_RETURN_IF_ERROR(R(b_sums, ((2 * L + 1) * kSumTokens + M + 1 + HistWords()) * 8));  // + argmax keys, counts
   EEP_RETURN_IF_ERROR(R(b_o, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_o2, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_q, N * nh * dk * 4));
@@ -1259,7 +1279,12 @@ Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* t
     tr->router_logits.assign(static_cast<size_t>(map.num_moe_layers()), {});
     tr->route_ids.assign(static_cast<size_t>(map.num_moe_layers()), {});
   }
-  const bool graphable = use_graphs && fused && decode && batched_attn && tr == nullptr && !route_observer;
+  // (Set before the body runs or a captured step replays: the counts' place in b_sums.)
+  route_hist = CountsOnDevice() && tr == nullptr && fused
+                   ? reinterpret_cast<int32_t*>(b_sums.as<double>() + (2 * L + 1) * kSumTokens + M + 1)
+                   : nullptr;
+  const bool graphable =
+      use_graphs && fused && decode && batched_attn && tr == nullptr && (!route_observer || route_counts_only);
   if (graphable) {
     const uint64_t gen = DeviceBuffer::generation();
     std::erase_if(graphs, [&](const StepGraph& g) {
@@ -1335,6 +1360,19 @@ Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* t
   PendingStep p;
   p.serial = this_serial;
   p.slot = slot;
+  if (route_hist != nullptr) {
+    const size_t bytes = static_cast<size_t>(map.num_moe_layers() * c.num_experts) * 4;
+    if (h_hist_bytes[slot] < bytes) {
+      h_hist[slot].reset();
+      void* hp = nullptr;
+      EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&hp, bytes, cudaHostAllocDefault));
+      h_hist[slot].reset(static_cast<uint8_t*>(hp));
+      h_hist_bytes[slot] = bytes;
+    }
+    EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_hist[slot].get(), route_hist, bytes, cudaMemcpyDeviceToHost, s()));
+    p.counts = true;
+    route_hist = nullptr;
+  }
   if (M > 0 && any_greedy)
     EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_tok[slot].get(), b_argmax.as<int32_t>(), static_cast<size_t>(M) * 4,
                                              cudaMemcpyDeviceToHost, s()));
@@ -1511,7 +1549,11 @@ Status CudaModel::ConfigureExpertSlots(ExpertMap map, int64_t slot_begin, int64_
 }
 
 void CudaModel::SetMoeExecutor(MoeExecutor* executor) { impl_->moe_executor = executor; }
-void CudaModel::SetRouteObserver(RouteObserver observer) { impl_->route_observer = std::move(observer); }
+void CudaModel::SetRouteObserver(RouteObserver observer, bool counts_only) {
+  impl_->route_observer = std::move(observer);
+  impl_->route_counts_only = counts_only;
+  impl_->DropGraphs();  // captured steps count or not
+}
 
 Status CudaModel::RunExpertRows(int64_t moe_layer, const int32_t* slot_ids, const float* x, int64_t n, float* y) {
   Impl& im = *impl_;

@@ -143,8 +143,12 @@ class CudaModel {
   // Not owned; it may call RunExpertRows on this model from inside Forward.
   void SetMoeExecutor(MoeExecutor* executor);
   // Called inside Forward with each MoE layer's routed logical expert ids (num_tokens × top_k).
+  // counts_only: the caller only counts them (load statistics), so they may come grouped by
+  // expert, at the end of the step: steps that route on the device then count on the device
+  // (one small launch per MoE layer), keep their CUDA graph and sync with the host only at
+  // their end, instead of once per MoE layer.
   using RouteObserver = std::function<void(int64_t moe_layer, const int32_t* ids, int64_t count)>;
-  void SetRouteObserver(RouteObserver observer);
+  void SetRouteObserver(RouteObserver observer, bool counts_only = false);
   // y[i,:] = expert in slot slots[i] applied to x[i,:] (host f32 rows of hidden_size, n rows,
   // no routing weight): one upload, per-slot grouped GEMMs, one download. Every slot must be
   // held and filled. Rows of one slot may be anywhere; their results do not depend on order.

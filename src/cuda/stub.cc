@@ -52,7 +52,10 @@ int64_t CudaModel::weight_bytes() const { return 0; }
 int CudaModel::device() const { return 0; }
 Status CudaModel::ConfigureExpertSlots(ExpertMap, int64_t, int64_t) { return NoCuda(); }
 void CudaModel::SetMoeExecutor(MoeExecutor*) {}
-void CudaModel::SetRouteObserver(RouteObserver) {}
+void CudaModel::SetRouteObserver(RouteObserver, bool) {}
+Status CudaModel::Submit(std::span<CudaSeqStep>) { return NoCuda(); }
+Status CudaModel::Collect() { return Status::Ok(); }
+size_t CudaModel::queued_steps() const { return 0; }
 Status CudaModel::RunExpertRows(int64_t, const int32_t*, const float*, int64_t, float*) { return NoCuda(); }
 int64_t CudaModel::slot_bytes() const { return 0; }
 int64_t CudaModel::MoeLayerId(int64_t) const { return -1; }

@@ -337,7 +337,20 @@ class RankWorker {
   }
 
   void InstallExecutor() {
-    if (cuda::CudaModel* gpu = cuda::CudaModelOf(*model_)) {
+    cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
+    if (gpu != nullptr && comm_->world_size() == 1 && experts_->slot_begin() == 0 &&
+        experts_->slot_end() == experts_->map().num_physical()) {
+      // The only rank holds every slot on its GPU: the model's own device MoE (routing, grouped
+      // experts and combine on the GPU, decode steps in CUDA graphs) instead of host rows
+      // through the communicator. A rank that joins later brings the executor back.
+      if (executor_ != nullptr || !local_moe_logged_)
+        EEP_LOG_INFO("rank {}: sole rank, MoE layers run on the device without the exchange", id_);
+      local_moe_logged_ = true;
+      model_->SetMoeExecutor(nullptr);
+      executor_.reset();
+      return;
+    }
+    if (gpu != nullptr) {
       // Received rows are computed on the GPU in one batch per layer (D2H/H2D staging around
       // the host-side exchange).
       executor_ = std::make_unique<EpMoeExecutor>(
@@ -563,7 +576,7 @@ class RankWorker {
     auto observer = [this, E = c.num_experts](int64_t ml, const int32_t* ids, int64_t n) {
       for (int64_t i = 0; i < n; ++i) ++load_[static_cast<size_t>(ml * E + ids[i])];
     };
-    model_->SetRouteObserver(observer);
+    model_->SetRouteCounter(observer);  // only counted: CUDA may count on the device
     return Status::Ok();
   }
 
@@ -1464,6 +1477,7 @@ class RankWorker {
   int64_t prefetch_epoch_ = 0;
   nlohmann::json pending_phy2log_;
   std::unique_ptr<EpMoeExecutor> executor_;
+  bool local_moe_logged_ = false;
   std::map<int64_t, SeqState> seqs_;
   std::map<int64_t, SeqSnapshot> snapshot_;
   int64_t snapshot_step_ = -1;

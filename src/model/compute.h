@@ -101,6 +101,9 @@ class ComputeModel {
   // (num_tokens × top_k, batch order), for load statistics. Empty: none.
   using RouteObserver = std::function<void(int64_t moe_layer, const int32_t* ids, int64_t count)>;
   virtual void SetRouteObserver(RouteObserver observer) = 0;
+  // The same for an observer that only counts the ids: they may come in any order, and at the
+  // end of the step (CUDA counts them on the device and keeps decode steps in CUDA graphs).
+  virtual void SetRouteCounter(RouteObserver observer) { SetRouteObserver(std::move(observer)); }
 
  protected:
   // Forward after the checks above: every step has a cache of this model.

@@ -445,6 +445,48 @@ TEST_P(CudaDecodeTest, QueuedDecodeMatchesForward) {
   EXPECT_FALSE((*gpu)->Submit(std::span<cuda::CudaSeqStep>(&bad3, 1)).ok());
 }
 
+// A counting route observer (SetRouteObserver(.., counts_only): decode steps count on the device
+// and stay in CUDA graphs) sees, per MoE layer and step, the same experts as often as the
+// ids-delivering observer sees them (sorted), over a prefill and 12 queued-free decode steps.
+TEST_P(CudaDecodeTest, RouteCountsOnDeviceMatchIds) {
+  REQUIRE_GPU();
+  const std::string name = GetParam();
+  auto gpu = cuda::CudaModel::Load(test::ModelDir(name));
+  ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+  auto prompts = LoadPrompts(name);
+  auto run = [&](bool counts_only) {
+    std::vector<std::vector<int32_t>> seen;  // [step * layers + layer], sorted
+    const int64_t ML = static_cast<int64_t>((*gpu)->config().MoeLayers().size());
+    std::vector<std::vector<int32_t>> step_ids(static_cast<size_t>(ML));
+    (*gpu)->SetRouteObserver(
+        [&](int64_t ml, const int32_t* ids, int64_t n) { step_ids[static_cast<size_t>(ml)].assign(ids, ids + n); },
+        counts_only);
+    auto c0 = (*gpu)->NewCache(), c1 = (*gpu)->NewCache();
+    std::vector<int64_t> in0 = prompts[1].ids, in1 = prompts[2].ids;
+    for (int step = 0; step < 13; ++step) {
+      int64_t t0 = -1, t1 = -1;
+      cuda::CudaSeqStep gs[2] = {{c0.get(), in0, false, nullptr, &t0}, {c1.get(), in1, false, nullptr, &t1}};
+      for (auto& v : step_ids) v.clear();
+      EXPECT_TRUE((*gpu)->Forward(gs).ok());
+      for (auto& v : step_ids) {
+        std::sort(v.begin(), v.end());
+        seen.push_back(v);
+      }
+      in0.assign(1, t0);
+      in1.assign(1, t1);
+    }
+    (*gpu)->SetRouteObserver(nullptr);
+    return seen;
+  };
+  const auto ids = run(false), counted = run(true);
+  ASSERT_EQ(ids.size(), counted.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    EXPECT_FALSE(ids[i].empty()) << i;
+    EXPECT_EQ(ids[i], counted[i]) << name << " step " << i / ((*gpu)->config().MoeLayers().size()) << " layer "
+                                  << i % (*gpu)->config().MoeLayers().size();
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, CudaDecodeTest, ::testing::Values("qwen3moe-tiny", "mixtral-tiny", "deepseekv3-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;

@@ -2005,6 +2005,13 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
   }
 }
 
+__global__ void CountRoutesKernel(const int32_t* ids, int64_t n, int32_t* counts) {
+  EEP_PDL_TRACE_END;
+  PdlTrigger();
+  PdlWait();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(counts + ids[i], 1);
+}
+
 // --- wide argmax ---
 
 // Larger key: larger value, then lower index (NaN never gets a key).
@@ -2076,6 +2083,11 @@ cudaError_t ArgmaxRowsWide(const float* x, int64_t rows, int64_t cols, unsigned 
                 dim3(kArgmaxWideThreads), 0, st, x, rows, cols, scratch, out);
 }
 
+
+cudaError_t CountRoutes(const int32_t* ids, int64_t n, int32_t* counts, cudaStream_t st) {
+  if (n == 0) return cudaSuccess;
+  return Launch(CountRoutesKernel, dim3(1), dim3(256), 0, st, ids, n, counts);
+}
 
 bool GemvSupported(int64_t in) { return in > 0 && in % 8 == 0; }
 

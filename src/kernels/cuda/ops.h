@@ -84,6 +84,10 @@ cudaError_t GatherRmsNormF32(const float* in, const int32_t* src, int64_t rows, 
 cudaError_t GatherRowsF32(const float* in, const int32_t* src, int64_t rows, int64_t dim, float* out,
                           cudaStream_t stream);
 
+// counts[ids[i]] += 1 for i < n (one block; counts zeroed by the caller): routed experts counted
+// on the device for load statistics.
+cudaError_t CountRoutes(const int32_t* ids, int64_t n, int32_t* counts, cudaStream_t stream);
+
 // out[r] = argmax of row r of x [rows, cols] (f32), the lowest index on ties, as
 // std::max_element; NaN never wins over a number.
 cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
