@@ -1011,8 +1011,14 @@ class EpEngine::Impl {
         }
         outputs.push_back(std::move(out));
       }
-      const auto& l = rep.header["load"];
-      for (size_t i = 0; i < l.size() && i < load.size(); ++i) load[i] += l[i].get<int64_t>();
+      if (auto nz = rep.header.find("load_nz"); nz != rep.header.end()) {
+        for (size_t j = 0; j + 1 < nz->size(); j += 2) {
+          const auto i = (*nz)[j].get<size_t>();
+          if (i < load.size()) load[i] += (*nz)[j + 1].get<int64_t>();
+        }
+      } else if (auto l = rep.header.find("load"); l != rep.header.end()) {
+        for (size_t i = 0; i < l->size() && i < load.size(); ++i) load[i] += (*l)[i].get<int64_t>();
+      }
     }
     for (int64_t ml = 0; ml < num_moe_layers; ++ml)
       recorder->RecordCounts(static_cast<int32_t>(ml),
