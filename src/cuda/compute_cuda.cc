@@ -60,6 +60,11 @@ CudaModel* CudaModelOf(ComputeModel& model) {
   return m != nullptr ? m->model() : nullptr;
 }
 
+CudaKvCache* CudaKvCacheOf(ComputeCache& cache) {
+  auto* c = dynamic_cast<CudaCache*>(&cache);
+  return c != nullptr ? c->kv.get() : nullptr;
+}
+
 }  // namespace cuda
 
 namespace {

@@ -30,6 +30,8 @@ Result<std::unique_ptr<ComputeModel>> OpenCudaComputeModel(const std::string& di
 // This typed accessor (ggml's ggml_backend_is_cuda) keeps the interface free of methods
 // that the CPU would have to stub out.
 CudaModel* CudaModelOf(ComputeModel& model);
+// The device KV cache under a cache of such a model; null for any other backend's cache.
+CudaKvCache* CudaKvCacheOf(ComputeCache& cache);
 
 }  // namespace cuda
 }  // namespace eep

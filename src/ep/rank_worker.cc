@@ -652,16 +652,83 @@ class RankWorker {
     if (f.mode == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(3 * peer_timeout_ms_));
   }
 
+  // Whether `m` continues the run-ahead step: the same sequences in the same order, each fed
+  // the token this rank sent for it, greedy, no logits, nothing released or switched.
+  bool ContinuesRunAhead(const ControlMessage& m) const {
+    const auto& h = m.header;
+    if (h.value("type", "") != "step" || h.value("switch", false) || !h.value("release", nlohmann::json::array()).empty())
+      return false;
+    const auto& in = h["seqs"];
+    if (in.size() != ahead_.seqs.size()) return false;
+    for (size_t i = 0; i < in.size(); ++i) {
+      const auto& s = in[i];
+      if (s["seq"].get<int64_t>() != ahead_.seqs[i] || s.value("replay", false) || s["logits"].get<bool>() ||
+          s["all_logits"].get<bool>() || s["temperature"].get<double>() > 0 ||
+          s["ids"] != nlohmann::json::array({ahead_.fed[i]}))
+        return false;
+    }
+    return true;
+  }
+
+  // Waits for the run-ahead step, if one is queued; true when `next` (null: a command other than
+  // a step) continues it: its tokens are then in ahead_.tokens and its expert load in load_.
+  // Otherwise it is undone: each cache forgets the position it wrote.
+  Result<bool> SettleRunAhead(const ControlMessage* next) {
+    if (!ahead_.active) return false;
+    ahead_.active = false;
+    std::fill(load_.begin(), load_.end(), 0);
+    Status st = cuda::CudaModelOf(*model_)->Collect();
+    const bool use = st.ok() && next != nullptr && ContinuesRunAhead(*next);
+    if (!use) {
+      for (size_t i = 0; i < ahead_.seqs.size(); ++i) {
+        auto it = seqs_.find(ahead_.seqs[i]);
+        if (it != seqs_.end()) it->second.cache->Truncate(it->second.length() - 1);
+      }
+      std::fill(load_.begin(), load_.end(), 0);
+    }
+    EEP_RETURN_IF_ERROR_CTX(st, "run-ahead step");
+    return use;
+  }
+
+  // After a step whose sequences all decode greedily on a sole CUDA rank: the next step, each
+  // fed the token just produced (still on the device), is queued at once, so the GPU computes
+  // it while the reply goes to the coordinator and its next step comes back (vLLM's and
+  // SGLang's overlapped scheduling, for the one case where the next input is known).
+  void StartRunAhead(const nlohmann::json& in, const std::vector<int64_t>& tokens, const std::vector<bool>& greedy_only) {
+    cuda::CudaModel* gpu = cuda::CudaModelOf(*model_);
+    if (!run_ahead_ || gpu == nullptr || executor_ != nullptr || fault_ || in.empty()) return;
+    std::vector<cuda::CudaSeqStep> steps;
+    ahead_.seqs.clear();
+    ahead_.fed.clear();
+    ahead_.tokens.assign(in.size(), -1);
+    static constexpr int64_t kDev[1] = {cuda::CudaModel::kDeviceToken};
+    for (size_t i = 0; i < in.size(); ++i) {
+      if (!greedy_only[i] || in[i]["all_logits"].get<bool>()) return;
+      auto it = seqs_.find(in[i]["seq"].get<int64_t>());
+      cuda::CudaKvCache* kv = it != seqs_.end() ? cuda::CudaKvCacheOf(*it->second.cache) : nullptr;
+      if (kv == nullptr) return;
+      ahead_.seqs.push_back(it->first);
+      ahead_.fed.push_back(tokens[i]);
+      steps.push_back({kv, kDev, false, nullptr, &ahead_.tokens[i]});
+    }
+    if (Status st = gpu->Submit(steps); !st.ok()) {
+      EEP_LOG_DEBUG("rank {}: no run-ahead step: {}", id_, st.ToString());
+      return;
+    }
+    ahead_.active = true;
+  }
+
   Result<ControlMessage> Step(const ControlMessage& m) {
     if (!comm_) return Status::Internal(fmt::format("rank {} got a step before joining", id_));
     MaybeInjectFault("step");
+    EEP_ASSIGN_OR_RETURN(const bool ahead, SettleRunAhead(&m));
     nlohmann::json eplb_report;
     if (m.header.value("switch", false)) {
       EEP_ASSIGN_OR_RETURN(auto sw, SwitchRebalance());
       eplb_report = {{"stall_s", sw.first}, {"bytes_received", sw.second}};
     }
     for (const auto& id : m.header["release"]) seqs_.erase(id.get<int64_t>());
-    std::fill(load_.begin(), load_.end(), 0);
+    if (!ahead) std::fill(load_.begin(), load_.end(), 0);  // (else: the run-ahead step's load)
     const auto& in = m.header["seqs"];
     // Remember what this step changes, for a rollback if it is aborted.
     snapshot_.clear();
@@ -670,7 +737,8 @@ class RankWorker {
       const int64_t id = s["seq"].get<int64_t>();
       auto it = seqs_.find(id);
       SeqSnapshot snap;
-      if (it != seqs_.end()) snap = {true, it->second.length(), it->second.rng};
+      // (A run-ahead step has already appended this step's position.)
+      if (it != seqs_.end()) snap = {true, it->second.length() - (ahead ? 1 : 0), it->second.rng};
       snapshot_[id] = std::move(snap);
     }
     std::vector<ComputeStep> batch;
@@ -702,7 +770,10 @@ class RankWorker {
                        greedy_only[i] ? nullptr : &logits[i], greedy_only[i] ? &greedy[i] : nullptr});
     }
     const double t_fwd = NowSeconds();
-    EEP_RETURN_IF_ERROR(model_->Forward(batch));
+    if (ahead)
+      greedy = ahead_.tokens;  // computed while this step's message was on its way
+    else
+      EEP_RETURN_IF_ERROR(model_->Forward(batch));
     if (const double ms = (NowSeconds() - t_fwd) * 1e3; ms > kSlowStepMs)
       EEP_LOG_DEBUG("rank {}: step {} forward took {:.1f} ms ({} sequence(s), {} token(s))", id_, snapshot_step_, ms,
                     batch.size(), [&] {
@@ -728,6 +799,7 @@ class RankWorker {
     // The coordinator switches only once every rank's background exchange is complete.
     if (async_.valid()) out.header["eplb_ready"] = async_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
     const int64_t V = config().vocab_size;
+    std::vector<int64_t> sent(in.size(), -1);
     for (size_t i = 0; i < in.size(); ++i) {
       const auto& s = in[i];
       const int64_t id = s["seq"].get<int64_t>();
@@ -738,6 +810,7 @@ class RankWorker {
         const float* last = logits[i].data() + logits[i].size() - static_cast<size_t>(V);
         token = SampleToken(last, V, sp, &seqs_[id].rng);
       }
+      sent[i] = token;
       nlohmann::json o{{"seq", id}, {"token", token}};
       if (s["logits"].get<bool>()) {
         // A replayed sequence returns only the rows of this step's own tokens.
@@ -748,6 +821,7 @@ class RankWorker {
       }
       out.header["outputs"].push_back(o);
     }
+    StartRunAhead(in, sent, greedy_only);
     return out;
   }
 
@@ -1385,6 +1459,10 @@ class RankWorker {
       const int64_t epoch = m->header.value("epoch", epoch_.load());
       Result<ControlMessage> reply = Status::Internal("no reply");
       bool leave = false;
+      // Any other command may touch the slots, the map or the caches: the run-ahead step first.
+      if (type != "step" && type != "allgather_result")
+        if (auto settled = SettleRunAhead(nullptr); !settled.ok())
+          EEP_LOG_WARN("rank {}: {}", id_, settled.status().ToString());
       if (type == "shutdown") return 0;
       if (type == "allgather_result") continue;  // of a round given up
       if (type == "init") {
@@ -1488,6 +1566,17 @@ class RankWorker {
   int64_t prefetch_epoch_ = 0;
   nlohmann::json pending_phy2log_;
   std::unique_ptr<EpMoeExecutor> executor_;
+  // The run-ahead decode step (StartRunAhead): on unless EEP_RANK_RUN_AHEAD=0.
+  struct RunAhead {
+    bool active = false;
+    std::vector<int64_t> seqs, fed;  // sequence ids, and the token each was fed
+    std::vector<int64_t> tokens;     // its greedy tokens (written by Collect)
+  };
+  RunAhead ahead_;
+  bool run_ahead_ = [] {
+    const char* v = std::getenv("EEP_RANK_RUN_AHEAD");
+    return v == nullptr || std::string(v) != "0";
+  }();
   bool local_moe_logged_ = false;
   std::map<int64_t, SeqState> seqs_;
   std::map<int64_t, SeqSnapshot> snapshot_;

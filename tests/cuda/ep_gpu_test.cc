@@ -2,8 +2,10 @@
 // device staging around the host exchange): `--ep 2` and `--ep 4` equal `--ep 1` on the
 // golden tiny models (greedy tokens; logits within 1e-3 × max(1, max|ref|)), and a rank killed
 // mid-generation leaves the tokens unchanged (survivors take its experts into their device
-// slots). Skips (GTEST_SKIP) without a GPU.
+// slots); one rank's run-ahead decode steps change no token. Skips (GTEST_SKIP) without a GPU.
 #include <gtest/gtest.h>
+
+#include <cstdlib>
 
 #include <fmt/format.h>
 
@@ -57,6 +59,12 @@ TEST_P(CudaEp, RanksSharingOneGpuEqualOneRank) {
     const auto ref = Logits(model, ids, "--ep 1", tmp);
     ASSERT_FALSE(ref.empty());
     const std::string ref_tokens = Generate(model, ids, "--ep 1");
+    // The sole rank queues each next greedy decode step before the coordinator asks for it
+    // (run-ahead): the same tokens without it.
+    setenv("EEP_RANK_RUN_AHEAD", "0", 1);
+    const std::string no_ahead = Generate(model, ids, "--ep 1");
+    unsetenv("EEP_RANK_RUN_AHEAD");
+    EXPECT_EQ(no_ahead, ref_tokens) << model << " prompt " << p << ": --ep 1 with and without the run-ahead step";
     for (int ep : {2, 4}) {
       const auto got = Logits(model, ids, fmt::format("--ep {}", ep), tmp);
       const auto err = test::CompareMax(got, ref);
