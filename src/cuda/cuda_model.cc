@@ -188,13 +188,19 @@ struct CudaModel::Impl {
   MoeExecutor* moe_executor = nullptr;
   CudaModel::RouteObserver route_observer;
   bool route_counts_only = false;  // SetRouteObserver(.., counts_only)
-  // Fused steps with a counting observer: per (MoE layer, expert) counts, in b_sums after the
-  // argmax keys (cleared by the embedding), set by Body; the host copy per step slot.
+  // Fused steps with a counting observer: per (MoE layer, expert) counts in b_sums (cleared by
+  // the embedding), set by Launch; the host copy per step slot.
   int32_t* route_hist = nullptr;
   PinnedPtr h_hist[2];
   size_t h_hist_bytes[2] = {0, 0};
   bool CountsOnDevice() const { return route_observer && route_counts_only; }
-  int64_t HistWords() const { return CountsOnDevice() ? (map.num_moe_layers() * c.num_experts + 1) / 2 : 0; }
+  // b_sums for a step of M LM-head rows, in 8-byte words: the norm sums [2·layers + 1][8] f64,
+  // the argmax keys [M + 1] (ArgmaxRowsWide's scratch), then the route counts (int32 pairs).
+  int64_t ArgKeysWord() const { return (2 * c.num_layers + 1) * kSumTokens; }
+  int64_t HistWord(int64_t M) const { return ArgKeysWord() + M + 1; }
+  int64_t SumsWords(int64_t M) const {
+    return HistWord(M) + (CountsOnDevice() ? (map.num_moe_layers() * c.num_experts + 1) / 2 : 0);
+  }
   std::vector<float> h_x, h_w, h_out;
   // Scratch of RunExpertRows (separate from the forward's: it runs inside a forward).
   DeviceBuffer e_x, e_x16, e_g16, e_gu, e_act16, e_y, e_src, e_rows, e_w, e_out;
@@ -290,8 +296,8 @@ struct CudaModel::Impl {
 
   DeviceBuffer blas_workspace;
   // Per-forward scratch.
-  // b_sums: Σ x² of the residual rows ahead of each norm, [2·layers + 1][8] f64 (norm_sums),
-  // then the argmax keys [M + 1] (ArgmaxRowsWide's scratch).
+  // b_sums: Σ x² of the residual rows ahead of each norm (norm_sums), the argmax keys and the
+  // route counts (SumsWords).
   DeviceBuffer b_sums;
   DeviceBuffer b_x, b_h16, b_hf, b_o, b_o2, b_q, b_k, b_v, b_attn, b_a16, b_gemm, b_qa, b_cmp, b_kv, b_gu, b_act16,
       b_logits, b_ids, b_w, b_g16, b_y, b_src, b_rows, b_head16, b_out;
@@ -949,7 +955,7 @@ Status CudaModel::Impl::TraceHidden(const float* x, int64_t T0, CudaForwardTrace
 }
 
 Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused) {
-  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
   const bool mla = c.arch == Arch::kDeepseekV3;
   const bool gemv = UseGemv(N);
   float* x = b_x.as<float>();
@@ -975,7 +981,7 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   auto post_sums = [&](int64_t l) { return sums ? sum_base + (2 * l + 1) * kSumTokens : nullptr; };
   // The embedding writes slot 0 of the norm sums and clears the rest and the argmax keys after
   // them (later kernels add into them; no memset nodes in a captured step).
-  const int64_t sum_words = (2 * L + 1) * kSumTokens + M + 1 + HistWords();
+  const int64_t sum_words = SumsWords(M);
   EEP_CUDA_RETURN_IF_ERROR(Embed(embed.get(), TokD(), N, H, x, s(), in_sums(0), b_argmax.as<int32_t>(),
                                  sums ? sum_base + kSumTokens : sum_base, sums ? sum_words - kSumTokens : sum_words));
   if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
@@ -1053,7 +1059,7 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
   }
   if (any_greedy)
     EEP_CUDA_RETURN_IF_ERROR(ArgmaxRowsWide(b_out.as<float>(), M, V,
-                                            reinterpret_cast<unsigned long long*>(sum_base + (2 * L + 1) * kSumTokens),
+                                            reinterpret_cast<unsigned long long*>(sum_base + ArgKeysWord()),
                                             b_argmax.as<int32_t>(), s(), true));
   return Status::Ok();
 }
@@ -1172,7 +1178,7 @@ Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* t
   EEP_RETURN_IF_ERROR(R(b_x, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_h16, S * N * H * 2));
   EEP_RETURN_IF_ERROR(R(b_hf, N * H * 4));
-  EEP_RETURN_IF_ERROR(R(b_sums, ((2 * L + 1) * kSumTokens + M + 1 + HistWords()) * 8));  // + argmax keys, counts
+  EEP_RETURN_IF_ERROR(R(b_sums, SumsWords(M) * 8));
   EEP_RETURN_IF_ERROR(R(b_o, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_o2, N * H * 4));
   EEP_RETURN_IF_ERROR(R(b_q, N * nh * dk * 4));
@@ -1281,7 +1287,7 @@ Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* t
   }
   // (Set before the body runs or a captured step replays: the counts' place in b_sums.)
   route_hist = CountsOnDevice() && tr == nullptr && fused
-                   ? reinterpret_cast<int32_t*>(b_sums.as<double>() + (2 * L + 1) * kSumTokens + M + 1)
+                   ? reinterpret_cast<int32_t*>(b_sums.as<double>() + HistWord(M))
                    : nullptr;
   const bool graphable =
       use_graphs && fused && decode && batched_attn && tr == nullptr && (!route_observer || route_counts_only);
@@ -1362,13 +1368,7 @@ Status CudaModel::Impl::Launch(std::span<CudaSeqStep> batch, CudaForwardTrace* t
   p.slot = slot;
   if (route_hist != nullptr) {
     const size_t bytes = static_cast<size_t>(map.num_moe_layers() * c.num_experts) * 4;
-    if (h_hist_bytes[slot] < bytes) {
-      h_hist[slot].reset();
-      void* hp = nullptr;
-      EEP_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&hp, bytes, cudaHostAllocDefault));
-      h_hist[slot].reset(static_cast<uint8_t*>(hp));
-      h_hist_bytes[slot] = bytes;
-    }
+    EEP_RETURN_IF_ERROR(pinned(h_hist[slot], h_hist_bytes[slot], bytes));
     EEP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_hist[slot].get(), route_hist, bytes, cudaMemcpyDeviceToHost, s()));
     p.counts = true;
     route_hist = nullptr;

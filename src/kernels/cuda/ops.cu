@@ -2051,16 +2051,12 @@ __global__ void __launch_bounds__(kArgmaxWideThreads) ArgmaxWideKernel(const flo
   }
   if (threadIdx.x % kWarp == 0) warp_best[threadIdx.x / kWarp] = best;
   __syncthreads();
-  __shared__ bool last;
   if (threadIdx.x == 0) {
     for (int w = 1; w < kArgmaxWideThreads / kWarp; ++w) best = warp_best[w] > best ? warp_best[w] : best;
     if (best != 0) atomicMax(keys + row, best);
-    __threadfence();
-    last = atomicAdd(keys + rows, 1ull) == static_cast<unsigned long long>(gridDim.x) * gridDim.y - 1;
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  // (The counter's word is zero between launches: LastBlock resets its low half.)
+  if (!LastBlock(reinterpret_cast<unsigned*>(keys + rows))) return;
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
     const unsigned long long k = atomicAdd(keys + r, 0ull);  // from L2: other blocks' atomics
     out[r] = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
