@@ -50,6 +50,7 @@ Result<std::unique_ptr<BackupSidecar>> BackupSidecar::Start(const std::string& b
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
   posix_spawn_file_actions_adddup2(&fa, err_fd, STDERR_FILENO);
+  posix_spawn_file_actions_addclosefrom_np(&fa, 3);  // (as SpawnUnblocked's default)
   // The manager handles SIGTERM itself, whatever the caller blocks (eep serve blocks it).
   auto pid = SpawnUnblocked(binary, args, nullptr, &fa);
   posix_spawn_file_actions_destroy(&fa);

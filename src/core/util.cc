@@ -161,8 +161,17 @@ Result<int> SpawnUnblocked(const std::string& binary, const std::vector<std::str
   sigemptyset(&none);
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  // Without actions of the caller's, only stdin/out/err are inherited (no listening sockets or
+  // shared-memory descriptors of this process live on in the child).
+  posix_spawn_file_actions_t own;
+  if (actions == nullptr) {
+    posix_spawn_file_actions_init(&own);
+    posix_spawn_file_actions_addclosefrom_np(&own, 3);
+  }
   pid_t pid = 0;
-  const int rc = posix_spawn(&pid, binary.c_str(), actions, &attr, argv.data(), envp != nullptr ? envp : environ);
+  const int rc = posix_spawn(&pid, binary.c_str(), actions != nullptr ? actions : &own, &attr, argv.data(),
+                             envp != nullptr ? envp : environ);
+  if (actions == nullptr) posix_spawn_file_actions_destroy(&own);
   posix_spawnattr_destroy(&attr);
   if (rc != 0) return Status::IOError(fmt::format("cannot start {}: {}", binary, std::strerror(rc)));
   return static_cast<int>(pid);

@@ -214,7 +214,13 @@ class EpEngine::Impl {
     argv.push_back(nullptr);
     pid_t pid = 0;
     const std::string binary = opts.worker_binary.empty() ? "/proc/self/exe" : opts.worker_binary;
-    int rc = posix_spawn(&pid, binary.c_str(), nullptr, nullptr, argv.data(), environ);
+    // Only stdin/out/err go to the rank: an inherited descriptor (the HTTP server's listening
+    // socket above all) would outlive a killed server in its ranks and keep the port busy.
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+    int rc = posix_spawn(&pid, binary.c_str(), &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
     if (rc != 0) return Status::IOError(fmt::format("cannot start rank {}: {}", id, std::strerror(rc)));
     Proc p;
     p.id = id;

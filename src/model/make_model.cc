@@ -1,7 +1,10 @@
 #include "model/make_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <mutex>
+#include <thread>
 #include <fmt/format.h>
 
 #include "core/logging.h"
@@ -149,6 +152,10 @@ Status MakeModel(const MakeModelOptions& o, const std::string& out_dir) {
   std::unique_ptr<Progress> progress;
   if (o.show_progress) progress = std::make_unique<Progress>("writing tensors", tensors.size());
   size_t done = 0;
+  std::mutex progress_mu;
+  // Each tensor's values depend only on its name and the seed, so filling on every core
+  // writes the same bytes as one thread (the random fill, not the disk, bounds large models).
+  const int fill_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
   nlohmann::ordered_json weight_map;
   for (size_t s = 0; s < shards.size(); ++s) {
     const std::string file = shards.size() == 1 ? "model.safetensors"
@@ -162,10 +169,11 @@ Status MakeModel(const MakeModelOptions& o, const std::string& out_dir) {
         out_dir + "/" + file, specs,
         [&](size_t k, uint8_t* buf) {
           FillTensor(tensors[shards[s][k]], o.seed, reinterpret_cast<uint16_t*>(buf));
+          std::lock_guard<std::mutex> lock(progress_mu);
           if (progress) progress->Update(++done);
           return Status::Ok();
         },
-        {{"format", "pt"}}));
+        {{"format", "pt"}}, fill_threads));
   }
   if (progress) progress->Finish();
   if (shards.size() > 1) {

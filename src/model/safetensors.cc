@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <filesystem>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -237,7 +239,7 @@ std::string Checkpoint::Fingerprint() const {
 
 Status WriteSafetensorsWith(const std::string& path, const std::vector<TensorToWrite>& specs,
                             const std::function<Status(size_t, uint8_t*)>& fill,
-                            const std::map<std::string, std::string>& metadata) {
+                            const std::map<std::string, std::string>& metadata, int fill_threads) {
   nlohmann::ordered_json header;
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
@@ -255,12 +257,32 @@ Status WriteSafetensorsWith(const std::string& path, const std::vector<TensorToW
   if (!f) return Status::IOError(fmt::format("{}: cannot open for writing ({})", path, std::strerror(errno)));
   uint64_t hlen = h.size();
   bool ok = std::fwrite(&hlen, 8, 1, f.get()) == 1 && std::fwrite(h.data(), 1, h.size(), f.get()) == h.size();
-  std::vector<uint8_t> buf;
-  for (size_t i = 0; ok && i < specs.size(); ++i) {
-    if (sizes[i] == 0) continue;
-    buf.resize(sizes[i]);
-    EEP_RETURN_IF_ERROR_CTX(fill(i, buf.data()), path + ": tensor '" + specs[i].name + "'");
-    ok = std::fwrite(buf.data(), 1, sizes[i], f.get()) == sizes[i];
+  // Tensors are filled a group at a time (up to kGroupBytes, at least one tensor), on
+  // fill_threads threads, then written in order.
+  constexpr uint64_t kGroupBytes = 1ull << 30;
+  const size_t threads = static_cast<size_t>(std::max(1, fill_threads));
+  std::vector<std::vector<uint8_t>> bufs;
+  for (size_t begin = 0; ok && begin < specs.size();) {
+    size_t end = begin;
+    uint64_t group = 0;
+    while (end < specs.size() && (end == begin || group + sizes[end] <= kGroupBytes)) group += sizes[end++];
+    bufs.resize(end - begin);
+    for (size_t i = begin; i < end; ++i) bufs[i - begin].resize(sizes[i]);
+    std::vector<Status> st(end - begin, Status::Ok());
+    std::atomic<size_t> next{begin};
+    auto work = [&] {
+      for (size_t i; (i = next.fetch_add(1)) < end;)
+        if (sizes[i] > 0) st[i - begin] = fill(i, bufs[i - begin].data());
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < std::min(threads, end - begin); ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    for (size_t i = begin; ok && i < end; ++i) {
+      EEP_RETURN_IF_ERROR_CTX(st[i - begin], path + ": tensor '" + specs[i].name + "'");
+      ok = std::fwrite(bufs[i - begin].data(), 1, sizes[i], f.get()) == sizes[i];
+    }
+    begin = end;
   }
   ok = (std::fclose(f.release()) == 0) && ok;
   if (!ok) return Status::IOError(path + ": write failed (disk full?)");

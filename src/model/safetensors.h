@@ -94,9 +94,11 @@ Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite
 
 // Streaming form for files larger than memory: the header is written from `specs` (data
 // pointers ignored), then fill(i, buffer) produces tensor i's bytes into a buffer of its size.
+// With fill_threads > 1, fill runs on that many threads at once (on up to ~1 GiB of tensors
+// ahead of the writer), so it must be thread-safe; the file's bytes do not depend on it.
 Status WriteSafetensorsWith(const std::string& path, const std::vector<TensorToWrite>& specs,
                             const std::function<Status(size_t, uint8_t*)>& fill,
-                            const std::map<std::string, std::string>& metadata = {});
+                            const std::map<std::string, std::string>& metadata = {}, int fill_threads = 1);
 
 std::string ShapeToString(const std::vector<int64_t>& shape);
 

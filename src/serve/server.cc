@@ -1,6 +1,7 @@
 // The HTTP front end: OpenAI-compatible endpoints over the scheduler (see serve.h).
 #include <fmt/format.h>
 #include <httplib.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
 
@@ -693,6 +694,16 @@ class Server::Impl {
     http.Get("/v1/cluster",
              [this](const httplib::Request&, httplib::Response& r) { HandleCluster(r); });
 
+    // SO_REUSEADDR rather than httplib's default SO_REUSEPORT: with REUSEPORT a second server on a
+    // busy port would share it with the first instead of failing, and the connections a killed
+    // server leaves behind (FIN_WAIT2 until their clients close them) would keep a new server off
+    // the port for minutes; accepted sockets inherit the listener's option, so with REUSEADDR they
+    // do not. Not inherited by the processes this one starts (ranks, backup managers).
+    http.set_socket_options([](socket_t sock) {
+      int yes = 1;
+      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+      fcntl(sock, F_SETFD, FD_CLOEXEC);
+    });
     if (opts.port == 0) {
       port = http.bind_to_any_port(opts.host);
       if (port <= 0)

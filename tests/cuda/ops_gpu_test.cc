@@ -10,7 +10,9 @@
 // Skips (GTEST_SKIP) when there is no GPU or eep was built without CUDA.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <random>
 #include <utility>
@@ -529,6 +531,160 @@ TEST(CudaOps, GemvStagedDecodeShapes) {
   cuda::SetGemvStage(-1);
 }
 INSTANTIATE_TEST_SUITE_P(Tokens, CudaGemv, ::testing::Values(1, 7, 64));
+
+// GemvRouter (the one-token o-proj GEMV that also routes) against a double-precision host
+// reference of x + W·in, the post-attention RMSNorm, the router and the routing, and against the
+// two launches it replaces (staged Gemv, then RouterPlan with the norm sums): the same x, ids and
+// plan, logits and weights to rounding. Experts with replicas; twice (the counter resets).
+struct GemvRouterCase {
+  int64_t rows, in, E, k;
+  bool norm_topk;
+};
+class CudaGemvRouter : public ::testing::TestWithParam<GemvRouterCase> {};
+
+TEST_P(CudaGemvRouter, MatchesReferenceAndTwoLaunches) {
+  REQUIRE_GPU();
+  const auto [H, in, E, k, norm_topk] = GetParam();
+  cuda::SetGemvStage(1);
+  // Replicas: every third expert has two slots, the rest one.
+  std::vector<std::vector<int32_t>> reps(E);
+  int64_t P = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    reps[e].push_back(static_cast<int32_t>(P++));
+    if (e % 3 == 0) reps[e].push_back(static_cast<int32_t>(P++));
+  }
+  const int64_t R = 2;
+  ASSERT_GT(cuda::GemvRouterBlocks(H, in, E, k, P, R), 0);
+  std::vector<int32_t> rep_count(E), rep_slot(E * R, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    rep_count[e] = static_cast<int32_t>(reps[e].size());
+    for (size_t r = 0; r < reps[e].size(); ++r) rep_slot[e * R + r] = reps[e][r];
+  }
+  Dev<int32_t> dcount(rep_count), drep(rep_slot);
+  std::vector<uint64_t> ptr_bits(P, 0);
+  Dev<uint64_t> dptr(ptr_bits);
+  cuda::MoeSlotTable table;
+  table.rep_count = dcount.p;
+  table.rep_slot = drep.p;
+  table.max_replicas = R;
+  table.slot_ptr = reinterpret_cast<const uint16_t* const*>(dptr.p);
+  table.num_slots = P;
+  const int64_t maxg = cuda::MoeMaxGroups(k, P);
+
+  auto attn = Random(in, 130), res = Random(H, 131, 2.0f), nw = Random(H, 132), router = Random(E * H, 133, 0.1f);
+  auto wb = ToBf16(Random(H * in, 134, 0.05f));
+  auto wf = FromBf16(wb);
+  // Host reference in double.
+  std::vector<double> xd(H);
+  double sq = 0;
+  for (int64_t r = 0; r < H; ++r) {
+    xd[r] = res[r] + Dot(wf.data() + r * in, attn.data(), in);
+    sq += xd[r] * xd[r];
+  }
+  const double inv = 1.0 / std::sqrt(sq / static_cast<double>(H) + 1e-6);
+  std::vector<float> ref_x(H), ref_hf(H), ref_logits(E);
+  for (int64_t r = 0; r < H; ++r) ref_x[r] = static_cast<float>(xd[r]), ref_hf[r] = static_cast<float>(nw[r] * xd[r] * inv);
+  for (int64_t e = 0; e < E; ++e) {
+    double z = 0;
+    for (int64_t r = 0; r < H; ++r) z += static_cast<double>(router[e * H + r]) * nw[r] * xd[r] * inv;
+    ref_logits[e] = static_cast<float>(z);
+  }
+  std::vector<int32_t> ref_ids;
+  std::vector<float> ref_w;
+  RouteRef(ref_logits, 1, E, k, norm_topk, nullptr, 1, 1, 1.0, &ref_ids, &ref_w);
+  // The k-th and (k+1)-th probabilities must be apart for the ids to be comparable at all.
+  std::vector<float> sorted = ref_logits;
+  std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+  ASSERT_GT(sorted[k - 1] - sorted[k], 1e-4f) << "reference near-tie: pick another seed";
+
+  Dev<uint16_t> dw(wb);
+  Dev<float> dattn(attn), dnw(nw), drouter(router);
+  struct Out {
+    std::vector<float> x, hf, logits, w;
+    std::vector<int32_t> ids, plan;
+  };
+  auto run_fused = [&](Out* o) {
+    Dev<float> dx(res), dhf(std::vector<float>(H, NAN)), dlog(std::vector<float>(E, NAN)), dwts(std::vector<float>(k, NAN)),
+        dpart(static_cast<int64_t>(cuda::GemvRouterBlocks(H, in, E, k, P, R)) * E);
+    Dev<double> dsums(std::vector<double>{0.0});
+    Dev<int32_t> dids(std::vector<int32_t>(k, -1)), dplan(std::vector<int32_t>(cuda::MoePlanInts(maxg, k), -7));
+    Dev<unsigned> counter(std::vector<unsigned>{0u});
+    cuda::GemvRouterArgs r;
+    r.router = drouter.p;
+    r.norm_w = dnw.p;
+    r.eps = 1e-6f;
+    r.norm_sums = dsums.p;
+    r.norm_out = dhf.p;
+    r.logits = dlog.p;
+    r.partial = dpart.p;
+    r.counter = counter.p;
+    r.num_experts = E;
+    r.top_k = k;
+    r.norm_topk = norm_topk;
+    r.table = table;
+    r.ids = dids.p;
+    r.weights = dwts.p;
+    r.plan = cuda::MoePlanIn(dplan.p, maxg);
+    ASSERT_EQ(cuda::GemvRouter(dw.p, nullptr, H, in, dattn.p, dx.p, r, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(counter.Host()[0], 0u);
+    *o = {dx.Host(), dhf.Host(), dlog.Host(), dwts.Host(), dids.Host(), dplan.Host()};
+  };
+  Out f1, f2;
+  run_fused(&f1);
+  run_fused(&f2);
+  EXPECT_EQ(f1.x, f2.x);
+  EXPECT_EQ(f1.logits, f2.logits) << "the block shares are summed in a fixed order";
+  EXPECT_EQ(f1.ids, f2.ids);
+  EXPECT_LT(RelErr(f1.x, ref_x), 1e-5);
+  EXPECT_LT(RelErr(f1.hf, ref_hf), 1e-5);
+  EXPECT_LT(RelErr(f1.logits, ref_logits), 1e-5);
+  EXPECT_EQ(f1.ids, ref_ids);
+  EXPECT_LT(RelErr(f1.w, ref_w), 1e-5);
+  // Each assignment in the group of the slot its replica rule picks (token 0: replica 0).
+  const int32_t groups = f1.plan[0];
+  int64_t covered = 0;
+  for (int32_t g = 0; g < groups; ++g) {
+    const int32_t slot = f1.plan[4 + g], cnt = f1.plan[4 + 2 * maxg + g];
+    for (int32_t i = 0; i < cnt; ++i) {
+      const int32_t a = f1.plan[4 + 3 * maxg + f1.plan[4 + maxg + g] + i];
+      ASSERT_GE(a, 0);
+      ASSERT_LT(a, k);
+      EXPECT_EQ(slot, reps[ref_ids[a]][0]);
+    }
+    covered += cnt;
+  }
+  EXPECT_EQ(covered, k);
+
+  // The two launches it replaces.
+  Dev<float> dx(res), dhf(H), dlog(E), dwts(k);
+  Dev<double> dsums(std::vector<double>{0.0});
+  Dev<int32_t> dids(k), dplan(cuda::MoePlanInts(maxg, k));
+  Dev<unsigned> counter(std::vector<unsigned>{0u});
+  cuda::GemvSegments sg;
+  sg.seg[0] = {dw.p, dx.p, nullptr, H};
+  sg.count = 1;
+  sg.stage = true;
+  ASSERT_EQ(cuda::Gemv(sg, in, dattn.p, in, 1, true, nullptr, nullptr, 0, nullptr, nullptr, dsums.p), cudaSuccess);
+  ASSERT_EQ(cuda::RouterPlan(drouter.p, H, dx.p, 1, dnw.p, 1e-6f, dhf.p, dlog.p, counter.p, E, k, norm_topk, nullptr,
+                             1, 1, 1.0f, table, dids.p, dwts.p, cuda::MoePlanIn(dplan.p, maxg), nullptr, dsums.p),
+            cudaSuccess);
+  EXPECT_EQ(dx.Host(), f1.x) << "the same GEMV";
+  EXPECT_EQ(dhf.Host(), f1.hf);
+  EXPECT_LT(RelErr(dlog.Host(), f1.logits), 1e-5);
+  EXPECT_EQ(dids.Host(), f1.ids);
+  EXPECT_LT(RelErr(dwts.Host(), f1.w), 1e-5);
+  const auto p2 = dplan.Host();
+  ASSERT_EQ(p2[0], groups);
+  for (int32_t a = 0; a < 3; ++a)
+    for (int32_t g = 0; g < groups; ++g) EXPECT_EQ(p2[4 + a * maxg + g], f1.plan[4 + a * maxg + g]) << a << ", group " << g;
+  cuda::SetGemvStage(-1);
+}
+// Qwen3-30B-A3B's o-proj and router; a Mixtral-like router (8 experts, top-2); a small one.
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaGemvRouter,
+                         ::testing::Values(GemvRouterCase{2048, 4096, 128, 8, true},
+                                           GemvRouterCase{2048, 4096, 8, 2, true},
+                                           GemvRouterCase{1024, 1024, 64, 6, false}));
 
 struct MoeCase {
   int64_t N, E, k;

@@ -10,12 +10,18 @@
 // Every test is bounded: a watchdog SIGKILLs the servers when its deadline passes, so any wait on
 // them fails at once instead of hanging.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <mutex>
 #include <thread>
 
@@ -593,6 +599,51 @@ TEST(ElasticTest, ScaleRequestsAreValidated) {
   EXPECT_EQ(Get(*client, "/health").status, 200);
   EXPECT_FALSE(watchdog.expired());
   EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
+}
+
+// A killed server leaves its port to the next `eep serve` (which binds it with SO_REUSEADDR, as
+// this test does): a rank started after the server listens (a scale-up; ranks live on until their
+// peer timeout) must not hold the listening socket, and the connection this test's client keeps
+// open (the server's end in FIN_WAIT2) must not block the bind. Both did ("Address already in use").
+TEST(ElasticTest, KilledServerLeavesItsPortFree) {
+  const auto t0 = Clock::now();
+  Watchdog watchdog(t0 + kTestBound);
+  std::string error;
+  auto server = ServerProcess::Start(
+      {"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "1", "--expert-backup", "off"}, &error);
+  ASSERT_TRUE(server) << error;
+  watchdog.Watch(*server);
+  const auto deadline = t0 + kTestBound - std::chrono::seconds(10);
+  auto client = ClientFor(*server);
+  ASSERT_EQ(PostJson(*client, "/scale", Json{{"ep_size", 2}}).status, 202);
+  Json cluster;
+  ASSERT_TRUE(WaitForCluster(
+      "127.0.0.1", server->port(), [](const Json& c) { return CountState(c, "alive") == 2; }, deadline, &cluster))
+      << cluster.dump();
+  std::vector<pid_t> ranks;
+  for (const auto& r : cluster["ranks"])
+    if (r["pid"].is_number_integer() && r["pid"].get<int>() > 0) ranks.push_back(r["pid"].get<pid_t>());
+  ASSERT_EQ(ranks.size(), 2u) << cluster.dump();
+  const int port = server->port();
+  ASSERT_NE(server->Signal(SIGKILL, 10), -1);
+  int alive = 0;
+  for (pid_t pid : ranks) alive += kill(pid, 0) == 0;
+  // A listening socket left on the port refuses this bind even with SO_REUSEADDR.
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  const int yes = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const int rc = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  const int err = errno;
+  close(fd);
+  for (pid_t pid : ranks) kill(pid, SIGKILL);
+  EXPECT_EQ(rc, 0) << "port " << port << " still held after the server was killed: " << std::strerror(err) << " ("
+                   << alive << " of its ranks alive)";
+  if (alive == 0) std::fprintf(stderr, "note: the ranks had exited already; the port check proves less\n");
 }
 
 // A second /scale sent right after the first (before the step thread has started it) must be

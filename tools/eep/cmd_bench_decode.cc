@@ -89,11 +89,24 @@ eep::Result<CudaDecodeResult> CudaDecode(eep::cuda::CudaModel& m, int64_t prompt
   }
   double t0 = 0;
   const int64_t warmup = 2;  // the prefill and one decode step
+  // A forward takes at most this many new tokens (the prefill of a large batch goes in chunks of
+  // sequences, as a server's token budget would: its scratch grows with the tokens of a step, and
+  // a 48-layer 30B-shaped model leaves ~20 GiB of an H100 for it).
+  constexpr int64_t kMaxStepTokens = 2048;
   auto step = [&](eep::cuda::CudaForwardTrace* trace) -> eep::Status {
     std::vector<eep::cuda::CudaSeqStep> steps_in;
-    for (int64_t b = 0; b < batch; ++b)
+    int64_t tokens = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t n = static_cast<int64_t>(next[static_cast<size_t>(b)].size());
+      if (!steps_in.empty() && tokens + n > kMaxStepTokens) {
+        EEP_RETURN_IF_ERROR(m.Forward(steps_in, trace));
+        steps_in.clear();
+        tokens = 0;
+      }
       steps_in.push_back({caches[static_cast<size_t>(b)].get(), next[static_cast<size_t>(b)], false, nullptr,
                           &greedy[static_cast<size_t>(b)]});
+      tokens += n;
+    }
     EEP_RETURN_IF_ERROR(m.Forward(steps_in, trace));
     for (int64_t b = 0; b < batch; ++b) next[static_cast<size_t>(b)].assign(1, greedy[static_cast<size_t>(b)]);
     return eep::Status::Ok();

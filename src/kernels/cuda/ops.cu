@@ -386,8 +386,8 @@ __device__ __forceinline__ void LoadRouteLogits(const float* z, int E, float (&v
 #pragma unroll
   for (int j = 0; j < kRegRouteMax; ++j) {
     const int e = lane + j * kWarp;
-    // (L2: the logits may come from other blocks of this grid.)
-    v[j] = e < E ? __ldcg(z + e) : 0.0f;
+    // (L2: the logits may come from other blocks of this grid. GemvRouter's are in shared memory.)
+    v[j] = e < E ? (__isShared(z) ? z[e] : __ldcg(z + e)) : 0.0f;
   }
 }
 
@@ -1035,13 +1035,14 @@ __device__ __forceinline__ uint32_t SharedAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <typename WT>
-__global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegments segs, int64_t in, int rows_per_block,
-                                                                     const float* x, bool accumulate,
-                                                                     const float* norm_w, float eps, float* norm_out,
-                                                                     const double* norm_sums, double* sums_out) {
-  EEP_PDL_TRACE_END;
-  extern __shared__ __align__(128) uint8_t stage_sm[];
+// The staged GEMV's work for one block (GemvStagedKernel, GemvRouterKernel): rows to shared
+// memory, before_wait() (more loads that do not depend on the previous kernel), the PDL wait, the
+// dot products. Returns the new value of row r0 + tid to threads tid < the block's rows.
+template <typename WT, typename BeforeWait>
+__device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_t in, int rows_per_block,
+                                                const float* x, bool accumulate, const float* norm_w, float eps,
+                                                float* norm_out, const double* norm_sums, double* sums_out,
+                                                uint8_t* stage_sm, BeforeWait before_wait) {
   __shared__ __align__(8) uint64_t bar;
   __shared__ float red[kStageWarps][kStageMaxRows];
   __shared__ double sq_sh[kStageWarps];
@@ -1085,6 +1086,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegment
     }
   }
 #endif
+  before_wait();
   PdlWait();
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   {  // (Older GPUs: a plain copy; the launcher takes this kernel on sm_90 only.)
@@ -1175,6 +1177,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegment
   }
   __syncthreads();
   double sq = 0;
+  float out = 0;
   if (tid < nrows) {
     float v = 0;
 #pragma unroll
@@ -1184,7 +1187,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegment
     FindSegment(segs, o, seg);  // (tid < nrows: always found)
     float* y = seg.y + o;
     v = v * inv + (seg.bias != nullptr ? seg.bias[o] : 0.0f);
-    const float out = accumulate ? *y + v : v;
+    out = accumulate ? *y + v : v;
     *y = out;
     sq = static_cast<double>(out) * out;
   }
@@ -1199,6 +1202,18 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegment
       atomicAdd(sums_out, s);
     }
   }
+  return out;
+}
+
+template <typename WT>
+__global__ void __launch_bounds__(kStageThreads, 1) GemvStagedKernel(GemvSegments segs, int64_t in, int rows_per_block,
+                                                                     const float* x, bool accumulate,
+                                                                     const float* norm_w, float eps, float* norm_out,
+                                                                     const double* norm_sums, double* sums_out) {
+  EEP_PDL_TRACE_END;
+  extern __shared__ __align__(128) uint8_t stage_sm[];
+  StagedGemvBody<WT>(segs, in, rows_per_block, x, accumulate, norm_w, eps, norm_out, norm_sums, sums_out, stage_sm,
+                     [] {});
 }
 
 // Rows per warp of an unsplit GEMV: 2 where one row per warp would need more than one wave of
@@ -1425,6 +1440,11 @@ __device__ __forceinline__ void LoadReplicaTable(const MoeSlotTable& table, int 
     reps[i] = i < E ? table.rep_count[i] : table.rep_slot[i - E];
 }
 
+__host__ __device__ int64_t PlanSmemBytes(int64_t N, int64_t E, int64_t k, int64_t G, int64_t P, int64_t R = 1) {
+  return (kPlanThreads / kWarp) * RouteSmemBytes(E, G) + (2 * P + 2 * N * k + 2 * (kPlanThreads / kWarp)) * 4 +
+         E * (1 + R) * 4;
+}
+
 // RoutePlanBody's shared memory (PlanSmemBytes in all): each warp's RouteToken scratch, then
 // these arrays (A = N·k assignments, P slots).
 struct PlanSmem {
@@ -1450,10 +1470,16 @@ struct PlanSmem {
 // computed on its own).
 // `pdl`: the kernel's first work (the replica table) goes before PdlWait; otherwise the
 // caller has waited already. reps_ready: the caller has loaded the replica table (PlanSmem::reps).
+// idle(): work of the caller's for the warps that route no token (they would wait at the next
+// barrier), run while the others route.
+struct NoIdleWork {
+  __device__ void operator()() const {}
+};
+template <typename Idle = NoIdleWork>
 __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E, int k, bool norm, const float* bias,
                                               int G, int topk_group, double scaling, const MoeSlotTable& table,
                                               int32_t* ids, float* weights, const MoePlan& plan, uint8_t* plan_sm,
-                                              bool pdl, bool reps_ready = false) {
+                                              bool pdl, bool reps_ready = false, Idle idle = {}) {
   const int warps = kPlanThreads / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t route_bytes = RouteSmemBytes(E, G);
   const int P = static_cast<int>(table.num_slots), A = N * k;
@@ -1472,6 +1498,7 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   if (pdl) PdlWait();
   __syncthreads();
   PdlTraceEvent(3);
+  if (warp >= N) idle();
   for (int t = warp; t < N; t += warps) {
     int32_t id = 0;
     float w = 0;
@@ -1540,6 +1567,121 @@ __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
                 plan, plan_sm, false, reps_early);
 }
 
+// GemvRouter: the staged one-token GEMV whose blocks also take their rows' share of the router's
+// dot products, the last block routing (see ops.h). Same routing as RouterPlan but the router's
+// sums come in another order (block shares, then blocks in order). Shared memory is only the staged
+// rows (plus GemvStagedKernel's static arrays): what the router needs before the wait (its weights
+// for the block's rows, the replica table) waits in registers, and the routing's scratch reuses
+// the staged rows once they are consumed. (A block asking for more shared memory makes its SM take
+// a larger shared-memory split, which slows the expert kernels after it: bench/RESULTS.md.)
+constexpr int kRouterPieces = 2;  // 4-float pieces of router weights per thread: E·rows <= 2048
+constexpr int kRouterReps = 4;    // replica-table words per thread: E·(1 + max_replicas) <= 1024
+__global__ void __launch_bounds__(kStageThreads, 1) GemvRouterKernel(GemvSegments segs, int64_t in, int rows_per_block,
+                                                                     const float* x, GemvRouterArgs r) {
+  EEP_PDL_TRACE_END;
+  extern __shared__ __align__(128) uint8_t stage_sm[];
+  const int tid = threadIdx.x, E = static_cast<int>(r.num_experts), k = static_cast<int>(r.top_k);
+  const int64_t H = segs.seg[0].rows, r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(rows_per_block), H - r0));
+  const int q4 = rows_per_block / 4;  // pieces per expert (1, 2, 4 or 8: within a warp)
+  const int R = static_cast<int>(r.table.max_replicas), rep_words = E * (1 + R);
+  float4 rwv[kRouterPieces];
+  int repv[kRouterReps];
+  float nwv = 0;
+  auto before_wait = [&] {
+#pragma unroll
+    for (int j = 0; j < kRouterPieces; ++j) {
+      const int p = tid + j * kStageThreads, e = p / q4, c = p % q4;
+      rwv[j] = p < E * q4 && c * 4 < nrows ? *reinterpret_cast<const float4*>(r.router + e * H + r0 + c * 4)
+                                           : make_float4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < kRouterReps; ++j) {
+      const int i = tid + j * kStageThreads;
+      repv[j] = i < E ? r.table.rep_count[i] : i < rep_words ? r.table.rep_slot[i - E] : 0;
+    }
+    if (tid < nrows) nwv = r.norm_w[r0 + tid];
+  };
+  const float out = StagedGemvBody<bf16_t>(segs, in, rows_per_block, x, true, nullptr, 0, nullptr, nullptr,
+                                           r.norm_sums, stage_sm, before_wait);
+  // This block's share of each router dot product: Σ over its rows of router[e][row]·norm_w·x,
+  // a piece of four rows per thread, summed over the q4 lanes of an expert (fixed order).
+  __shared__ __align__(16) float gx[kStageMaxRows];
+  if (tid < rows_per_block) gx[tid] = tid < nrows ? out * nwv : 0.0f;
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kRouterPieces; ++j) {
+    const int p = tid + j * kStageThreads, e = p / q4, c = p % q4;
+    const float4 g = *reinterpret_cast<const float4*>(gx + (c * 4 < rows_per_block ? c * 4 : 0));
+    float v = rwv[j].x * g.x + rwv[j].y * g.y + rwv[j].z * g.z + rwv[j].w * g.w;
+    for (int o = 1; o < q4; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (p < E * q4 && c == 0) r.partial[static_cast<int64_t>(blockIdx.x) * E + e] = v;
+  }
+  if (!LastBlock(r.counter)) return;
+  PdlTraceEvent(3);
+  // The routing's scratch in the staged rows' place: PlanSmem, then the groups' sums and logits.
+  const int P = static_cast<int>(r.table.num_slots);
+  uint8_t* plan_sm = stage_sm;
+  const PlanSmem psm(plan_sm, E, 1, P, k);
+#pragma unroll
+  for (int j = 0; j < kRouterReps; ++j)
+    if (tid + j * kStageThreads < rep_words) psm.reps[tid + j * kStageThreads] = repv[j];
+  float* part_sum = reinterpret_cast<float*>(plan_sm + (PlanSmemBytes(1, E, k, 1, P, R) + 15) / 16 * 16);  // [4·threads]
+  float* lg = part_sum + 4 * kStageThreads;                                                                  // [E]
+  // Every load of a round is issued before the first is used: this block's chain is the step's.
+  const double sums = __ldcg(r.norm_sums);
+  // Thread (c, g) adds four experts' shares (float4 column c) of blocks g, g + groups, ... in that
+  // order, 16 loads in flight; then each expert's group sums in group order.
+  const int E4 = E / 4, groups = kStageThreads / E4, nb = static_cast<int>(gridDim.x);
+  {
+    const int c = tid % E4, g = tid / E4;
+    constexpr int kRound = 16;
+    float4 acc = make_float4(0, 0, 0, 0);
+    if (g < groups) {
+      const float4* p4 = reinterpret_cast<const float4*>(r.partial) + c;
+      for (int b0 = g; b0 < nb; b0 += kRound * groups) {
+        float4 v[kRound];
+#pragma unroll
+        for (int u = 0; u < kRound; ++u) {
+          const int b = b0 + u * groups;
+          v[u] = b < nb ? __ldcg(p4 + static_cast<int64_t>(b) * E4) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kRound; ++u) acc.x += v[u].x, acc.y += v[u].y, acc.z += v[u].z, acc.w += v[u].w;
+      }
+      reinterpret_cast<float4*>(part_sum)[g * E4 + c] = acc;
+    }
+  }
+  const float inv = static_cast<float>(1.0 / sqrt(sums / static_cast<double>(H) + r.eps));
+  __syncthreads();
+  for (int e = tid; e < E; e += kStageThreads) {
+    float z = 0;
+    for (int g = 0; g < groups; ++g) z += part_sum[g * E + e];
+    z *= inv;
+    lg[e] = z;
+    r.logits[e] = z;
+  }
+  __syncthreads();
+  PdlTraceEvent(3);  // (measurement builds) logits made
+  // The normed x for the expert kernels, by the warps that do not route meanwhile.
+  const float* xr = segs.seg[0].y;
+  auto norm_rows = [&] {
+    const int t = tid - kWarp, threads = kStageThreads - kWarp;
+    for (int64_t i = static_cast<int64_t>(t) * 8; i < H; i += threads * 8) {  // (H % 8 == 0)
+      const float4 a = __ldcg(reinterpret_cast<const float4*>(xr + i)),
+                   b = __ldcg(reinterpret_cast<const float4*>(xr + i + 4));
+      const float4 ga = *reinterpret_cast<const float4*>(r.norm_w + i),
+                   gb = *reinterpret_cast<const float4*>(r.norm_w + i + 4);
+      *reinterpret_cast<float4*>(r.norm_out + i) =
+          make_float4(ga.x * (a.x * inv), ga.y * (a.y * inv), ga.z * (a.z * inv), ga.w * (a.w * inv));
+      *reinterpret_cast<float4*>(r.norm_out + i + 4) =
+          make_float4(gb.x * (b.x * inv), gb.y * (b.y * inv), gb.z * (b.z * inv), gb.w * (b.w * inv));
+    }
+  };
+  RoutePlanBody(lg, 1, E, k, r.norm_topk, nullptr, 1, 1, 1.0, r.table, r.ids, r.weights, r.plan, plan_sm, false,
+                true, norm_rows);
+}
+
 // Routing of many tokens (MoeRoutePlanWide): a warp per token over many blocks; ids, weights and
 // each assignment's physical slot (replica t mod count, as RoutePlanBody) go to global memory.
 __global__ void __launch_bounds__(kPlanThreads) RouteWideKernel(const float* logits, int N, int E, int k, bool norm,
@@ -1588,10 +1730,6 @@ __global__ void __launch_bounds__(kPlanThreads) GroupPlanKernel(const int32_t* s
   PdlTraceEvent(3);
 }
 
-int64_t PlanSmemBytes(int64_t N, int64_t E, int64_t k, int64_t G, int64_t P, int64_t R = 1) {
-  return (kPlanThreads / kWarp) * RouteSmemBytes(E, G) + (2 * P + 2 * N * k + 2 * (kPlanThreads / kWarp)) * 4 +
-         E * (1 + R) * 4;
-}
 
 __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 
@@ -2213,6 +2351,57 @@ cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int6
   if (N == 1) return go(RouterPlanKernel<1, 1>);
   if (N <= 4) return go(RouterPlanKernel<4, 1>);
   return go(RouterPlanKernel<8, 1>);
+}
+
+namespace {
+// GemvRouter's blocks (one per SM, rows split evenly) and shared memory, or 0 where it does not apply.
+struct GemvRouterShape {
+  int64_t blocks = 0, per_block = 0, stage_bytes = 0, smem = 0;
+};
+GemvRouterShape GemvRouterShapeOf(int64_t rows, int64_t in, int64_t E, int64_t k, int64_t P, int64_t R) {
+  GemvRouterShape sh;
+  GemvSegments probe;
+  probe.stage = true;
+  const int sms = SmCount();
+  if (sms <= 0 || !GemvStageOn(probe) || in % 8 != 0 || in / 8 > kStageMaxChunks * kStageThreads ||
+      E > kWarp * kRegRouteMax || E % 4 != 0 || kStageThreads % (E / 4) != 0 || E * (1 + R) > kRouterReps * kStageThreads ||
+      !MoeRoutePlanSupported(1, E, k, P))
+    return sh;
+  const int64_t per_block = (rows + sms - 1) / sms, q4 = per_block / 4;
+  const int64_t stage_bytes = per_block * in * 2;
+  // The routing's scratch (PlanSmem, the groups' sums, the logits) fits in the staged rows' place.
+  const int64_t scratch = (PlanSmemBytes(1, E, k, 1, P, R) + 15) / 16 * 16 + (4 * kStageThreads + E) * 4;
+  if (rows % 8 != 0 || per_block % 4 != 0 || (q4 & (q4 - 1)) != 0 || q4 > kWarp || E * q4 > kRouterPieces * kStageThreads ||
+      per_block > kStageMaxRows || stage_bytes > kStageMaxBytes || scratch > stage_bytes)
+    return sh;
+  sh.blocks = (rows + per_block - 1) / per_block;
+  sh.per_block = per_block;
+  sh.stage_bytes = stage_bytes;
+  sh.smem = stage_bytes;
+  return sh;
+}
+}  // namespace
+
+int64_t GemvRouterBlocks(int64_t rows, int64_t in, int64_t E, int64_t k, int64_t P, int64_t R) {
+  return GemvRouterShapeOf(rows, in, E, k, P, R).blocks;
+}
+
+cudaError_t GemvRouter(const bf16_t* w, const float* bias, int64_t rows, int64_t in, const float* input, float* x,
+                       const GemvRouterArgs& r, cudaStream_t st) {
+  const GemvRouterShape sh =
+      GemvRouterShapeOf(rows, in, r.num_experts, r.top_k, r.table.num_slots, r.table.max_replicas);
+  if (sh.blocks == 0 || r.router == nullptr || r.norm_w == nullptr || r.norm_sums == nullptr ||
+      r.norm_out == nullptr || r.partial == nullptr || r.counter == nullptr)
+    return cudaErrorInvalidValue;
+  GemvSegments segs;
+  segs.seg[0] = {w, x, bias, rows};
+  segs.count = 1;
+  segs.stage = true;
+  const cudaError_t e = cudaFuncSetAttribute(GemvRouterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(sh.smem));
+  if (e != cudaSuccess) return e;
+  return Launch(GemvRouterKernel, dim3(static_cast<unsigned>(sh.blocks)), dim3(kStageThreads),
+                static_cast<size_t>(sh.smem), st, segs, in, static_cast<int>(sh.per_block), input, r);
 }
 
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,

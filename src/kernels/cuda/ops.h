@@ -242,6 +242,36 @@ cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int6
                        int64_t top_k, bool norm_topk, const float* bias, int64_t n_group, int64_t topk_group,
                        float scaling, const MoeSlotTable& table, int32_t* ids, float* weights, const MoePlan& plan,
                        cudaStream_t stream, const double* norm_sums = nullptr);
+// One token: the attention's output projection (x += W·in, as Gemv with accumulate, staged in
+// shared memory) and RouterPlan on the new x (normed with norm_w and the Σ x² the projection adds
+// into norm_sums, zeroed before) in one launch. Each block of the projection also takes its rows'
+// share of every router dot product (the router weights' columns of those rows); the last block
+// sums the shares (in a fixed order: the same logits every run), writes the logits and normed x
+// (norm_out) and routes as RouterPlan. The logits differ from RouterPlan's by float rounding
+// (another summation order). Softmax routing without bias only (Qwen3-MoE, Mixtral). partial:
+// device float [GemvRouterBlocks(...) · num_experts]; counter: a device word that is 0 between
+// launches.
+struct GemvRouterArgs {
+  const float* router = nullptr;  // [E, rows] f32
+  const float* norm_w = nullptr;  // [rows]
+  float eps = 0;
+  double* norm_sums = nullptr;  // Σ x² (one token)
+  float* norm_out = nullptr;    // [rows]
+  float* logits = nullptr;      // [E]
+  float* partial = nullptr;
+  unsigned* counter = nullptr;
+  int64_t num_experts = 0, top_k = 0;
+  bool norm_topk = false;
+  MoeSlotTable table;
+  int32_t* ids = nullptr;
+  float* weights = nullptr;
+  MoePlan plan;
+};
+// Blocks of the launch (0: GemvRouter does not take this shape; see GemvRouterSupported).
+int64_t GemvRouterBlocks(int64_t rows, int64_t in, int64_t num_experts, int64_t top_k, int64_t num_slots,
+                         int64_t max_replicas);
+cudaError_t GemvRouter(const bf16_t* w, const float* bias, int64_t rows, int64_t in, const float* input, float* x,
+                       const GemvRouterArgs& r, cudaStream_t stream);
 
 // Per token t (position positions[t]): q heads [t][nh][dk] get RMSNorm (q_norm, if not null)
 // and RoPE in place; k heads [t][nkv][dk] get k_norm and RoPE and are written to
