@@ -532,6 +532,18 @@ TEST(CudaOps, GemvStagedDecodeShapes) {
 }
 INSTANTIATE_TEST_SUITE_P(Tokens, CudaGemv, ::testing::Values(1, 7, 64));
 
+// The device table of P slots whose expert e has count[e] replicas in slots[e·max_reps ..].
+cuda::MoeSlotTable SlotTable(const Dev<int32_t>& count, const Dev<int32_t>& slots, int64_t max_reps,
+                             const Dev<uint64_t>& ptrs, int64_t P) {
+  cuda::MoeSlotTable table;
+  table.rep_count = count.p;
+  table.rep_slot = slots.p;
+  table.max_replicas = max_reps;
+  table.slot_ptr = reinterpret_cast<const uint16_t* const*>(ptrs.p);
+  table.num_slots = P;
+  return table;
+}
+
 // GemvRouter (the one-token o-proj GEMV that also routes) against a double-precision host
 // reference of x + W·in, the post-attention RMSNorm, the router and the routing, and against the
 // two launches it replaces (staged Gemv, then RouterPlan with the norm sums): the same x, ids and
@@ -563,12 +575,7 @@ TEST_P(CudaGemvRouter, MatchesReferenceAndTwoLaunches) {
   Dev<int32_t> dcount(rep_count), drep(rep_slot);
   std::vector<uint64_t> ptr_bits(P, 0);
   Dev<uint64_t> dptr(ptr_bits);
-  cuda::MoeSlotTable table;
-  table.rep_count = dcount.p;
-  table.rep_slot = drep.p;
-  table.max_replicas = R;
-  table.slot_ptr = reinterpret_cast<const uint16_t* const*>(dptr.p);
-  table.num_slots = P;
+  const cuda::MoeSlotTable table = SlotTable(dcount, drep, R, dptr, P);
   const int64_t maxg = cuda::MoeMaxGroups(k, P);
 
   auto attn = Random(in, 130), res = Random(H, 131, 2.0f), nw = Random(H, 132), router = Random(E * H, 133, 0.1f);
@@ -761,12 +768,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   Dev<uint64_t> dptr(ptr_bits);
   const int64_t maxg = cuda::MoeMaxGroups(A, P);
   Dev<int32_t> dplan(cuda::MoePlanInts(maxg, A));
-  cuda::MoeSlotTable table;
-  table.rep_count = dcount.p;
-  table.rep_slot = drep.p;
-  table.max_replicas = max_reps;
-  table.slot_ptr = reinterpret_cast<const uint16_t* const*>(dptr.p);
-  table.num_slots = P;
+  const cuda::MoeSlotTable table = SlotTable(dcount, drep, max_reps, dptr, P);
   const cuda::MoePlan plan = cuda::MoePlanIn(dplan.p, maxg);
   ASSERT_TRUE(cuda::MoeRoutePlanSupported(N, E, k, P));
   ASSERT_EQ(cuda::MoeRoutePlan(dl.p, N, E, k, true, mc.deepseek ? db.p : nullptr, G, topk_group,
