@@ -34,7 +34,18 @@
 #include "model/config.h"
 #include "model/sampling.h"
 
+namespace httplib {
+class Server;
+}
+
 namespace eep::serve {
+
+// The socket options of every HTTP listener of `eep serve` (the server and a standby's): SO_REUSEADDR
+// rather than httplib's default SO_REUSEPORT (with REUSEPORT a second server on a busy port would
+// share it instead of failing, and the connections a killed server leaves behind, FIN_WAIT2 until
+// their clients close them, keep a REUSEADDR bind off the port), close-on-exec (the ranks and
+// backup managers this process starts do not hold the port).
+void UseServeSocketOptions(httplib::Server& http);
 
 // ---------------------------------------------------------------------------------------------
 // Engine interface

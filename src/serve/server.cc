@@ -17,6 +17,16 @@
 #include "serve/serve.h"
 
 namespace eep::serve {
+
+void UseServeSocketOptions(httplib::Server& http) {
+  // (Accepted sockets inherit the listener's options: with SO_REUSEADDR those a killed server
+  // leaves behind do not block the next one's bind.)
+  http.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    fcntl(sock, F_SETFD, FD_CLOEXEC);
+  });
+}
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -694,16 +704,7 @@ class Server::Impl {
     http.Get("/v1/cluster",
              [this](const httplib::Request&, httplib::Response& r) { HandleCluster(r); });
 
-    // SO_REUSEADDR rather than httplib's default SO_REUSEPORT: with REUSEPORT a second server on a
-    // busy port would share it with the first instead of failing, and the connections a killed
-    // server leaves behind (FIN_WAIT2 until their clients close them) would keep a new server off
-    // the port for minutes; accepted sockets inherit the listener's option, so with REUSEADDR they
-    // do not. Not inherited by the processes this one starts (ranks, backup managers).
-    http.set_socket_options([](socket_t sock) {
-      int yes = 1;
-      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-      fcntl(sock, F_SETFD, FD_CLOEXEC);
-    });
+    UseServeSocketOptions(http);
     if (opts.port == 0) {
       port = http.bind_to_any_port(opts.host);
       if (port <= 0)

@@ -101,6 +101,8 @@ eep::Status SetUpCluster(const ServeCliOptions& o, eep::ep::EpOptions* ep, std::
   std::thread standby_thread;
   if (o.standby && o.server.port != 0) {
     standby_http = std::make_unique<httplib::Server>();
+    // (As the server's, which binds this port once the standby's listener is gone.)
+    eep::serve::UseServeSocketOptions(*standby_http);
     eep::cluster::EtcdClient* client = etcd->get();
     auto answer = [client, keys](const httplib::Request&, httplib::Response& res) {
       std::string leader;
