@@ -248,12 +248,18 @@ class EpEngine::Impl {
   // On the first node (in order) with a free rank slot, so that a host's ranks hold
   // contiguous expert blocks (what the backups' anti-affinity rule assumes).
   Status SpawnRemote(int id, const std::string& state) {
-    std::vector<int> used(nodes.size(), 0);
-    for (const Proc& q : procs)
+    std::vector<int> used(nodes.size(), 0), dead(nodes.size(), 0);
+    for (const Proc& q : procs) {
       if (q.Live() && q.node >= 0) ++used[static_cast<size_t>(q.node)];
+      if (q.state == "dead" && q.node >= 0) ++dead[static_cast<size_t>(q.node)];
+    }
+    // Hosts where no rank has died first: a host that just lost its ranks stays registered until
+    // its etcd lease lapses, and a rank sent there would never join.
     int chosen = -1;
-    for (size_t n = 0; n < nodes.size() && chosen < 0; ++n)
-      if (nodes[n].alive && used[n] < nodes[n].rec.capacity) chosen = static_cast<int>(n);
+    for (int pass = 0; pass < 2 && chosen < 0; ++pass)
+      for (size_t n = 0; n < nodes.size() && chosen < 0; ++n)
+        if (nodes[n].alive && used[n] < nodes[n].rec.capacity && (pass == 1 || dead[n] == 0))
+          chosen = static_cast<int>(n);
     if (chosen < 0) {
       std::string all;
       for (size_t n = 0; n < nodes.size(); ++n)
