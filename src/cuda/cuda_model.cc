@@ -225,8 +225,6 @@ struct CudaModel::Impl {
   // batch 1, 8 layers: +0.4% tokens/s in three interleaved rounds; the trace's o-proj + router
   // share of a layer 13.7 µs against 15.8.)
   bool fuse_router = true;
-  // Set by Body for the layer being queued: the o-proj GEMV routes (Attention), FusedMoe does not.
-  bool route_in_oproj = false;
   static constexpr int64_t kSumTokens = 8;  // rows per norm-sum slot (GemvNormFusable's limit)
   bool UseGemv(int64_t n) const { return gemv_dims_ok && n <= gemv_max; }
   // Per MoE layer, where each logical expert lives (MoeSlotTable), uploaded when the map,
@@ -441,8 +439,9 @@ struct CudaModel::Impl {
   // norm_in: the GEMV path normalises x itself (input_norm fused into the q/k/v GEMV).
   // in_sums (norm_in only; may be null): Σ x² per row, so the q/k/v GEMV skips the reduction;
   // sums_out (may be null): the o-proj GEMV adds Σ x² of the updated rows there.
+  // route (one token, with sums_out; see Body): the o-proj GEMV also routes the MoE layer (GemvRouter).
   Status Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x, bool norm_in,
-                   const double* in_sums = nullptr, double* sums_out = nullptr);
+                   const double* in_sums = nullptr, double* sums_out = nullptr, bool route = false);
   Status RunMlp(const Mlp& m, int64_t N, float* out);
   // The MLP by GEMV kernels from b_hf: out = (or +=) down(silu(gate)·up).
   Status MlpGemv(const Mlp& m, int64_t N, float* out, bool accumulate);
@@ -455,8 +454,9 @@ struct CudaModel::Impl {
   // layer's input norm, or the final norm).
   // post_sums (norm_in only; may be null): Σ x² per row for the router's norm; next_sums (may be
   // null): the combine adds Σ x² of the updated rows there (the next layer's input norm).
+  // routed: Attention's o-proj GEMV has routed this layer already.
   Status FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in, const float* next_norm,
-                  const double* post_sums = nullptr, double* next_sums = nullptr);
+                  const double* post_sums = nullptr, double* next_sums = nullptr, bool routed = false);
   // Everything of a step from the embedding to the LM head and argmax, queued on the stream
   // (captured into a graph for decode steps).
   Status Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M, bool any_greedy, bool fused);
@@ -588,7 +588,7 @@ Status CudaModel::Impl::LoadWeights() {
 // Forward
 
 Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqStep> batch, int64_t N, float* x,
-                                   bool norm_in, const double* in_sums, double* sums_out) {
+                                   bool norm_in, const double* in_sums, double* sums_out, bool route) {
   const bool mla = c.arch == Arch::kDeepseekV3;
   const int64_t H = c.hidden_size, nh = c.num_heads;
   const int64_t nkv = mla ? nh : c.num_kv_heads;
@@ -685,7 +685,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
   if (gemv) {
     // x += attn·Woᵀ (+ bias): the residual add rides on the GEMV. At one token its weights go to
     // shared memory while the attention (a latency chain) runs.
-    if (route_in_oproj) {
+    if (route) {
       // ... and the router's dot products; its last block routes (GemvRouter, see Body).
       const int64_t E = c.num_experts, k = c.num_experts_per_tok, P = map.num_physical();
       GemvRouterArgs r;
@@ -699,7 +699,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
       r.counter = counters.get();
       r.num_experts = E;
       r.top_k = k;
-      r.norm_topk = c.norm_topk_prob || c.arch == Arch::kMixtral;
+      r.norm_topk = c.norm_topk_prob;
       r.table = Table(moe_index[static_cast<size_t>(l)]);
       r.ids = b_ids.as<int32_t>();
       r.weights = b_w.as<float>();
@@ -791,7 +791,8 @@ Status CudaModel::Impl::RouterLogits(const Layer& ly, const float* x, int64_t N,
 }
 
 Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x, bool norm_in,
-                                 const float* next_norm, const double* post_sums, double* next_sums) {
+                                 const float* next_norm, const double* post_sums, double* next_sums,
+                                 bool routed) {
   const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, A = N * k;
   const int64_t ml = moe_index[static_cast<size_t>(l)], inter = I(), P = map.num_physical();
   const int64_t G = MoeMaxGroups(A, P);
@@ -803,12 +804,12 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
   const MoePlan plan = MoePlanIn(pl, G);
   const MoeSlotTable table = Table(ml);
   const bool ds = c.arch == Arch::kDeepseekV3;
-  const bool norm_topk = c.norm_topk_prob || c.arch == Arch::kMixtral;
+  const bool norm_topk = c.norm_topk_prob;  // (set for Mixtral by the config parser)
   const float* bias = ds ? ly.score_bias.get() : nullptr;
   const int64_t n_group = ds ? c.n_group : 1, topk_group = ds ? c.topk_group : 1;
   const float scaling = ds ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  if (route_in_oproj) {
+  if (routed) {
     // The o-proj GEMV routed (Attention).
   } else if (N > kWideRouteMin && !norm_in && MoeRoutePlanSupported(N, E, k, P)) {
     // Many tokens: the router GEMM, then routing a warp per token over many blocks (the one-block
@@ -879,7 +880,7 @@ Status CudaModel::Impl::Moe(const Layer& ly, int64_t l, int64_t N, float* out) {
   int32_t* ids = b_ids.as<int32_t>();
   float* w = b_w.as<float>();
   const bool ds = c.arch == Arch::kDeepseekV3;
-  EEP_CUDA_RETURN_IF_ERROR(Route(logits, N, E, k, c.norm_topk_prob || c.arch == Arch::kMixtral,
+  EEP_CUDA_RETURN_IF_ERROR(Route(logits, N, E, k, c.norm_topk_prob,
                                  ds ? ly.score_bias.get() : nullptr, ds ? c.n_group : 1, ds ? c.topk_group : 1,
                                  ds ? static_cast<float>(c.routed_scaling_factor) : 1.0f, ids, w, s()));
   // Permute on the host: the ids are few (N·k), and the expert map lives here.
@@ -1033,11 +1034,11 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
     const bool moe_norm_in = ly.is_moe && fused && !need16 && GemvNormFusable(N, H);
     // One token with the norm sums: the o-proj GEMV routes as well (GemvRouter; softmax routing
     // without bias, shapes it takes).
-    route_in_oproj = fuse_router && sums && N == 1 && ly.is_moe && fused && moe_norm_in && attn_gemv &&
-                     c.arch != Arch::kDeepseekV3 &&
-                     GemvRouterBlocks(H, c.num_heads * c.head_dim, c.num_experts, c.num_experts_per_tok,
-                                      map.num_physical(), table_max_reps) > 0;
-    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N, x, attn_norm_in, in_sums(l), post_sums(l)),
+    const bool route_in_oproj = fuse_router && sums && N == 1 && ly.is_moe && fused && moe_norm_in && attn_gemv &&
+                                c.arch != Arch::kDeepseekV3 &&
+                                GemvRouterBlocks(H, c.num_heads * c.head_dim, c.num_experts, c.num_experts_per_tok,
+                                                 map.num_physical(), table_max_reps) > 0;
+    EEP_RETURN_IF_ERROR_CTX(Attention(ly, l, batch, N, x, attn_norm_in, in_sums(l), post_sums(l), route_in_oproj),
                             fmt::format("layer {} attention", l));
     if (!moe_norm_in)
       EEP_CUDA_RETURN_IF_ERROR(
@@ -1051,7 +1052,7 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
       const float* next_norm =
           next_f32_only ? (last ? final_norm.get() : layers[static_cast<size_t>(l + 1)].input_norm.get()) : nullptr;
       EEP_RETURN_IF_ERROR_CTX(FusedMoe(ly, l, N, x, moe_norm_in, next_norm, post_sums(l),
-                                       l + 1 < c.num_layers ? in_sums(l + 1) : nullptr),
+                                       l + 1 < c.num_layers ? in_sums(l + 1) : nullptr, route_in_oproj),
                               fmt::format("layer {} MoE", l));
       hf_ready = next_norm != nullptr;
     } else if (ly.is_moe) {
@@ -1063,7 +1064,6 @@ Status CudaModel::Impl::Body(std::span<CudaSeqStep> batch, int64_t N, int64_t M,
       EEP_RETURN_IF_ERROR_CTX(RunMlp(ly.dense, N, b_o.as<float>()), fmt::format("layer {} MLP", l));
       EEP_CUDA_RETURN_IF_ERROR(Add(x, b_o.as<float>(), N * H, s()));
     }
-    route_in_oproj = false;
     if (tr != nullptr) EEP_RETURN_IF_ERROR(TraceHidden(x, T0, tr));
   }
   // Without a trace only the selected rows need the final norm: gathered and normed in one

@@ -1612,7 +1612,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvRouterKernel(GemvSegment
 #pragma unroll
   for (int j = 0; j < kRouterPieces; ++j) {
     const int p = tid + j * kStageThreads, e = p / q4, c = p % q4;
-    const float4 g = *reinterpret_cast<const float4*>(gx + (c * 4 < rows_per_block ? c * 4 : 0));
+    const float4 g = *reinterpret_cast<const float4*>(gx + c * 4);  // (c < q4)
     float v = rwv[j].x * g.x + rwv[j].y * g.y + rwv[j].z * g.z + rwv[j].w * g.w;
     for (int o = 1; o < q4; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (p < E * q4 && c == 0) r.partial[static_cast<int64_t>(blockIdx.x) * E + e] = v;
@@ -1729,7 +1729,6 @@ __global__ void __launch_bounds__(kPlanThreads) GroupPlanKernel(const int32_t* s
   GroupBySlot(A, P, slot_of, count, offset, rank, scan, plan);
   PdlTraceEvent(3);
 }
-
 
 __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 
@@ -2357,9 +2356,10 @@ cudaError_t RouterPlan(const float* router, int64_t hidden, const float* x, int6
 }
 
 namespace {
-// GemvRouter's blocks (one per SM, rows split evenly) and shared memory, or 0 where it does not apply.
+// GemvRouter's blocks (one per SM, rows split evenly), or 0 blocks where it does not apply.
+// (Its dynamic shared memory is the staged rows alone: stage_bytes.)
 struct GemvRouterShape {
-  int64_t blocks = 0, per_block = 0, stage_bytes = 0, smem = 0;
+  int64_t blocks = 0, per_block = 0, stage_bytes = 0;
 };
 GemvRouterShape GemvRouterShapeOf(int64_t rows, int64_t in, int64_t E, int64_t k, int64_t P, int64_t R) {
   GemvRouterShape sh;
@@ -2380,7 +2380,6 @@ GemvRouterShape GemvRouterShapeOf(int64_t rows, int64_t in, int64_t E, int64_t k
   sh.blocks = (rows + per_block - 1) / per_block;
   sh.per_block = per_block;
   sh.stage_bytes = stage_bytes;
-  sh.smem = stage_bytes;
   return sh;
 }
 }  // namespace
@@ -2401,10 +2400,10 @@ cudaError_t GemvRouter(const bf16_t* w, const float* bias, int64_t rows, int64_t
   segs.count = 1;
   segs.stage = true;
   const cudaError_t e = cudaFuncSetAttribute(GemvRouterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(sh.smem));
+                                             static_cast<int>(sh.stage_bytes));
   if (e != cudaSuccess) return e;
   return Launch(GemvRouterKernel, dim3(static_cast<unsigned>(sh.blocks)), dim3(kStageThreads),
-                static_cast<size_t>(sh.smem), st, segs, in, static_cast<int>(sh.per_block), input, r);
+                static_cast<size_t>(sh.stage_bytes), st, segs, in, static_cast<int>(sh.per_block), input, r);
 }
 
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,

@@ -267,7 +267,8 @@ struct GemvRouterArgs {
   float* weights = nullptr;
   MoePlan plan;
 };
-// Blocks of the launch (0: GemvRouter does not take this shape; see GemvRouterSupported).
+// Blocks of the launch; 0 where GemvRouter does not take the shape (one-token GEMVs not staged, or
+// rows, experts or replicas beyond what its blocks hold in registers and staged shared memory).
 int64_t GemvRouterBlocks(int64_t rows, int64_t in, int64_t num_experts, int64_t top_k, int64_t num_slots,
                          int64_t max_replicas);
 cudaError_t GemvRouter(const bf16_t* w, const float* bias, int64_t rows, int64_t in, const float* input, float* x,
