@@ -855,7 +855,7 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     EEP_CUDA_RETURN_IF_ERROR(MoeDownMma(act, H, inter, table, plan, G, splits > 1, y, s()));
   } else {
     EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s(), N == 1 && gate_up_one));
-    EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s()));
+    EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s(), N == 1 && gate_up_one));
   }
   const float* shared = nullptr;
   if (ly.shared.inter > 0) {

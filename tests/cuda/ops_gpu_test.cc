@@ -785,6 +785,11 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
     dact1.Poison();
     ASSERT_EQ(cuda::MoeGateUp(dx.p, H, I, k, table, plan, maxg, dact1.p, nullptr, true), cudaSuccess);
     EXPECT_LT(RelErr(dact1.Host(), dact.Host()), 1e-6) << "MoeGateUp one_token";
+    // And the one-token down kernel (weights loaded before its wait) the same rows.
+    Dev<float> dy1(A * H);
+    dy1.Poison();
+    ASSERT_EQ(cuda::MoeDown(dact.p, H, I, table, plan, maxg, dy1.p, nullptr, true), cudaSuccess);
+    EXPECT_LT(RelErr(dy1.Host(), dy.Host()), 1e-6) << "MoeDown one_token";
   }
   // The plan: every assignment once, in the group of the slot its replica rule picks.
   auto check_plan = [&](const std::vector<int32_t>& hp, const char* what) {

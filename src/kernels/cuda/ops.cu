@@ -1796,12 +1796,15 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeGateUpKernel(const float
 // per SM, so that the launch fits one wave of the GPU (three waves of 768 blocks at two per SM
 // before, each paying the plan and slot-pointer loads and a DRAM round trip).
 constexpr int kGateUpOneRows = 2;
+// release_late: the successor (MoeDownOneKernel) is released only after the wait, so that it may
+// read the plan before its own.
 __global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeGateUpOneKernel(const float* x, int64_t H, int64_t I,
                                                                            int k, MoeSlotTable table, MoePlan plan,
-                                                                           float* act) {
+                                                                           float* act, bool release_late) {
   EEP_PDL_TRACE_END;
-  PdlTrigger();
+  if (!release_late) PdlTrigger();
   PdlWait();
+  if (release_late) PdlTrigger();
   const int g = blockIdx.y, lane = threadIdx.x % kWarp;
   const int groups = *plan.num_groups, slot = plan.group_slot[g], off = plan.group_off[g];
   if (g >= groups) return;
@@ -1872,6 +1875,63 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* 
     DownRows<1>(base, act, H, I, order, cnt, o0, y);
   else
     DownRows<4>(base, act, H, I, order, cnt, o0, y);
+}
+
+// MoeDownKernel where every group holds one assignment (a step of one token) and rows have at
+// most kDownOneChunks·256 values: each warp loads all of its kDownRows weight rows into registers
+// before the PDL wait, so that the down projection's loads fill the gate/up kernel's tail instead
+// of starting after its completion. The plan is final before the wait: MoeGateUpOneKernel
+// (release_late) releases this kernel only after its own wait, i.e. after the router's completion.
+// Same dot products (chunk and element order) as MoeDownKernel.
+constexpr int kDownOneChunks = 3;
+template <int kMinBlocks>
+__global__ void __launch_bounds__(kMoeWarps * kWarp, kMinBlocks) MoeDownOneKernel(const float* act, int64_t H, int64_t I,
+                                                                      MoeSlotTable table, MoePlan plan, float* y) {
+  EEP_PDL_TRACE_END;
+  PdlTrigger();
+  const int g = blockIdx.y, lane = threadIdx.x % kWarp;
+  // Through L2: written by the router kernel before this one was released.
+  if (g >= __ldcg(plan.num_groups)) return;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp) * kDownRows;
+  if (o0 >= H) return;
+  const int slot = __ldcg(plan.group_slot + g), a = __ldcg(plan.order + __ldcg(plan.group_off + g));
+  const bf16_t* base = table.slot_ptr[slot] + 2 * I * H;
+  Raw8<bf16_t> raw[kDownOneChunks][kDownRows];
+#pragma unroll
+  for (int m = 0; m < kDownOneChunks; ++m)
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) {
+      const int64_t c = lane * 8 + 256 * m;
+      if (c < I)
+        raw[m][r].Load(base + min(o0 + r, H - 1) * I + c);
+      else
+        raw[m][r].Zero();
+    }
+  PdlWait();
+  const float* xr = act + static_cast<int64_t>(a) * I;
+  float acc[kDownRows];
+#pragma unroll
+  for (int r = 0; r < kDownRows; ++r) acc[r] = 0;
+#pragma unroll
+  for (int m = 0; m < kDownOneChunks; ++m) {
+    const int64_t c = lane * 8 + 256 * m;
+    if (c >= I) break;
+    const float4 xa = *reinterpret_cast<const float4*>(xr + c);
+    const float4 xb = *(reinterpret_cast<const float4*>(xr + c) + 1);
+    const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) {
+      float wf[8];
+      raw[m][r].Unpack(wf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[r] = fmaf(wf[i], xv[i], acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kDownRows; ++r) {
+    const float v = WarpSum(acc[r]);
+    if (lane == 0 && o0 + r < H) y[static_cast<int64_t>(a) * H + o0 + r] = v;
+  }
 }
 
 // Block (column tile, token), a thread per column: the k terms' loads are independent.
@@ -2009,29 +2069,20 @@ __device__ void NormRopeHeadWarp(const float* src, float* dst, int64_t dk, const
                      interleaved);
 }
 
+// kPer: head values per lane (dk, dv <= 32·kPer). kPre > 0 (decode): each warp's first kPre rounds
+// of cached keys (rows before pos, written by earlier steps) are loaded into registers before the
+// PDL wait, so that the loop does not wait for them behind the staged output projection's bulk
+// copies, which this kernel releases (late_trigger) once q, k and v are on chip.
+template <int kPer, int kPre>
 __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
     const float* q, float* const* k_cache, float* const* v_cache, const int32_t* positions, int64_t nh,
     int64_t nkv, int64_t dk, int64_t dv, int64_t window, float scale, float* out, QkRope qr, bool decode,
     const float* k_new, const float* v_new, bool late_trigger) {
   EEP_PDL_TRACE_END;
   if (!late_trigger) PdlTrigger();
-  constexpr int kMaxPerLane = kMaxBatchedHeadDim / kWarp;
   __shared__ float qs[kMaxBatchedHeadDim], kcur[kMaxBatchedHeadDim], vcur[kMaxBatchedHeadDim];
   __shared__ float2 rope_cs[kMaxBatchedHeadDim / 2];
   __shared__ float wm[kAttnWarps], wl[kAttnWarps];
-  if (decode) {
-    // The RoPE angles (double, as NormRopeHead) before waiting for the q/k/v producer: positions
-    // went up before the step's first kernel, inv_freq is static.
-    const int64_t p = positions[blockIdx.x / nh];
-    for (int64_t i = threadIdx.x; i < qr.rope_dim / 2; i += blockDim.x) {
-      double sn, c;
-      sincos(static_cast<double>(p) * static_cast<double>(qr.inv_freq[i]), &sn, &c);
-      rope_cs[i] = make_float2(static_cast<float>(c) * qr.factor, static_cast<float>(sn) * qr.factor);
-    }
-  }
-  PdlWait();
-  if (decode) __syncthreads();
-  __shared__ float wacc[kAttnWarps][kMaxBatchedHeadDim];
   const int64_t t = blockIdx.x / nh, h = blockIdx.x % nh;
   const int64_t pos = positions[t];
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
@@ -2039,6 +2090,43 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
   const float* kc = k_cache[t];
   const float* vc = v_cache[t];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t last = decode ? pos - 1 : pos;  // decode: key pos comes from kcur/vcur
+  const int64_t pos_end = last;
+  // Keys j0 .. j0 + kAttnKeys - 1 of this warp into kr / vr (keys past pos_end repeat j0: their
+  // scores are masked).
+  auto load_keys = [&](int64_t j0, float (&kr)[kAttnKeys][kPer], float (&vr)[kAttnKeys][kPer]) {
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      const int64_t j = j0 + u <= pos_end ? j0 + u : j0;
+      const float* kj = kc + (j * nkv + kvh) * dk;
+      const float* vj = vc + (j * nkv + kvh) * dv;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        kr[u][i] = lane + i * kWarp < dk ? kj[lane + i * kWarp] : 0.0f;
+        vr[u][i] = lane + i * kWarp < dv ? vj[lane + i * kWarp] : 0.0f;
+      }
+    }
+  };
+  float kp[kPre > 0 ? kPre : 1][kAttnKeys][kPer], vp[kPre > 0 ? kPre : 1][kAttnKeys][kPer];
+  if constexpr (kPre > 0) {
+#pragma unroll
+    for (int r = 0; r < kPre; ++r) {
+      const int64_t j0 = first + warp * kAttnKeys + r * kAttnWarps * kAttnKeys;
+      if (j0 <= pos_end) load_keys(j0, kp[r], vp[r]);
+    }
+  }
+  if (decode) {
+    // The RoPE angles (double, as NormRopeHead) before waiting for the q/k/v producer: positions
+    // went up before the step's first kernel, inv_freq is static.
+    for (int64_t i = threadIdx.x; i < qr.rope_dim / 2; i += blockDim.x) {
+      double sn, c;
+      sincos(static_cast<double>(pos) * static_cast<double>(qr.inv_freq[i]), &sn, &c);
+      rope_cs[i] = make_float2(static_cast<float>(c) * qr.factor, static_cast<float>(sn) * qr.factor);
+    }
+  }
+  PdlWait();
+  if (decode) __syncthreads();
+  __shared__ float wacc[kAttnWarps][kMaxBatchedHeadDim];
   if (decode) {
     // q, the new k and the new v in three warps at once, one barrier (block-wide norms cost a
     // chain of barriers each).
@@ -2066,41 +2154,28 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
     for (int64_t i = threadIdx.x; i < dk; i += blockDim.x) qs[i] = q[(t * nh + h) * dk + i];
     __syncthreads();
   }
-  const int64_t last = decode ? pos - 1 : pos;  // decode: key pos comes from kcur/vcur
-  float m = -INFINITY, l = 0, acc[kMaxPerLane];
+  float m = -INFINITY, l = 0, acc[kPer];
 #pragma unroll
-  for (int i = 0; i < kMaxPerLane; ++i) acc[i] = 0;
+  for (int i = 0; i < kPer; ++i) acc[i] = 0;
   if (decode && warp == 0) {
     float dot = 0;
 #pragma unroll
-    for (int i = 0; i < kMaxPerLane; ++i)
+    for (int i = 0; i < kPer; ++i)
       if (lane + i * kWarp < dk) dot += qs[lane + i * kWarp] * kcur[lane + i * kWarp];
     m = WarpSum(dot) * scale;
     l = 1;
 #pragma unroll
-    for (int i = 0; i < kMaxPerLane; ++i)
+    for (int i = 0; i < kPer; ++i)
       if (lane + i * kWarp < dv) acc[i] = vcur[lane + i * kWarp];
   }
-  const int64_t pos_end = last;
-  for (int64_t j0 = first + warp * kAttnKeys; j0 <= pos_end; j0 += kAttnWarps * kAttnKeys) {
-    float kr[kAttnKeys][kMaxPerLane], vr[kAttnKeys][kMaxPerLane];
-#pragma unroll
-    for (int u = 0; u < kAttnKeys; ++u) {
-      const int64_t j = j0 + u <= pos_end ? j0 + u : j0;
-      const float* kj = kc + (j * nkv + kvh) * dk;
-      const float* vj = vc + (j * nkv + kvh) * dv;
-#pragma unroll
-      for (int i = 0; i < kMaxPerLane; ++i) {
-        kr[u][i] = lane + i * kWarp < dk ? kj[lane + i * kWarp] : 0.0f;
-        vr[u][i] = lane + i * kWarp < dv ? vj[lane + i * kWarp] : 0.0f;
-      }
-    }
+  // One round: the online softmax over keys j0 .. j0 + kAttnKeys - 1.
+  auto round = [&](int64_t j0, const float (&kr)[kAttnKeys][kPer], const float (&vr)[kAttnKeys][kPer]) {
     float sc[kAttnKeys];
 #pragma unroll
     for (int u = 0; u < kAttnKeys; ++u) {
       float dot = 0;
 #pragma unroll
-      for (int i = 0; i < kMaxPerLane; ++i)
+      for (int i = 0; i < kPer; ++i)
         if (lane + i * kWarp < dk) dot += qs[lane + i * kWarp] * kr[u][i];
       sc[u] = dot;
     }
@@ -2118,18 +2193,27 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp) AttentionBatchedKernel(
       l += p[u];
     }
 #pragma unroll
-    for (int i = 0; i < kMaxPerLane; ++i) {
+    for (int i = 0; i < kPer; ++i) {
       float a = acc[i] * corr;
 #pragma unroll
       for (int u = 0; u < kAttnKeys; ++u) a += p[u] * vr[u][i];
       acc[i] = a;
     }
     m = mn;
+  };
+  int64_t j0 = first + warp * kAttnKeys;
+#pragma unroll
+  for (int r = 0; r < kPre; ++r, j0 += kAttnWarps * kAttnKeys)
+    if (j0 <= pos_end) round(j0, kp[r], vp[r]);
+  for (; j0 <= pos_end; j0 += kAttnWarps * kAttnKeys) {
+    float kr[kAttnKeys][kPer], vr[kAttnKeys][kPer];
+    load_keys(j0, kr, vr);
+    round(j0, kr, vr);
   }
   if (blockIdx.x == 0 && warp == 0) PdlTraceEvent(3);
   if (lane == 0) wm[warp] = m, wl[warp] = l;
 #pragma unroll
-  for (int i = 0; i < kMaxPerLane; ++i)
+  for (int i = 0; i < kPer; ++i)
     if (lane + i * kWarp < dv) wacc[warp][lane + i * kWarp] = acc[i];
   __syncthreads();
   float M = -INFINITY;
@@ -2235,6 +2319,17 @@ int SmCount() {
     return n;
   }();
   return sms;
+}
+
+bool AttnLateTrigger(int64_t n) {
+  // One token: the output projection after the attention is staged (GemvStagedKernel, GemvRouter);
+  // released once q, k and v are on chip its bulk copies no longer slow their loads (H100, batch 1:
+  // +1.1% tokens/s at 8 layers, +2.0% at 48).
+  static const bool late_env = [] {
+    const char* v = std::getenv("EEP_CUDA_ATTN_LATE_TRIGGER");
+    return v == nullptr || std::atoi(v) != 0;
+  }();
+  return late_env && n == 1 && GemvStageMode() >= 1;
 }
 
 void SetGemvRowsPerWarp(int rows) { g_gemv_rows.store(rows == 1 || rows == 2 ? rows : 0); }
@@ -2406,6 +2501,20 @@ cudaError_t GemvRouter(const bf16_t* w, const float* bias, int64_t rows, int64_t
                 static_cast<size_t>(sh.stage_bytes), st, segs, in, static_cast<int>(sh.per_block), input, r);
 }
 
+namespace {
+// Whether one-token steps take MoeDownOneKernel (weights in registers before its wait; the
+// one-token gate/up kernel then releases it late): rows of at most kDownOneChunks·256 values,
+// unless EEP_CUDA_DOWN_ONE=0.
+int DownOneMode() {
+  static const int env = [] {
+    const char* v = std::getenv("EEP_CUDA_DOWN_ONE");
+    return v == nullptr ? 1 : std::atoi(v);
+  }();
+  return env;
+}
+bool DownOneOn(int64_t I) { return DownOneMode() != 0 && I % 8 == 0 && I <= kDownOneChunks * 256; }
+}  // namespace
+
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,
                       int64_t max_groups, float* act, cudaStream_t st, bool one_token) {
   if (max_groups == 0) return cudaSuccess;
@@ -2414,18 +2523,21 @@ cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const Moe
     const int64_t rows = kMoeWarps * kGateUpOneRows;
     return Launch(MoeGateUpOneKernel,
                   dim3(static_cast<unsigned>((I + rows - 1) / rows), static_cast<unsigned>(max_groups)),
-                  dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);
+                  dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act, DownOneOn(I));
   }
   const dim3 grid(static_cast<unsigned>((I + kMoeWarps - 1) / kMoeWarps), static_cast<unsigned>(max_groups));
   return Launch(MoeGateUpKernel, grid, dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);
 }
 
 cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& table, const MoePlan& plan,
-                    int64_t max_groups, float* y, cudaStream_t st) {
+                    int64_t max_groups, float* y, cudaStream_t st, bool one_token) {
   if (max_groups == 0) return cudaSuccess;
   if (I % 8 != 0) return cudaErrorInvalidValue;
   const int64_t rows_per_block = kMoeWarps * kDownRows;
   const dim3 grid(static_cast<unsigned>((H + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(max_groups));
+  // (MoeGateUp(one_token) released this launch after its wait where DownOneOn.)
+  if (one_token && DownOneOn(I))
+    return Launch(DownOneMode() == 2 ? MoeDownOneKernel<4> : MoeDownOneKernel<3>, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
   return Launch(MoeDownKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
 }
 
@@ -2463,7 +2575,8 @@ cudaError_t AttentionBatched(const float* q, const float* const* k_cache, const 
   if (n == 0) return cudaSuccess;
   if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0) return cudaErrorInvalidValue;
   // Read-only in this mode: the kernel's writable pointer type serves AttentionDecode.
-  return Launch(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
+  auto* kernel = dk <= 4 * kWarp && dv <= 4 * kWarp ? AttentionBatchedKernel<4, 0> : AttentionBatchedKernel<8, 0>;
+  return Launch(kernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
                 const_cast<float* const*>(k_cache), const_cast<float* const*>(v_cache), positions, nh, nkv, dk, dv,
                 window, scale, out, QkRope{}, false,
                 static_cast<const float*>(nullptr), static_cast<const float*>(nullptr), false);
@@ -2478,17 +2591,18 @@ cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int6
   if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0 || off + rope_dim > dk ||
       rope_dim % 2 != 0)
     return cudaErrorInvalidValue;
-  // One token: the output projection after this kernel is staged (GemvStagedKernel, GemvRouter);
-  // released once q, k and v are on chip its bulk copies no longer slow their loads (H100, batch 1:
-  // +1.1% tokens/s at 8 layers, +2.0% at 48). EEP_CUDA_ATTN_LATE_TRIGGER=0 releases it at this
-  // kernel's start instead.
-  static const bool late_env = [] {
-    const char* v = std::getenv("EEP_CUDA_ATTN_LATE_TRIGGER");
+  const bool late = AttnLateTrigger(n);
+  // With the late release (one token), each warp's first rounds of cached keys are loaded before
+  // the wait (EEP_CUDA_ATTN_KV_PRELOAD=0: not).
+  static const bool pre_env = [] {
+    const char* v = std::getenv("EEP_CUDA_ATTN_KV_PRELOAD");
     return v == nullptr || std::atoi(v) != 0;
   }();
-  const bool late = late_env && n == 1 && GemvStageMode() >= 1;
-  return Launch(AttentionBatchedKernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
-                k_cache, v_cache, positions, nh, nkv, dk, dv, window, scale, out,
+  const bool pre = pre_env && late, small = dk <= 4 * kWarp && dv <= 4 * kWarp;
+  auto* kernel = small ? (pre ? AttentionBatchedKernel<4, 2> : AttentionBatchedKernel<4, 0>)
+                       : (pre ? AttentionBatchedKernel<8, 1> : AttentionBatchedKernel<8, 0>);
+  return Launch(kernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q, k_cache, v_cache,
+                positions, nh, nkv, dk, dv, window, scale, out,
                 QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v, late);
 }
 

@@ -167,6 +167,10 @@ void SetGemvStage(int mode);
 // Streaming multiprocessors of the GPU current at the first call (0 if unknown): the kernels'
 // one-wave launch shapes.
 int SmCount();
+// Whether a decode attention of num_tokens tokens releases its successor (the staged output
+// projection) only once q, k and v are on chip instead of at its start: one token with staging on,
+// unless EEP_CUDA_ATTN_LATE_TRIGGER=0.
+bool AttnLateTrigger(int64_t num_tokens);
 #ifdef EEP_PDL_TRACE
 // Measurement builds: where the kernels of ops.cu record their timeline (pdl.h); null: nowhere.
 cudaError_t PdlTraceSet(unsigned long long* events, unsigned* count, unsigned cap);
@@ -220,8 +224,10 @@ cudaError_t MoeGateUp(const float* x, int64_t hidden, int64_t inter, int64_t top
                       const MoePlan& plan, int64_t max_groups, float* act, cudaStream_t stream,
                       bool one_token = false);
 // y[a, :] = down_s · act[a, :] for every assignment: y [N·k, hidden] f32.
+// one_token: a step of one token after MoeGateUp(one_token) (every group one assignment; the same
+// results, the weights loaded before the PDL wait).
 cudaError_t MoeDown(const float* act, int64_t hidden, int64_t inter, const MoeSlotTable& table, const MoePlan& plan,
-                    int64_t max_groups, float* y, cudaStream_t stream);
+                    int64_t max_groups, float* y, cudaStream_t stream, bool one_token = false);
 // x[t,:] += Σ_j w[t,j]·y[t·k + j,:] (j in top-k order, like the CPU) (+ shared[t,:], added to
 // the routed sum first, as the CPU does); shared may be null. With norm_w, the updated rows
 // are also RMSNorm-ed into norm_out [num_tokens, dim] (as RmsNorm; the next layer's input
