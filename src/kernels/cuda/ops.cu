@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace eep::cuda {
@@ -745,23 +746,32 @@ struct Raw8<float> {
 // Chunks (of 256 values) first_chunk, first_chunk + step, ... are this warp's (split-K).
 // kScale: x[t][i] is taken times g[i] (an RMSNorm weight; the 1/rms factor is applied by the
 // caller to the sums).
-template <typename WT, int kRows, int kTok, int kU = 4, bool kScale = false>
+// kPre: the first kU chunks of every row were loaded by the caller into pre (WarpLoadRows).
+template <typename WT, int kRows, int kTok, int kU = 4, bool kScale = false, bool kPre = false>
 __device__ __forceinline__ void WarpDotRows(const WT* const (&w)[kRows], int64_t in, const float* const (&x)[kTok],
                                             int n, float (&acc)[kRows][kTok], int first_chunk = 0, int step = 1,
-                                            const float* g = nullptr) {
+                                            const float* g = nullptr, const Raw8<WT> (*pre)[kRows] = nullptr) {
   const int lane = threadIdx.x % kWarp;
   const int64_t stride = 256 * static_cast<int64_t>(step);
-  for (int64_t c0 = lane * 8 + first_chunk * 256; c0 < in; c0 += stride * kU) {
+  const int64_t start = lane * 8 + first_chunk * 256;
+  for (int64_t c0 = start; c0 < in; c0 += stride * kU) {
     Raw8<WT> raw[kU][kRows];
+    if (kPre && c0 == start) {
 #pragma unroll
-    for (int u = 0; u < kU; ++u)
+      for (int u = 0; u < kU; ++u)
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (c0 + u * stride < in)
-          raw[u][r].Load(w[r] + c0 + u * stride);
-        else
-          raw[u][r].Zero();
-      }
+        for (int r = 0; r < kRows; ++r) raw[u][r] = pre[u][r];
+    } else {
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          if (c0 + u * stride < in)
+            raw[u][r].Load(w[r] + c0 + u * stride);
+          else
+            raw[u][r].Zero();
+        }
+    }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int64_t c = c0 + u * stride;
@@ -834,14 +844,16 @@ __device__ __forceinline__ bool FindSegment(const GemvSegments& segs, int64_t& o
 // kR > 1 (kSplit 1 only): a warp takes kR consecutive rows, their loads in flight together, so that
 // a large matrix fits in one wave of blocks (every block's prologue then prefetches its rows while
 // the previous kernel runs, and no partial second wave trails).
-template <typename WT, int kTok, int kSplit, int kR = 1>
+template <typename WT, int kTok, int kSplit, int kR = 1, int kUSet = 0>
 __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride,
                                          int64_t ntok, bool accumulate, const float* norm_w, float eps,
                                          float* norm_out, float* xs, const double* norm_sums = nullptr,
                                          double* sums_out = nullptr) {
   static_assert(kR == 1 || kSplit == 1, "rows per warp with split rows");
   // 16-byte loads in flight per lane and row (kR rows share the budget).
-  constexpr int kU = (kTok == 1 ? 8 : 4) / kR > 0 ? (kTok == 1 ? 8 : 4) / kR : 1;
+  // (kUSet > 0: that many.)
+  constexpr int kUDefault = (kTok == 1 ? 8 : 4) / kR > 0 ? (kTok == 1 ? 8 : 4) / kR : 1;
+  constexpr int kU = kUSet > 0 ? kUSet : kUDefault;
   constexpr int kRowsPerBlock = kGemvWarps / kSplit;
   __shared__ double partial[32];
   __shared__ float split_sum[kSplit > 1 ? kGemvWarps : 1][kTok];
@@ -860,6 +872,30 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
       const int64_t pre = in * static_cast<int64_t>(sizeof(WT)) * segs.prefetch_pct / 100;
       for (int64_t b = static_cast<int64_t>(lane + slice * kWarp) * 128; b < pre; b += kSplit * kWarp * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(bytes + b));
+    }
+  }
+  // segs.preload (one pass of tokens): the first kU chunks of each row into registers before the
+  // wait, so that the weights arrive while the previous kernel (a latency-bound one) still runs.
+  // (Rows and segments are found again after the wait: fewer registers live across it.)
+  Raw8<WT> pre[kU][kR];
+  const bool preload = kSplit == 1 && segs.preload && ntok <= kTok;
+  if (preload) {
+    const WT* first_row = nullptr;
+#pragma unroll
+    for (int rr = 0; rr < kR; ++rr) {
+      GemvSegment sp;
+      int64_t r = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
+      // (FindSegment turns r into the row within its segment.)
+      const WT* row = FindSegment(segs, r, sp) ? static_cast<const WT*>(sp.w) + r * in : first_row;
+      if (rr == 0) first_row = row;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t c = lane * 8 + u * 256;
+        if (row != nullptr && c < in)
+          pre[u][rr].Load(row + c);
+        else
+          pre[u][rr].Zero();
+      }
     }
   }
   PdlWait();
@@ -948,7 +984,12 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
 #pragma unroll
       for (int t = 0; t < kTok; ++t)
         if (t < n) inv[t] = static_cast<float>(1.0 / sqrt(norm_sums[t0 + t] / static_cast<double>(in) + eps));
-      if (found) WarpDotRows<WT, kR, kTok, kU, true>(w, in, xr, n, acc, slice, kSplit, norm_w);
+      if (preload && found)
+        WarpDotRows<WT, kR, kTok, kU, true, true>(w, in, xr, n, acc, slice, kSplit, norm_w, pre);
+      else if (found)
+        WarpDotRows<WT, kR, kTok, kU, true>(w, in, xr, n, acc, slice, kSplit, norm_w);
+    } else if (preload && found) {
+      WarpDotRows<WT, kR, kTok, kU, false, true>(w, in, xr, n, acc, slice, kSplit, nullptr, pre);
     } else if (found) {
       WarpDotRows<WT, kR, kTok, kU>(w, in, xr, n, acc, slice, kSplit);
     }
@@ -1016,6 +1057,19 @@ __global__ void EEP_GEMV_BOUNDS GemvKernel(GemvSegments segs, int64_t in, const 
   extern __shared__ float4 gemv_sm4[];
   GemvBody<WT, kTok, kSplit, kR>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
                              reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
+}
+// GemvKernel<WT, 1, 1, 2> (one token, two rows per warp: the q/k/v GEMV) with the weights loaded
+// before the wait, held at three blocks per SM with two 16-byte loads per row in flight instead of
+// four: with four, ptxas took 128 registers (two blocks per SM: Qwen3-30B-A3B's 320 q/k/v blocks in
+// two waves), or spilled at three.
+template <typename WT>
+__global__ void __launch_bounds__(kGemvWarps * kWarp, 3)
+    GemvKernelOne2(GemvSegments segs, int64_t in, const float* x, int64_t x_stride, int64_t ntok, bool accumulate,
+                   const float* norm_w, float eps, float* norm_out, const double* norm_sums, double* sums_out) {
+  EEP_PDL_TRACE_END;
+  extern __shared__ float4 gemv_sm4[];
+  GemvBody<WT, 1, 1, 2, 2>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
+                           reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
 }
 
 // --- One-token GEMV from shared memory ---------------------------------------------------
@@ -1274,12 +1328,28 @@ bool GemvStageOn(const GemvSegments& segs) {
   return mode == 2 || (mode == 1 && segs.stage);
 }
 
+// The one-token, two-rows-per-warp kernel: with the weights loaded before the wait (BF16 only: the
+// f32 one would spill) or not.
+template <typename WT>
+auto GemvOne2(bool preload) {
+  if constexpr (std::is_same_v<WT, bf16_t>)
+    return preload ? GemvKernelOne2<WT> : GemvKernel<WT, 1, 1, 2>;
+  else
+    return GemvKernel<WT, 1, 1, 2>;
+}
+
 template <typename WT>
 cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, int64_t x_stride, int64_t ntok,
                        bool accumulate, const float* norm_w, float eps, float* norm_out, cudaStream_t st,
                        const double* norm_sums, double* sums_out) {
   GemvSegments segs = segs_in;
   segs.prefetch_pct = GemvPrefetchPct();
+  // EEP_CUDA_GEMV_PRELOAD=0: no weights in registers before the wait (GemvBody).
+  static const bool preload_env = [] {
+    const char* v = std::getenv("EEP_CUDA_GEMV_PRELOAD");
+    return v == nullptr || std::atoi(v) != 0;
+  }();
+  segs.preload = preload_env && std::is_same_v<WT, bf16_t>;
   if (ntok == 0) return cudaSuccess;
   if (in % 8 != 0 || x_stride % 4 != 0 || segs.count < 1 || segs.count > kMaxGemvSegments)
     return cudaErrorInvalidValue;
@@ -1325,7 +1395,7 @@ cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, 
   } else if (GemvRowsPerWarp(rows) == 2) {
     const dim3 grid2(static_cast<unsigned>((rows + 2 * kGemvWarps - 1) / (2 * kGemvWarps)));
     if (ntok == 1)
-      e = Launch(GemvKernel<WT, 1, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
+      e = Launch(GemvOne2<WT>(segs.preload), grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
                  norm_out, norm_sums, sums_out);
     else if (ntok <= 4)
       e = Launch(GemvKernel<WT, 4, 1, 2>, grid2, block, smem, st, segs, in, x, x_stride, ntok, accumulate, norm_w, eps,
