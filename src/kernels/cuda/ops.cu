@@ -1569,6 +1569,37 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   __syncthreads();
   PdlTraceEvent(3);
   if (warp >= N) idle();
+  if (N == 1) {
+    // One token: its k experts (distinct, so their slots are) are the k groups of one assignment
+    // each, in ascending slot order as GroupBySlot makes them; warp 0 ranks them by shuffles, with
+    // no block barrier and no counting sort over every slot.
+    if (warp != 0) return;
+    int32_t id = 0;
+    float w = 0;
+    if (reg_route) {
+      if (pdl) LoadRouteLogits(logits, E, z);
+      RouteSoftmaxRegs(z, E, k, norm, &id, &w);
+    } else {
+      RouteToken(logits, E, k, norm, bias, G, topk_group, scaling, plan_sm, &id, &w);
+    }
+    const int slot = lane < k ? reps[E + id * R] : INT_MAX;
+    int rank = 0;
+    for (int j = 0; j < k; ++j) {
+      const int sj = __shfl_sync(0xffffffffu, slot, j);
+      rank += sj < slot || (sj == slot && j < lane);
+    }
+    if (lane < k) {
+      ids[lane] = id;
+      weights[lane] = w;
+      plan.group_slot[rank] = slot;
+      plan.group_off[rank] = rank;
+      plan.group_cnt[rank] = 1;
+      plan.order[rank] = lane;
+    }
+    if (lane == 0) *plan.num_groups = k;
+    PdlTraceEvent(3);
+    return;
+  }
   for (int t = warp; t < N; t += warps) {
     int32_t id = 0;
     float w = 0;
