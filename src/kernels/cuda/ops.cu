@@ -746,7 +746,25 @@ struct Raw8<float> {
 // Chunks (of 256 values) first_chunk, first_chunk + step, ... are this warp's (split-K).
 // kScale: x[t][i] is taken times g[i] (an RMSNorm weight; the 1/rms factor is applied by the
 // caller to the sums).
-// kPre: the first kU chunks of every row were loaded by the caller into pre (WarpLoadRows).
+// raw[u][r] = the 8 values of row r at c0 + u·stride (zeros past in): one lane's kU chunks of
+// every row, all loads in flight together. WarpDotRows' loads, and callers' loads before a PDL
+// wait (its kPre).
+template <typename WT, int kRows, int kU>
+__device__ __forceinline__ void WarpLoadRows(const WT* const (&w)[kRows], int64_t in, int64_t c0, int64_t stride,
+                                             Raw8<WT> (&raw)[kU][kRows]) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (c0 + u * stride < in)
+        raw[u][r].Load(w[r] + c0 + u * stride);
+      else
+        raw[u][r].Zero();
+    }
+}
+
+// kPre: the first kU chunks of every row (c0 = lane·8 + first_chunk·256) were loaded by the caller
+// into pre (WarpLoadRows).
 template <typename WT, int kRows, int kTok, int kU = 4, bool kScale = false, bool kPre = false>
 __device__ __forceinline__ void WarpDotRows(const WT* const (&w)[kRows], int64_t in, const float* const (&x)[kTok],
                                             int n, float (&acc)[kRows][kTok], int first_chunk = 0, int step = 1,
@@ -762,15 +780,7 @@ __device__ __forceinline__ void WarpDotRows(const WT* const (&w)[kRows], int64_t
 #pragma unroll
         for (int r = 0; r < kRows; ++r) raw[u][r] = pre[u][r];
     } else {
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          if (c0 + u * stride < in)
-            raw[u][r].Load(w[r] + c0 + u * stride);
-          else
-            raw[u][r].Zero();
-        }
+      WarpLoadRows<WT, kRows, kU>(w, in, c0, stride, raw);
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
@@ -844,7 +854,10 @@ __device__ __forceinline__ bool FindSegment(const GemvSegments& segs, int64_t& o
 // kR > 1 (kSplit 1 only): a warp takes kR consecutive rows, their loads in flight together, so that
 // a large matrix fits in one wave of blocks (every block's prologue then prefetches its rows while
 // the previous kernel runs, and no partial second wave trails).
-template <typename WT, int kTok, int kSplit, int kR = 1, int kUSet = 0>
+// kPreload (GemvKernelOne2 only: a template flag, so that the other kernels do not carry its
+// registers) with segs.preload and one pass of tokens: the first kU chunks of each row are loaded
+// before the wait.
+template <typename WT, int kTok, int kSplit, int kR = 1, int kUSet = 0, bool kPreload = false>
 __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, const float* x, int64_t x_stride,
                                          int64_t ntok, bool accumulate, const float* norm_w, float eps,
                                          float* norm_out, float* xs, const double* norm_sums = nullptr,
@@ -874,29 +887,21 @@ __device__ __forceinline__ void GemvBody(const GemvSegments& segs, int64_t in, c
         asm volatile("prefetch.global.L2 [%0];" ::"l"(bytes + b));
     }
   }
-  // segs.preload (one pass of tokens): the first kU chunks of each row into registers before the
-  // wait, so that the weights arrive while the previous kernel (a latency-bound one) still runs.
-  // (Rows and segments are found again after the wait: fewer registers live across it.)
+  // The weights arrive while the previous kernel (a latency-bound one) still runs. (Rows and
+  // segments are found again after the wait: fewer registers live across it.)
   Raw8<WT> pre[kU][kR];
-  const bool preload = kSplit == 1 && segs.preload && ntok <= kTok;
+  const bool preload = kPreload && kSplit == 1 && segs.preload && ntok <= kTok;
   if (preload) {
-    const WT* first_row = nullptr;
+    const WT* rows[kR] = {};
 #pragma unroll
     for (int rr = 0; rr < kR; ++rr) {
       GemvSegment sp;
       int64_t r = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * kR + rr;
-      // (FindSegment turns r into the row within its segment.)
-      const WT* row = FindSegment(segs, r, sp) ? static_cast<const WT*>(sp.w) + r * in : first_row;
-      if (rr == 0) first_row = row;
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t c = lane * 8 + u * 256;
-        if (row != nullptr && c < in)
-          pre[u][rr].Load(row + c);
-        else
-          pre[u][rr].Zero();
-      }
+      // (FindSegment turns r into the row within its segment; a missing row repeats row 0, and a
+      // warp without row 0 loads nothing: its results are not used.)
+      rows[rr] = FindSegment(segs, r, sp) ? static_cast<const WT*>(sp.w) + r * in : rows[0];
     }
+    if (rows[0] != nullptr) WarpLoadRows<WT, kR, kU>(rows, in, lane * 8, 256, pre);
   }
   PdlWait();
   // Σ x² known: the norm weight is applied inside the dot products and 1/rms to the sums, so the
@@ -1068,8 +1073,8 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 3)
                    const float* norm_w, float eps, float* norm_out, const double* norm_sums, double* sums_out) {
   EEP_PDL_TRACE_END;
   extern __shared__ float4 gemv_sm4[];
-  GemvBody<WT, 1, 1, 2, 2>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
-                           reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
+  GemvBody<WT, 1, 1, 2, 2, true>(segs, in, x, x_stride, ntok, accumulate, norm_w, eps, norm_out,
+                                 reinterpret_cast<float*>(gemv_sm4), norm_sums, sums_out);
 }
 
 // --- One-token GEMV from shared memory ---------------------------------------------------
@@ -1569,6 +1574,16 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   __syncthreads();
   PdlTraceEvent(3);
   if (warp >= N) idle();
+  // Token t's k experts and weights (lanes < k), on the calling warp.
+  auto route = [&](int t, int32_t* id, float* w) {
+    if (reg_route) {
+      if (pdl || t != warp) LoadRouteLogits(logits + static_cast<int64_t>(t) * E, E, z);
+      RouteSoftmaxRegs(z, E, k, norm, id, w);
+    } else {
+      RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
+                 plan_sm + warp * route_bytes, id, w);
+    }
+  };
   if (N == 1) {
     // One token: its k experts (distinct, so their slots are) are the k groups of one assignment
     // each, in ascending slot order as GroupBySlot makes them; warp 0 ranks them by shuffles, with
@@ -1576,12 +1591,7 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
     if (warp != 0) return;
     int32_t id = 0;
     float w = 0;
-    if (reg_route) {
-      if (pdl) LoadRouteLogits(logits, E, z);
-      RouteSoftmaxRegs(z, E, k, norm, &id, &w);
-    } else {
-      RouteToken(logits, E, k, norm, bias, G, topk_group, scaling, plan_sm, &id, &w);
-    }
+    route(0, &id, &w);
     const int slot = lane < k ? reps[E + id * R] : INT_MAX;
     int rank = 0;
     for (int j = 0; j < k; ++j) {
@@ -1603,13 +1613,7 @@ __device__ __forceinline__ void RoutePlanBody(const float* logits, int N, int E,
   for (int t = warp; t < N; t += warps) {
     int32_t id = 0;
     float w = 0;
-    if (reg_route) {
-      if (pdl || t != warp) LoadRouteLogits(logits + static_cast<int64_t>(t) * E, E, z);
-      RouteSoftmaxRegs(z, E, k, norm, &id, &w);
-    } else {
-      RouteToken(logits + static_cast<int64_t>(t) * E, E, k, norm, bias, G, topk_group, scaling,
-                 plan_sm + warp * route_bytes, &id, &w);
-    }
+    route(t, &id, &w);
     if (lane < k) {
       ids[t * k + lane] = id;
       weights[t * k + lane] = w;
@@ -1985,9 +1989,8 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* 
 // (release_late) releases this kernel only after its own wait, i.e. after the router's completion.
 // Same dot products (chunk and element order) as MoeDownKernel.
 constexpr int kDownOneChunks = 3;
-template <int kMinBlocks>
-__global__ void __launch_bounds__(kMoeWarps * kWarp, kMinBlocks) MoeDownOneKernel(const float* act, int64_t H, int64_t I,
-                                                                      MoeSlotTable table, MoePlan plan, float* y) {
+__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownOneKernel(const float* act, int64_t H, int64_t I,
+                                                                         MoeSlotTable table, MoePlan plan, float* y) {
   EEP_PDL_TRACE_END;
   PdlTrigger();
   const int g = blockIdx.y, lane = threadIdx.x % kWarp;
@@ -1997,18 +2000,14 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp, kMinBlocks) MoeDownOneKerne
   if (o0 >= H) return;
   const int slot = __ldcg(plan.group_slot + g), a = __ldcg(plan.order + __ldcg(plan.group_off + g));
   const bf16_t* base = table.slot_ptr[slot] + 2 * I * H;
+  const bf16_t* w[kDownRows];
+#pragma unroll
+  for (int r = 0; r < kDownRows; ++r) w[r] = base + min(o0 + r, H - 1) * I;
   Raw8<bf16_t> raw[kDownOneChunks][kDownRows];
-#pragma unroll
-  for (int m = 0; m < kDownOneChunks; ++m)
-#pragma unroll
-    for (int r = 0; r < kDownRows; ++r) {
-      const int64_t c = lane * 8 + 256 * m;
-      if (c < I)
-        raw[m][r].Load(base + min(o0 + r, H - 1) * I + c);
-      else
-        raw[m][r].Zero();
-    }
+  WarpLoadRows<bf16_t, kDownRows, kDownOneChunks>(w, I, lane * 8, 256, raw);
   PdlWait();
+  // WarpDotRows' arithmetic (chunks, then elements, in order) over the one round loaded above; its
+  // general loop (kPre) would take this kernel past three blocks per SM into spills.
   const float* xr = act + static_cast<int64_t>(a) * I;
   float acc[kDownRows];
 #pragma unroll
@@ -2606,14 +2605,13 @@ namespace {
 // Whether one-token steps take MoeDownOneKernel (weights in registers before its wait; the
 // one-token gate/up kernel then releases it late): rows of at most kDownOneChunks·256 values,
 // unless EEP_CUDA_DOWN_ONE=0.
-int DownOneMode() {
-  static const int env = [] {
+bool DownOneOn(int64_t I) {
+  static const bool env = [] {
     const char* v = std::getenv("EEP_CUDA_DOWN_ONE");
-    return v == nullptr ? 1 : std::atoi(v);
+    return v == nullptr || std::atoi(v) != 0;
   }();
-  return env;
+  return env && I % 8 == 0 && I <= kDownOneChunks * 256;
 }
-bool DownOneOn(int64_t I) { return DownOneMode() != 0 && I % 8 == 0 && I <= kDownOneChunks * 256; }
 }  // namespace
 
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,
@@ -2638,7 +2636,7 @@ cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& 
   const dim3 grid(static_cast<unsigned>((H + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(max_groups));
   // (MoeGateUp(one_token) released this launch after its wait where DownOneOn.)
   if (one_token && DownOneOn(I))
-    return Launch(DownOneMode() == 2 ? MoeDownOneKernel<4> : MoeDownOneKernel<3>, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
+    return Launch(MoeDownOneKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
   return Launch(MoeDownKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
 }
 
@@ -2670,14 +2668,23 @@ cudaError_t QkNormRopeKv(float* q, const float* k, const float* v, int64_t n, in
                 static_cast<size_t>(dk) * 4, st, q, k, v, nh, nkv, dk, dv, qr, positions, k_cache, v_cache);
 }
 
+namespace {
+// AttentionBatchedKernel for these head dims: four values per lane up to 128, else eight; with
+// preload, each warp's first rounds of cached keys loaded before the wait (two rounds, 64 keys, at
+// four values per lane; one round, 32 keys, at eight).
+auto AttentionKernelFor(int64_t dk, int64_t dv, bool preload) {
+  if (dk <= 4 * kWarp && dv <= 4 * kWarp) return preload ? AttentionBatchedKernel<4, 2> : AttentionBatchedKernel<4, 0>;
+  return preload ? AttentionBatchedKernel<8, 1> : AttentionBatchedKernel<8, 0>;
+}
+}  // namespace
+
 cudaError_t AttentionBatched(const float* q, const float* const* k_cache, const float* const* v_cache,
                              const int32_t* positions, int64_t n, int64_t nh, int64_t nkv, int64_t dk, int64_t dv,
                              int64_t window, float scale, float* out, cudaStream_t st) {
   if (n == 0) return cudaSuccess;
   if (dk > kMaxBatchedHeadDim || dv > kMaxBatchedHeadDim || nkv == 0 || nh % nkv != 0) return cudaErrorInvalidValue;
   // Read-only in this mode: the kernel's writable pointer type serves AttentionDecode.
-  auto* kernel = dk <= 4 * kWarp && dv <= 4 * kWarp ? AttentionBatchedKernel<4, 0> : AttentionBatchedKernel<8, 0>;
-  return Launch(kernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
+  return Launch(AttentionKernelFor(dk, dv, false), dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q,
                 const_cast<float* const*>(k_cache), const_cast<float* const*>(v_cache), positions, nh, nkv, dk, dv,
                 window, scale, out, QkRope{}, false,
                 static_cast<const float*>(nullptr), static_cast<const float*>(nullptr), false);
@@ -2699,10 +2706,7 @@ cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int6
     const char* v = std::getenv("EEP_CUDA_ATTN_KV_PRELOAD");
     return v == nullptr || std::atoi(v) != 0;
   }();
-  const bool pre = pre_env && late, small = dk <= 4 * kWarp && dv <= 4 * kWarp;
-  auto* kernel = small ? (pre ? AttentionBatchedKernel<4, 2> : AttentionBatchedKernel<4, 0>)
-                       : (pre ? AttentionBatchedKernel<8, 1> : AttentionBatchedKernel<8, 0>);
-  return Launch(kernel, dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q, k_cache, v_cache,
+  return Launch(AttentionKernelFor(dk, dv, pre_env && late), dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q, k_cache, v_cache,
                 positions, nh, nkv, dk, dv, window, scale, out,
                 QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v, late);
 }

@@ -130,7 +130,8 @@ struct GemvSegments {
   // Percent of each weight row a block pulls into L2 before its PDL wait. Gemv and GemvF32 set it
   // from EEP_CUDA_GEMV_PREFETCH (default 0); RouterPlan's router rows keep this default.
   int prefetch_pct = 100;
-  // Set by the launch (EEP_CUDA_GEMV_PRELOAD): the first loads of each row issued before the wait.
+  // Set by the launch (EEP_CUDA_GEMV_PRELOAD): one-token GEMVs of two rows per warp (large
+  // matrices: q/k/v, the LM head) issue the first loads of each row before the wait.
   bool preload = false;
   // One token: take each block's rows into shared memory before the PDL wait (GemvStagedKernel),
   // where they fit. For GEMVs that follow a latency-bound kernel (the attention), whose weights
