@@ -225,6 +225,8 @@ struct CudaModel::Impl {
   // batch 1, 8 layers: +0.4% tokens/s in three interleaved rounds; the trace's o-proj + router
   // share of a layer 13.7 µs against 15.8.)
   bool fuse_router = true;
+  // EEP_CUDA_RESIDUAL_EARLY (default on): the routing o-proj reads the residual before its wait.
+  bool residual_early = true;
   static constexpr int64_t kSumTokens = 8;  // rows per norm-sum slot (GemvNormFusable's limit)
   bool UseGemv(int64_t n) const { return gemv_dims_ok && n <= gemv_max; }
   // Per MoE layer, where each logical expert lives (MoeSlotTable), uploaded when the map,
@@ -704,6 +706,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
       r.ids = b_ids.as<int32_t>();
       r.weights = b_w.as<float>();
       r.plan = MoePlanIn(b_plan.as<int32_t>(), MoeMaxGroups(N * k, P));
+      r.residual_early = residual_early && AttnLateTrigger(N);
       EEP_CUDA_RETURN_IF_ERROR(GemvRouter(ly.o.w.get(), ly.o_bias.get(), H, nh * dv, attn, x, r, s()));
       return Status::Ok();
     }
@@ -1487,6 +1490,7 @@ Result<std::unique_ptr<CudaModel>> CudaModel::Load(const std::string& dir, const
   im.norm_sums = env_int("EEP_CUDA_NORM_SUMS", 1) != 0;
   im.gate_up_one = env_int("EEP_CUDA_GATE_UP_ONE", 1) != 0;
   im.fuse_router = env_int("EEP_CUDA_FUSE_ROUTER", 1) != 0;
+  im.residual_early = env_int("EEP_CUDA_RESIDUAL_EARLY", 1) != 0;
   EEP_RETURN_IF_ERROR_CTX(im.LoadWeights(), dir);
   EEP_ASSIGN_OR_RETURN(im.counters, DeviceAlloc<unsigned>(2));
   EEP_CUDA_RETURN_IF_ERROR(cudaMemset(im.counters.get(), 0, 2 * sizeof(unsigned)));

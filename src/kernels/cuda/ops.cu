@@ -1097,11 +1097,14 @@ __device__ __forceinline__ uint32_t SharedAddr(const void* p) {
 // The staged GEMV's work for one block (GemvStagedKernel, GemvRouterKernel): rows to shared
 // memory, before_wait() (more loads that do not depend on the previous kernel), the PDL wait, the
 // dot products. Returns the new value of row r0 + tid to threads tid < the block's rows.
+// y_early (accumulate): the residual y is read before the wait. Only where the kernel before
+// this one passed its own wait before releasing it (AttnLateTrigger), so that y's writer (two
+// kernels back) has completed.
 template <typename WT, typename BeforeWait>
 __device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_t in, int rows_per_block,
                                                 const float* x, bool accumulate, const float* norm_w, float eps,
                                                 float* norm_out, const double* norm_sums, double* sums_out,
-                                                uint8_t* stage_sm, BeforeWait before_wait) {
+                                                uint8_t* stage_sm, BeforeWait before_wait, bool y_early = false) {
   __shared__ __align__(8) uint64_t bar;
   __shared__ float red[kStageWarps][kStageMaxRows];
   __shared__ double sq_sh[kStageWarps];
@@ -1145,6 +1148,13 @@ __device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_
     }
   }
 #endif
+  float y_pre = 0;
+  if (y_early && accumulate && tid < nrows) {
+    GemvSegment seg;
+    int64_t o = r0 + tid;
+    FindSegment(segs, o, seg);
+    y_pre = seg.y[o];
+  }
   before_wait();
   PdlWait();
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
@@ -1246,7 +1256,7 @@ __device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_
     FindSegment(segs, o, seg);  // (tid < nrows: always found)
     float* y = seg.y + o;
     v = v * inv + (seg.bias != nullptr ? seg.bias[o] : 0.0f);
-    out = accumulate ? *y + v : v;
+    out = accumulate ? (y_early ? y_pre : *y) + v : v;
     *y = out;
     sq = static_cast<double>(out) * out;
   }
@@ -1708,7 +1718,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvRouterKernel(GemvSegment
     if (tid < nrows) nwv = r.norm_w[r0 + tid];
   };
   const float out = StagedGemvBody<bf16_t>(segs, in, rows_per_block, x, true, nullptr, 0, nullptr, nullptr,
-                                           r.norm_sums, stage_sm, before_wait);
+                                           r.norm_sums, stage_sm, before_wait, r.residual_early);
   // This block's share of each router dot product: Σ over its rows of router[e][row]·norm_w·x,
   // a piece of four rows per thread, summed over the q4 lanes of an expert (fixed order).
   __shared__ __align__(16) float gx[kStageMaxRows];
@@ -1903,20 +1913,29 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeGateUpKernel(const float
 constexpr int kGateUpOneRows = 2;
 // release_late: the successor (MoeDownOneKernel) is released only after the wait, so that it may
 // read the plan before its own.
+constexpr int kGateUpPtrs = 256;  // slot pointers MoeGateUpOneKernel stages (more: read after its wait)
 __global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeGateUpOneKernel(const float* x, int64_t H, int64_t I,
                                                                            int k, MoeSlotTable table, MoePlan plan,
-                                                                           float* act, bool release_late) {
+                                                                           float* act, bool release_late,
+                                                                           bool stage_ptrs) {
   EEP_PDL_TRACE_END;
   if (!release_late) PdlTrigger();
+  // The slot pointers (static during a step) into shared memory before the wait: after it, the
+  // weights' address is one dependent load away (the plan), not two.
+  __shared__ const bf16_t* ptr_sm[kGateUpPtrs];
+  const bool ptr_pre = stage_ptrs && table.num_slots <= kGateUpPtrs;
+  if (ptr_pre)
+    for (int i = threadIdx.x; i < table.num_slots; i += blockDim.x) ptr_sm[i] = table.slot_ptr[i];
   PdlWait();
   if (release_late) PdlTrigger();
   const int g = blockIdx.y, lane = threadIdx.x % kWarp;
-  const int groups = *plan.num_groups, slot = plan.group_slot[g], off = plan.group_off[g];
+  // One token: group g is assignment order[g] alone (group_off[g] == g), read with the slot.
+  const int groups = *plan.num_groups, slot = plan.group_slot[g], a = plan.order[g];
+  __syncthreads();
   if (g >= groups) return;
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp) * kGateUpOneRows;
   if (i0 >= I) return;
-  const bf16_t* base = table.slot_ptr[slot];
-  const int a = plan.order[off];
+  const bf16_t* base = ptr_pre ? ptr_sm[slot] : table.slot_ptr[slot];
   const float* xr[1] = {x + static_cast<int64_t>(a / k) * H};
   const int64_t i1 = min(i0 + 1, I - 1);
   const bf16_t* const w[2 * kGateUpOneRows] = {base + i0 * H, base + (I + i0) * H, base + i1 * H, base + (I + i1) * H};
@@ -2612,6 +2631,15 @@ bool DownOneOn(int64_t I) {
   }();
   return env && I % 8 == 0 && I <= kDownOneChunks * 256;
 }
+// Whether the one-token gate/up kernel stages the slot pointers before its wait
+// (EEP_CUDA_GATE_UP_PTRS=0: not).
+bool GateUpPtrsOn() {
+  static const bool env = [] {
+    const char* v = std::getenv("EEP_CUDA_GATE_UP_PTRS");
+    return v == nullptr || std::atoi(v) != 0;
+  }();
+  return env;
+}
 }  // namespace
 
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,
@@ -2622,7 +2650,8 @@ cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const Moe
     const int64_t rows = kMoeWarps * kGateUpOneRows;
     return Launch(MoeGateUpOneKernel,
                   dim3(static_cast<unsigned>((I + rows - 1) / rows), static_cast<unsigned>(max_groups)),
-                  dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act, DownOneOn(I));
+                  dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act, DownOneOn(I),
+                  GateUpPtrsOn());
   }
   const dim3 grid(static_cast<unsigned>((I + kMoeWarps - 1) / kMoeWarps), static_cast<unsigned>(max_groups));
   return Launch(MoeGateUpKernel, grid, dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);

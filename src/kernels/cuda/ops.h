@@ -275,6 +275,9 @@ struct GemvRouterArgs {
   int32_t* ids = nullptr;
   float* weights = nullptr;
   MoePlan plan;
+  // The residual x read before the PDL wait: only where the kernel before (the attention) releases
+  // this one after its own wait (AttnLateTrigger), so that x's writer has completed.
+  bool residual_early = false;
 };
 // Blocks of the launch; 0 where GemvRouter does not take the shape (one-token GEMVs not staged, or
 // rows, experts or replicas beyond what its blocks hold in registers and staged shared memory).
