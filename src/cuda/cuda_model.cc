@@ -644,12 +644,16 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
   const int32_t* pos = PosD();
   const int64_t window = c.sliding_window ? *c.sliding_window : 0;
   float* attn = b_attn.as<float>();
+  // Whether the attention releases the next kernel only after its own wait (AttentionDecode at one
+  // token): then everything two launches back, x's writer included, has completed when it starts.
+  bool attn_late = false;
   if (batched_attn && step_is_decode) {
     // Every token is its sequence's only new one: norms, RoPE, cache writes and attention in
     // one launch; positions and cache pointers come from device memory (graph-safe).
     // From gqa_min tokens a block per KV head serves its group of q heads (each K/V row read once
     // per group); below that a block per q head keeps more SMs busy.
     auto* decode = N >= gqa_min && AttentionDecodeGqaSupported(nh, nkv, dk, dv) ? AttentionDecodeGqa : AttentionDecode;
+    attn_late = decode == AttentionDecode && AttnLateTrigger(N);
     EEP_CUDA_RETURN_IF_ERROR(decode(q, k, v, N, nh, nkv, dk, dv, ly.q_norm.get(), ly.k_norm.get(), eps, rope_off,
                                     rope_dim, pos, inv_freq.get(), rope_factor, interleaved, KPtrD(l), VPtrD(l), window,
                                     attn_scale, attn, s()));
@@ -706,7 +710,7 @@ Status CudaModel::Impl::Attention(const Layer& ly, int64_t l, std::span<CudaSeqS
       r.ids = b_ids.as<int32_t>();
       r.weights = b_w.as<float>();
       r.plan = MoePlanIn(b_plan.as<int32_t>(), MoeMaxGroups(N * k, P));
-      r.residual_early = residual_early && AttnLateTrigger(N);
+      r.residual_early = residual_early && attn_late;
       EEP_CUDA_RETURN_IF_ERROR(GemvRouter(ly.o.w.get(), ly.o_bias.get(), H, nh * dv, attn, x, r, s()));
       return Status::Ok();
     }
