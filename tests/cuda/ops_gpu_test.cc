@@ -547,7 +547,8 @@ cuda::MoeSlotTable SlotTable(const Dev<int32_t>& count, const Dev<int32_t>& slot
 // GemvRouter (the one-token o-proj GEMV that also routes) against a double-precision host
 // reference of x + W·in, the post-attention RMSNorm, the router and the routing, and against the
 // two launches it replaces (staged Gemv, then RouterPlan with the norm sums): the same x, ids and
-// plan, logits and weights to rounding. Experts with replicas; twice (the counter resets).
+// plan, logits and weights to rounding. Experts with replicas; twice (the counter resets; the
+// second run reads the residual before its wait).
 struct GemvRouterCase {
   int64_t rows, in, E, k;
   bool norm_topk;
@@ -610,7 +611,8 @@ TEST_P(CudaGemvRouter, MatchesReferenceAndTwoLaunches) {
     std::vector<float> x, hf, logits, w;
     std::vector<int32_t> ids, plan;
   };
-  auto run_fused = [&](Out* o) {
+  // residual_early: the second run reads the residual before its wait (as after AttentionDecode).
+  auto run_fused = [&](Out* o, bool residual_early = false) {
     Dev<float> dx(res), dhf(std::vector<float>(H, NAN)), dlog(std::vector<float>(E, NAN)), dwts(std::vector<float>(k, NAN)),
         dpart(static_cast<int64_t>(cuda::GemvRouterBlocks(H, in, E, k, P, R)) * E);
     Dev<double> dsums(std::vector<double>{0.0});
@@ -632,6 +634,7 @@ TEST_P(CudaGemvRouter, MatchesReferenceAndTwoLaunches) {
     r.ids = dids.p;
     r.weights = dwts.p;
     r.plan = cuda::MoePlanIn(dplan.p, maxg);
+    r.residual_early = residual_early;
     ASSERT_EQ(cuda::GemvRouter(dw.p, nullptr, H, in, dattn.p, dx.p, r, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(counter.Host()[0], 0u);
@@ -639,7 +642,7 @@ TEST_P(CudaGemvRouter, MatchesReferenceAndTwoLaunches) {
   };
   Out f1, f2;
   run_fused(&f1);
-  run_fused(&f2);
+  run_fused(&f2, true);
   EXPECT_EQ(f1.x, f2.x);
   EXPECT_EQ(f1.logits, f2.logits) << "the block shares are summed in a fixed order";
   EXPECT_EQ(f1.ids, f2.ids);
