@@ -25,6 +25,12 @@ namespace {
 
 constexpr int kWarp = 32;
 
+// A measurement switch that is on unless the environment sets it to 0 (callers read it once).
+bool EnvSwitchOn(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::atoi(v) != 0;
+}
+
 // Programmatic dependent launch (kernels/cuda/pdl.h): kernels launched by Launch() below may
 // start while the previous kernel of the stream finishes; each lets its successor start early
 // (PdlTrigger, once all its blocks run) and waits for its predecessor's results (PdlWait)
@@ -1098,8 +1104,8 @@ __device__ __forceinline__ uint32_t SharedAddr(const void* p) {
 // memory, before_wait() (more loads that do not depend on the previous kernel), the PDL wait, the
 // dot products. Returns the new value of row r0 + tid to threads tid < the block's rows.
 // y_early (accumulate): the residual y is read before the wait. Only where the kernel before
-// this one passed its own wait before releasing it (AttnLateTrigger), so that y's writer (two
-// kernels back) has completed.
+// this one passed its own wait before releasing it (AttentionDecode at one token,
+// AttnLateTrigger), so that y's writer (two kernels back) has completed.
 template <typename WT, typename BeforeWait>
 __device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_t in, int rows_per_block,
                                                 const float* x, bool accumulate, const float* norm_w, float eps,
@@ -1360,10 +1366,7 @@ cudaError_t LaunchGemv(const GemvSegments& segs_in, int64_t in, const float* x, 
   GemvSegments segs = segs_in;
   segs.prefetch_pct = GemvPrefetchPct();
   // EEP_CUDA_GEMV_PRELOAD=0: no weights in registers before the wait (GemvBody).
-  static const bool preload_env = [] {
-    const char* v = std::getenv("EEP_CUDA_GEMV_PRELOAD");
-    return v == nullptr || std::atoi(v) != 0;
-  }();
+  static const bool preload_env = EnvSwitchOn("EEP_CUDA_GEMV_PRELOAD");
   segs.preload = preload_env && std::is_same_v<WT, bf16_t>;
   if (ntok == 0) return cudaSuccess;
   if (in % 8 != 0 || x_stride % 4 != 0 || segs.count < 1 || segs.count > kMaxGemvSegments)
@@ -2444,10 +2447,7 @@ bool AttnLateTrigger(int64_t n) {
   // One token: the output projection after the attention is staged (GemvStagedKernel, GemvRouter);
   // released once q, k and v are on chip its bulk copies no longer slow their loads (H100, batch 1:
   // +1.1% tokens/s at 8 layers, +2.0% at 48).
-  static const bool late_env = [] {
-    const char* v = std::getenv("EEP_CUDA_ATTN_LATE_TRIGGER");
-    return v == nullptr || std::atoi(v) != 0;
-  }();
+  static const bool late_env = EnvSwitchOn("EEP_CUDA_ATTN_LATE_TRIGGER");
   return late_env && n == 1 && GemvStageMode() >= 1;
 }
 
@@ -2625,20 +2625,14 @@ namespace {
 // one-token gate/up kernel then releases it late): rows of at most kDownOneChunks·256 values,
 // unless EEP_CUDA_DOWN_ONE=0.
 bool DownOneOn(int64_t I) {
-  static const bool env = [] {
-    const char* v = std::getenv("EEP_CUDA_DOWN_ONE");
-    return v == nullptr || std::atoi(v) != 0;
-  }();
+  static const bool env = EnvSwitchOn("EEP_CUDA_DOWN_ONE");
   return env && I % 8 == 0 && I <= kDownOneChunks * 256;
 }
 // Whether the one-token gate/up kernel stages the slot pointers before its wait
 // (EEP_CUDA_GATE_UP_PTRS=0: not).
 bool GateUpPtrsOn() {
-  static const bool env = [] {
-    const char* v = std::getenv("EEP_CUDA_GATE_UP_PTRS");
-    return v == nullptr || std::atoi(v) != 0;
-  }();
-  return env;
+  static const bool on = EnvSwitchOn("EEP_CUDA_GATE_UP_PTRS");
+  return on;
 }
 }  // namespace
 
@@ -2731,10 +2725,7 @@ cudaError_t AttentionDecode(const float* q, const float* k, const float* v, int6
   const bool late = AttnLateTrigger(n);
   // With the late release (one token), each warp's first rounds of cached keys are loaded before
   // the wait (EEP_CUDA_ATTN_KV_PRELOAD=0: not).
-  static const bool pre_env = [] {
-    const char* v = std::getenv("EEP_CUDA_ATTN_KV_PRELOAD");
-    return v == nullptr || std::atoi(v) != 0;
-  }();
+  static const bool pre_env = EnvSwitchOn("EEP_CUDA_ATTN_KV_PRELOAD");
   return Launch(AttentionKernelFor(dk, dv, pre_env && late), dim3(static_cast<unsigned>(n * nh)), dim3(kAttnWarps * kWarp), 0, st, q, k_cache, v_cache,
                 positions, nh, nkv, dk, dv, window, scale, out,
                 QkRope{q_norm, k_norm, eps, off, rope_dim, inv_freq, factor, interleaved}, true, k, v, late);

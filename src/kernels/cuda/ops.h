@@ -276,7 +276,8 @@ struct GemvRouterArgs {
   float* weights = nullptr;
   MoePlan plan;
   // The residual x read before the PDL wait: only where the kernel before (the attention) releases
-  // this one after its own wait (AttnLateTrigger), so that x's writer has completed.
+  // this one after its own wait (AttentionDecode at one token, AttnLateTrigger), so that x's
+  // writer has completed.
   bool residual_early = false;
 };
 // Blocks of the launch; 0 where GemvRouter does not take the shape (one-token GEMVs not staged, or
