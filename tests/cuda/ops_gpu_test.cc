@@ -751,6 +751,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
   RouteRef(logits, N, E, k, true, mc.deepseek ? bias.data() : nullptr, G, topk_group, mc.deepseek ? 2.5 : 1.0,
            &ref_ids, &ref_w);
   std::vector<float> ref = residual;
+  std::vector<double> routed_ref(N * H, 0.0);  // Σ_j w·down_j·act_j per token, in double
   for (int64_t t = 0; t < N; ++t) {
     std::vector<double> acc(H, 0.0);
     for (int64_t j = 0; j < k; ++j) {
@@ -763,6 +764,7 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
       for (int64_t o = 0; o < H; ++o) acc[o] += ref_w[t * k + j] * Dot(w.data() + 2 * I * H + o * I, act.data(), I);
     }
     for (int64_t o = 0; o < H; ++o) ref[t * H + o] += static_cast<float>(acc[o] + shared[t * H + o]);
+    for (int64_t o = 0; o < H; ++o) routed_ref[t * H + o] = acc[o];
   }
   Dev<float> dl(logits), db(bias), dx(x), dres(residual), dshared(shared), dw(A), dact(A * I), dy(A * H);
   Dev<int32_t> dids(A), dcount(rep_count), drep(rep_slot);
@@ -793,6 +795,28 @@ TEST_P(CudaFusedMoe, MatchesCpu) {
     dy1.Poison();
     ASSERT_EQ(cuda::MoeDown(dact.p, H, I, table, plan, maxg, dy1.p, nullptr, true), cudaSuccess);
     EXPECT_LT(RelErr(dy1.Host(), dy.Host()), 1e-6) << "MoeDown one_token";
+    // Down and combine in one launch (no shared rows): x bit-equal to MoeDown + MoeCombineAdd,
+    // Σ x² equal to rounding, both against the double reference.
+    ASSERT_TRUE(cuda::MoeDownCombineSupported(H, I, k, maxg));
+    Dev<float> dres_two(residual), dres_one(residual);
+    Dev<double> dsq_two(std::vector<double>{0.0}), dsq_one(std::vector<double>{0.0});
+    ASSERT_EQ(cuda::MoeCombineAdd(dy1.p, dw.p, N, k, H, nullptr, dres_two.p, nullptr, nullptr, 0, nullptr, nullptr,
+                                  dsq_two.p),
+              cudaSuccess);
+    ASSERT_EQ(cuda::MoeDownCombine(dact.p, H, I, k, table, plan, maxg, dw.p, dres_one.p, dsq_one.p, nullptr),
+              cudaSuccess);
+    const std::vector<float> x_one = dres_one.Host();
+    EXPECT_EQ(x_one, dres_two.Host()) << "MoeDownCombine";
+    std::vector<float> ref_one(H);
+    double sq_ref = 0;
+    for (int64_t o = 0; o < H; ++o) {
+      ref_one[o] = static_cast<float>(residual[o] + routed_ref[o]);
+      sq_ref += static_cast<double>(x_one[o]) * x_one[o];
+    }
+    EXPECT_LT(RelErr(x_one, ref_one), 1e-5) << "MoeDownCombine against the double reference";
+    EXPECT_NEAR(dsq_one.Host()[0], sq_ref, 1e-9 * sq_ref);
+    EXPECT_NEAR(dsq_two.Host()[0], sq_ref, 1e-9 * sq_ref);
+    EXPECT_FALSE(cuda::MoeDownCombineSupported(H, I, 9, maxg));
   }
   // The plan: every assignment once, in the group of the slot its replica rule picks.
   auto check_plan = [&](const std::vector<int32_t>& hp, const char* what) {

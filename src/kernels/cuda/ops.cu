@@ -2056,6 +2056,79 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownOneKernel(const f
   }
 }
 
+// MoeDownOneKernel and the combine of a one-token step (MoeCombineAddKernel without shared rows or
+// a norm) in one launch, one kernel boundary fewer a layer: a block per kDownRows output rows, warp
+// g computing them for group g (one assignment each at one token), then the block adds the k
+// results to x in assignment order, the combine's sum. Same dot products as MoeDownOneKernel, same
+// sum as the combine: x comes out bit-equal to the two launches'. The residual and the routing
+// weights are final before the wait (written by the router, see MoeDownOneKernel).
+__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownCombineOneKernel(const float* act, int64_t H,
+                                                                                int64_t I, int k, MoeSlotTable table,
+                                                                                MoePlan plan, const float* weights,
+                                                                                float* x, double* sums_out) {
+  EEP_PDL_TRACE_END;
+  PdlTrigger();
+  __shared__ float part[kMoeWarps][kDownRows];  // [assignment][row]
+  __shared__ float wsh[kMoeWarps];
+  const int g = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
+  if (threadIdx.x < kMoeWarps * kDownRows) part[threadIdx.x / kDownRows][threadIdx.x % kDownRows] = 0;
+  if (threadIdx.x < k) wsh[threadIdx.x] = __ldcg(weights + threadIdx.x);
+  const bool active = g < __ldcg(plan.num_groups);
+  int a = 0;
+  Raw8<bf16_t> raw[kDownOneChunks][kDownRows];
+  if (active) {
+    const int slot = __ldcg(plan.group_slot + g);
+    a = __ldcg(plan.order + __ldcg(plan.group_off + g));
+    const bf16_t* base = table.slot_ptr[slot] + 2 * I * H;
+    const bf16_t* w[kDownRows];
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) w[r] = base + min(o0 + r, H - 1) * I;
+    WarpLoadRows<bf16_t, kDownRows, kDownOneChunks>(w, I, lane * 8, 256, raw);
+  }
+  const float xres = g == 0 && lane < kDownRows && o0 + lane < H ? __ldcg(x + o0 + lane) : 0.0f;
+  __syncthreads();  // part zeroed before any warp writes its row sums
+  PdlWait();
+  if (active) {
+    const float* xr = act + static_cast<int64_t>(a) * I;
+    float acc[kDownRows];
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) acc[r] = 0;
+#pragma unroll
+    for (int m = 0; m < kDownOneChunks; ++m) {
+      const int64_t c = lane * 8 + 256 * m;
+      if (c >= I) break;
+      const float4 xa = *reinterpret_cast<const float4*>(xr + c);
+      const float4 xb = *(reinterpret_cast<const float4*>(xr + c) + 1);
+      const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+      for (int r = 0; r < kDownRows; ++r) {
+        float wf[8];
+        raw[m][r].Unpack(wf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[r] = fmaf(wf[i], xv[i], acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) {
+      const float v = WarpSum(acc[r]);
+      if (lane == 0 && a < kMoeWarps) part[a][r] = v;
+    }
+  }
+  __syncthreads();
+  if (g != 0) return;
+  double sq = 0;
+  if (lane < kDownRows && o0 + lane < H) {
+    float acc = 0;
+    for (int j = 0; j < k; ++j) acc += wsh[j] * part[j][lane];
+    const float v = xres + acc;
+    x[o0 + lane] = v;
+    sq = static_cast<double>(v) * v;
+  }
+  sq = WarpSum(sq);
+  if (lane == 0 && sums_out != nullptr) atomicAdd(sums_out, sq);
+}
+
 // Block (column tile, token), a thread per column: the k terms' loads are independent.
 // With norm_w: the last block also RMSNorms the n updated rows of x into norm_out (the next
 // layer's input norm), as RmsNormKernel does.
@@ -2661,6 +2734,20 @@ cudaError_t MoeDown(const float* act, int64_t H, int64_t I, const MoeSlotTable& 
   if (one_token && DownOneOn(I))
     return Launch(MoeDownOneKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
   return Launch(MoeDownKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, table, plan, y);
+}
+
+bool MoeDownCombineSupported(int64_t H, int64_t I, int64_t k, int64_t max_groups) {
+  static const bool env = EnvSwitchOn("EEP_CUDA_DOWN_COMBINE");
+  return env && DownOneOn(I) && H > 0 && k >= 1 && k <= kMoeWarps && max_groups <= kMoeWarps;
+}
+
+cudaError_t MoeDownCombine(const float* act, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table,
+                           const MoePlan& plan, int64_t max_groups, const float* weights, float* x, double* sums_out,
+                           cudaStream_t st) {
+  if (!MoeDownCombineSupported(H, I, k, max_groups)) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((H + kDownRows - 1) / kDownRows));
+  return Launch(MoeDownCombineOneKernel, grid, dim3(kMoeWarps * kWarp), 0, st, act, H, I, static_cast<int>(k), table,
+                plan, weights, x, sums_out);
 }
 
 #ifdef EEP_PDL_TRACE

@@ -231,6 +231,15 @@ cudaError_t MoeGateUp(const float* x, int64_t hidden, int64_t inter, int64_t top
 // results, the weights loaded before the PDL wait).
 cudaError_t MoeDown(const float* act, int64_t hidden, int64_t inter, const MoeSlotTable& table, const MoePlan& plan,
                     int64_t max_groups, float* y, cudaStream_t stream, bool one_token = false);
+// MoeDown(one_token) then MoeCombineAdd without shared rows or a norm, of a one-token step after
+// MoeGateUp(one_token), in one launch: x[0,:] += Σ_j weights[j]·(down_j · act[j,:]), bit-equal to
+// the two launches; sums_out (may be null): Σ x² of the updated row added to sums_out[0]. Taken
+// where MoeDownCombineSupported (top_k and max_groups <= 8, the one-token down kernel's rows;
+// EEP_CUDA_DOWN_COMBINE=0 turns it off).
+bool MoeDownCombineSupported(int64_t hidden, int64_t inter, int64_t top_k, int64_t max_groups);
+cudaError_t MoeDownCombine(const float* act, int64_t hidden, int64_t inter, int64_t top_k, const MoeSlotTable& table,
+                           const MoePlan& plan, int64_t max_groups, const float* weights, float* x, double* sums_out,
+                           cudaStream_t stream);
 // x[t,:] += Σ_j w[t,j]·y[t·k + j,:] (j in top-k order, like the CPU) (+ shared[t,:], added to
 // the routed sum first, as the CPU does); shared may be null. With norm_w, the updated rows
 // are also RMSNorm-ed into norm_out [num_tokens, dim] (as RmsNorm; the next layer's input
