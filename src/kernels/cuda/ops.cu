@@ -2011,26 +2011,23 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp) MoeDownKernel(const float* 
 // (release_late) releases this kernel only after its own wait, i.e. after the router's completion.
 // Same dot products (chunk and element order) as MoeDownKernel.
 constexpr int kDownOneChunks = 3;
-__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownOneKernel(const float* act, int64_t H, int64_t I,
-                                                                         MoeSlotTable table, MoePlan plan, float* y) {
-  EEP_PDL_TRACE_END;
-  PdlTrigger();
-  const int g = blockIdx.y, lane = threadIdx.x % kWarp;
-  // Through L2: written by the router kernel before this one was released.
-  if (g >= __ldcg(plan.num_groups)) return;
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp) * kDownRows;
-  if (o0 >= H) return;
-  const int slot = __ldcg(plan.group_slot + g), a = __ldcg(plan.order + __ldcg(plan.group_off + g));
+using DownOneRows = Raw8<bf16_t>[kDownOneChunks][kDownRows];
+// This lane's chunks of the kDownRows down-projection rows from o0 of slot `slot` (rows past H
+// repeat the last one), loaded into raw (before a PDL wait).
+__device__ __forceinline__ void DownOneLoad(const MoeSlotTable& table, int slot, int64_t H, int64_t I, int64_t o0,
+                                            DownOneRows& raw) {
   const bf16_t* base = table.slot_ptr[slot] + 2 * I * H;
   const bf16_t* w[kDownRows];
 #pragma unroll
   for (int r = 0; r < kDownRows; ++r) w[r] = base + min(o0 + r, H - 1) * I;
-  Raw8<bf16_t> raw[kDownOneChunks][kDownRows];
-  WarpLoadRows<bf16_t, kDownRows, kDownOneChunks>(w, I, lane * 8, 256, raw);
-  PdlWait();
-  // WarpDotRows' arithmetic (chunks, then elements, in order) over the one round loaded above; its
-  // general loop (kPre) would take this kernel past three blocks per SM into spills.
-  const float* xr = act + static_cast<int64_t>(a) * I;
+  WarpLoadRows<bf16_t, kDownRows, kDownOneChunks>(w, I, threadIdx.x % kWarp * 8, 256, raw);
+}
+// out[r] = row r · xr (every lane gets the sums): WarpDotRows' arithmetic (chunks, then elements,
+// in order) over the one round in raw; its general loop (kPre) would take the one-token down
+// kernels past three blocks per SM into spills.
+__device__ __forceinline__ void DownOneDot(const DownOneRows& raw, const float* xr, int64_t I,
+                                           float (&out)[kDownRows]) {
+  const int lane = threadIdx.x % kWarp;
   float acc[kDownRows];
 #pragma unroll
   for (int r = 0; r < kDownRows; ++r) acc[r] = 0;
@@ -2050,10 +2047,26 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownOneKernel(const f
     }
   }
 #pragma unroll
-  for (int r = 0; r < kDownRows; ++r) {
-    const float v = WarpSum(acc[r]);
-    if (lane == 0 && o0 + r < H) y[static_cast<int64_t>(a) * H + o0 + r] = v;
-  }
+  for (int r = 0; r < kDownRows; ++r) out[r] = WarpSum(acc[r]);
+}
+__global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownOneKernel(const float* act, int64_t H, int64_t I,
+                                                                         MoeSlotTable table, MoePlan plan, float* y) {
+  EEP_PDL_TRACE_END;
+  PdlTrigger();
+  const int g = blockIdx.y, lane = threadIdx.x % kWarp;
+  // Through L2: written by the router kernel before this one was released.
+  if (g >= __ldcg(plan.num_groups)) return;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kMoeWarps + threadIdx.x / kWarp) * kDownRows;
+  if (o0 >= H) return;
+  const int slot = __ldcg(plan.group_slot + g), a = __ldcg(plan.order + __ldcg(plan.group_off + g));
+  DownOneRows raw;
+  DownOneLoad(table, slot, H, I, o0, raw);
+  PdlWait();
+  float v[kDownRows];
+  DownOneDot(raw, act + static_cast<int64_t>(a) * I, I, v);
+#pragma unroll
+  for (int r = 0; r < kDownRows; ++r)
+    if (lane == 0 && o0 + r < H) y[static_cast<int64_t>(a) * H + o0 + r] = v[r];
 }
 
 // MoeDownOneKernel and the combine of a one-token step (MoeCombineAddKernel without shared rows or
@@ -2076,44 +2089,20 @@ __global__ void __launch_bounds__(kMoeWarps * kWarp, 3) MoeDownCombineOneKernel(
   if (threadIdx.x < k) wsh[threadIdx.x] = __ldcg(weights + threadIdx.x);
   const bool active = g < __ldcg(plan.num_groups);
   int a = 0;
-  Raw8<bf16_t> raw[kDownOneChunks][kDownRows];
+  DownOneRows raw;
   if (active) {
-    const int slot = __ldcg(plan.group_slot + g);
     a = __ldcg(plan.order + __ldcg(plan.group_off + g));
-    const bf16_t* base = table.slot_ptr[slot] + 2 * I * H;
-    const bf16_t* w[kDownRows];
-#pragma unroll
-    for (int r = 0; r < kDownRows; ++r) w[r] = base + min(o0 + r, H - 1) * I;
-    WarpLoadRows<bf16_t, kDownRows, kDownOneChunks>(w, I, lane * 8, 256, raw);
+    DownOneLoad(table, __ldcg(plan.group_slot + g), H, I, o0, raw);
   }
   const float xres = g == 0 && lane < kDownRows && o0 + lane < H ? __ldcg(x + o0 + lane) : 0.0f;
   __syncthreads();  // part zeroed before any warp writes its row sums
   PdlWait();
   if (active) {
-    const float* xr = act + static_cast<int64_t>(a) * I;
-    float acc[kDownRows];
+    float v[kDownRows];
+    DownOneDot(raw, act + static_cast<int64_t>(a) * I, I, v);
 #pragma unroll
-    for (int r = 0; r < kDownRows; ++r) acc[r] = 0;
-#pragma unroll
-    for (int m = 0; m < kDownOneChunks; ++m) {
-      const int64_t c = lane * 8 + 256 * m;
-      if (c >= I) break;
-      const float4 xa = *reinterpret_cast<const float4*>(xr + c);
-      const float4 xb = *(reinterpret_cast<const float4*>(xr + c) + 1);
-      const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-#pragma unroll
-      for (int r = 0; r < kDownRows; ++r) {
-        float wf[8];
-        raw[m][r].Unpack(wf);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[r] = fmaf(wf[i], xv[i], acc[r]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kDownRows; ++r) {
-      const float v = WarpSum(acc[r]);
-      if (lane == 0 && a < kMoeWarps) part[a][r] = v;
-    }
+    for (int r = 0; r < kDownRows; ++r)
+      if (lane == 0 && a < kMoeWarps) part[a][r] = v[r];
   }
   __syncthreads();
   if (g != 0) return;
