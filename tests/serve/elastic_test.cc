@@ -244,17 +244,40 @@ class LoadGenerator {
 
 double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
 
-TEST(ElasticTest, TwoToFourToThreeToTwoUnderLoad) {
-  const auto t0 = Clock::now();
-  Watchdog watchdog(t0 + kTestBound);
+// Each test's clock, the servers it starts, and a watchdog over them (declared after them, so that
+// they outlive it).
+class ElasticTest : public ::testing::Test {
+ protected:
+  // `eep serve` with args, watched; null (the reason in *error) if it did not start.
+  ServerProcess* Serve(const std::vector<std::string>& args, std::string* error) {
+    auto server = ServerProcess::Start(args, error);
+    if (!server) return nullptr;
+    watchdog_.Watch(*server);
+    servers_.push_back(std::move(server));
+    return servers_.back().get();
+  }
+  // Waits inside a test end by here: 10 s of the bound are left for stopping the servers.
+  Clock::time_point deadline() const { return t0_ + kTestBound - std::chrono::seconds(10); }
+  // The end the tests share: the watchdog did not fire, and `server` stops cleanly on SIGTERM.
+  void ExpectCleanStop(ServerProcess& server) {
+    EXPECT_FALSE(watchdog_.expired());
+    EXPECT_EQ(server.Signal(SIGTERM, 30), 0) << server.Log();
+  }
+
+  const Clock::time_point t0_ = Clock::now();
+
+ private:
+  std::vector<std::unique_ptr<ServerProcess>> servers_;
+  Watchdog watchdog_{t0_ + kTestBound};
+};
+
+TEST_F(ElasticTest, TwoToFourToThreeToTwoUnderLoad) {
   const std::string model = eep::test::ModelDir("qwen3moe-tiny");
   std::string error;
-  auto reference = ServerProcess::Start({"--model", model, "--ep", "1", "--max-num-seqs", "16"}, &error);
+  ServerProcess* reference = Serve({"--model", model, "--ep", "1", "--max-num-seqs", "16"}, &error);
   ASSERT_TRUE(reference) << error;
-  watchdog.Watch(*reference);
-  auto server = ServerProcess::Start({"--model", model, "--ep", "2", "--max-num-seqs", "16"}, &error);
+  ServerProcess* server = Serve({"--model", model, "--ep", "2", "--max-num-seqs", "16"}, &error);
   ASSERT_TRUE(server) << error;
-  watchdog.Watch(*server);
 
   const std::vector<Json> bodies = MakeBodies(32, 24);
   const auto ref = Reference(*reference, bodies);
@@ -263,12 +286,12 @@ TEST(ElasticTest, TwoToFourToThreeToTwoUnderLoad) {
     ASSERT_EQ(ref[i].ids.size(), 24u) << i;
   }
   EXPECT_EQ(reference->Signal(SIGTERM, 30), 0) << reference->Log();
-  const double reference_s = Seconds(t0);
+  const double reference_s = Seconds(t0_);
 
   // 16 in flight; bounded by a request count no run reaches (each scaling step waits for a
   // round of 16 completions).
   LoadGenerator load(*server, bodies, 16, /*max_requests=*/16 * 40);
-  const auto deadline = t0 + kTestBound - std::chrono::seconds(10);
+  const auto deadline = this->deadline();
   ASSERT_TRUE(load.WaitCompleted(8, deadline)) << server->Log();
 
   struct Step {
@@ -369,23 +392,18 @@ TEST(ElasticTest, TwoToFourToThreeToTwoUnderLoad) {
   EXPECT_EQ(MetricValue(m, "eep_requests_total", "status=\"unavailable\""), 0);
   EXPECT_EQ(MetricValue(m, "eep_requests_total", "status=\"ok\""), static_cast<double>(load.records().size()));
   std::printf("[ elastic ] %zu requests, %lld tokens, 0 failed; reference %.1f s, total %.1f s\n",
-              load.records().size(), static_cast<long long>(tokens), reference_s, Seconds(t0));
-  EXPECT_FALSE(watchdog.expired());
-  EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
+              load.records().size(), static_cast<long long>(tokens), reference_s, Seconds(t0_));
+  ExpectCleanStop(*server);
 }
 
-TEST(ElasticTest, RankKilledUnderLoadWithStreamsAndBackup) {
-  const auto t0 = Clock::now();
-  Watchdog watchdog(t0 + kTestBound);
+TEST_F(ElasticTest, RankKilledUnderLoadWithStreamsAndBackup) {
   const std::string model = eep::test::ModelDir("qwen3moe-tiny");
   std::string error;
-  auto reference = ServerProcess::Start({"--model", model, "--ep", "1"}, &error);
+  ServerProcess* reference = Serve({"--model", model, "--ep", "1"}, &error);
   ASSERT_TRUE(reference) << error;
-  watchdog.Watch(*reference);
-  auto server = ServerProcess::Start({"--model", model, "--ep", "4", "--expert-backup", "on"}, &error);
+  ServerProcess* server = Serve({"--model", model, "--ep", "4", "--expert-backup", "on"}, &error);
   ASSERT_TRUE(server) << error;
-  watchdog.Watch(*server);
-  const auto deadline = t0 + kTestBound - std::chrono::seconds(10);
+  const auto deadline = this->deadline();
 
   // Long enough that every request is still generating when the rank dies.
   constexpr int64_t kMaxTokens = 48;
@@ -501,20 +519,16 @@ TEST(ElasticTest, RankKilledUnderLoadWithStreamsAndBackup) {
       visible_s * 1000, drain_s, ev["detect_ms"].get<double>(), ev["abort_ms"].get<double>(), ev["plan_ms"].get<double>(),
       ev["restore_ms"].get<double>(), ev["experts"]["backup"].get<long long>(),
       ev["bytes"]["backup"].get<long long>(), ev["blocking_ms"].get<double>(),
-      ev["requeued_seqs"].get<long long>(), Seconds(t0));
-  EXPECT_FALSE(watchdog.expired());
-  EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
+      ev["requeued_seqs"].get<long long>(), Seconds(t0_));
+  ExpectCleanStop(*server);
 }
 
-TEST(ElasticTest, ScaleRequestsAreValidated) {
-  const auto t0 = Clock::now();
-  Watchdog watchdog(t0 + kTestBound);
+TEST_F(ElasticTest, ScaleRequestsAreValidated) {
   std::string error;
-  auto server = ServerProcess::Start(
-      {"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "2", "--expert-backup", "off"}, &error);
+  ServerProcess* server =
+      Serve({"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "2", "--expert-backup", "off"}, &error);
   ASSERT_TRUE(server) << error;
-  watchdog.Watch(*server);
-  const auto deadline = t0 + kTestBound - std::chrono::seconds(10);
+  const auto deadline = this->deadline();
   auto client = ClientFor(*server);
   struct Case {
     std::string body;
@@ -597,23 +611,19 @@ TEST(ElasticTest, ScaleRequestsAreValidated) {
     EXPECT_EQ(cluster["events"].size(), 1u);
   }
   EXPECT_EQ(Get(*client, "/health").status, 200);
-  EXPECT_FALSE(watchdog.expired());
-  EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
+  ExpectCleanStop(*server);
 }
 
 // A killed server leaves its port to the next `eep serve` (which binds it with SO_REUSEADDR, as
 // this test does): a rank started after the server listens (a scale-up; ranks live on until their
 // peer timeout) must not hold the listening socket, and the connection this test's client keeps
 // open (the server's end in FIN_WAIT2) must not block the bind. Both did ("Address already in use").
-TEST(ElasticTest, KilledServerLeavesItsPortFree) {
-  const auto t0 = Clock::now();
-  Watchdog watchdog(t0 + kTestBound);
+TEST_F(ElasticTest, KilledServerLeavesItsPortFree) {
   std::string error;
-  auto server = ServerProcess::Start(
-      {"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "1", "--expert-backup", "off"}, &error);
+  ServerProcess* server =
+      Serve({"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "1", "--expert-backup", "off"}, &error);
   ASSERT_TRUE(server) << error;
-  watchdog.Watch(*server);
-  const auto deadline = t0 + kTestBound - std::chrono::seconds(10);
+  const auto deadline = this->deadline();
   auto client = ClientFor(*server);
   ASSERT_EQ(PostJson(*client, "/scale", Json{{"ep_size", 2}}).status, 202);
   Json cluster;
@@ -648,14 +658,11 @@ TEST(ElasticTest, KilledServerLeavesItsPortFree) {
 
 // A second /scale sent right after the first (before the step thread has started it) must be
 // refused as well (409), and the first carried out unchanged.
-TEST(ElasticTest, BackToBackScaleRequestsConflict) {
-  const auto t0 = Clock::now();
-  Watchdog watchdog(t0 + kTestBound);
+TEST_F(ElasticTest, BackToBackScaleRequestsConflict) {
   std::string error;
-  auto server = ServerProcess::Start(
-      {"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "2", "--expert-backup", "off"}, &error);
+  ServerProcess* server =
+      Serve({"--model", eep::test::ModelDir("qwen3moe-tiny"), "--ep", "2", "--expert-backup", "off"}, &error);
   ASSERT_TRUE(server) << error;
-  watchdog.Watch(*server);
   auto client = ClientFor(*server);
   HttpReply first = PostJson(*client, "/scale", {{"ep_size", 4}});
   HttpReply second = PostJson(*client, "/scale", {{"ep_size", 3}});
@@ -667,11 +674,11 @@ TEST(ElasticTest, BackToBackScaleRequestsConflict) {
       [](const Json& c) {
         return CountState(c, "joining") == 0 && CountState(c, "draining") == 0 && c["events"].size() >= 1;
       },
-      t0 + kTestBound - std::chrono::seconds(10), &cluster))
+      deadline(), &cluster))
       << cluster.dump();
   EXPECT_EQ(CountState(cluster, "alive"), 4) << cluster.dump();
   EXPECT_EQ(cluster["scale_error"], "") << cluster.dump();
-  EXPECT_EQ(server->Signal(SIGTERM, 30), 0) << server->Log();
+  ExpectCleanStop(*server);
 }
 
 }  // namespace
