@@ -1106,7 +1106,8 @@ __device__ __forceinline__ uint32_t SharedAddr(const void* p) {
 // y_early (accumulate): the residual y is read before the wait. Only where the kernel before
 // this one passed its own wait before releasing it (AttentionDecode at one token,
 // AttnLateTrigger), so that y's writer (two kernels back) has completed.
-template <typename WT, typename BeforeWait>
+constexpr int kStageFoldRows = 16;  // StagedGemvBody's kFold path: blocks of exactly this many rows
+template <typename WT, typename BeforeWait, bool kFold = false>
 __device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_t in, int rows_per_block,
                                                 const float* x, bool accumulate, const float* norm_w, float eps,
                                                 float* norm_out, const double* norm_sums, double* sums_out,
@@ -1227,7 +1228,46 @@ __device__ __forceinline__ float StagedGemvBody(const GemvSegments& segs, int64_
   // Each thread's partial dot products, four rows at a time, then summed across the warp and
   // (below, in warp order: deterministic) across the warps.
   const WT* wsm = reinterpret_cast<const WT*>(stage_sm);
-  for (int r = 0; r < nrows; r += 4) {
+  if (kFold && nrows == kStageFoldRows) {
+    // All rows in one pass over the chunks, then the warp's sums by halving: each exchange hands
+    // half of the values to the partner lane (offsets 16, 8, 4, 2), then one full exchange (1). The
+    // additions are WarpSum's, pair for pair, so the sums are the same bits as the loop below;
+    // 16 shuffles for the 16 rows instead of 80.
+    float acc[kStageFoldRows];
+#pragma unroll
+    for (int u = 0; u < kStageFoldRows; ++u) acc[u] = 0;
+#pragma unroll
+    for (int j = 0; j < kStageMaxChunks; ++j) {
+      const int c = tid + j * kStageThreads;
+      if (c >= chunks) break;
+#pragma unroll
+      for (int u = 0; u < kStageFoldRows; ++u) {
+        Raw8<WT> raw;
+        raw.LoadShared(wsm + u * in + c * 8);
+        float wf[8];
+        raw.Unpack(wf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[u] = fmaf(wf[i], xv[j][i], acc[u]);
+      }
+    }
+    // Halving: with bit b of the lane set, a lane keeps the upper half of its values.
+    float v8[8], v4[4], v2[2];
+    const bool h16 = lane & 16, h8 = lane & 8, h4 = lane & 4, h2 = lane & 2;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      v8[i] = (h16 ? acc[i + 8] : acc[i]) + __shfl_xor_sync(0xffffffffu, h16 ? acc[i] : acc[i + 8], 16);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      v4[i] = (h8 ? v8[i + 4] : v8[i]) + __shfl_xor_sync(0xffffffffu, h8 ? v8[i] : v8[i + 4], 8);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      v2[i] = (h4 ? v4[i + 2] : v4[i]) + __shfl_xor_sync(0xffffffffu, h4 ? v4[i] : v4[i + 2], 4);
+    float v1 = (h2 ? v2[1] : v2[0]) + __shfl_xor_sync(0xffffffffu, h2 ? v2[0] : v2[1], 2);
+    v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+    // Lane bits 4..1 picked the halves 8, 4, 2, 1: this lane holds row lane / 2.
+    if ((lane & 1) == 0) red[warp][lane >> 1] = v1;
+  }
+  for (int r = 0; r < nrows && !(kFold && nrows == kStageFoldRows); r += 4) {
     float acc[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -1694,6 +1734,7 @@ __global__ void __launch_bounds__(kPlanThreads) RouterPlanKernel(
 // a larger shared-memory split, which slows the expert kernels after it: bench/RESULTS.md.)
 constexpr int kRouterPieces = 2;  // 4-float pieces of router weights per thread: E·rows <= 2048
 constexpr int kRouterReps = 4;    // replica-table words per thread: E·(1 + max_replicas) <= 1024
+template <bool kFold>
 __global__ void __launch_bounds__(kStageThreads, 1) GemvRouterKernel(GemvSegments segs, int64_t in, int rows_per_block,
                                                                      const float* x, GemvRouterArgs r) {
   EEP_PDL_TRACE_END;
@@ -1720,8 +1761,9 @@ __global__ void __launch_bounds__(kStageThreads, 1) GemvRouterKernel(GemvSegment
     }
     if (tid < nrows) nwv = r.norm_w[r0 + tid];
   };
-  const float out = StagedGemvBody<bf16_t>(segs, in, rows_per_block, x, true, nullptr, 0, nullptr, nullptr,
-                                           r.norm_sums, stage_sm, before_wait, r.residual_early);
+  const float out = StagedGemvBody<bf16_t, decltype(before_wait), kFold>(
+      segs, in, rows_per_block, x, true, nullptr, 0, nullptr, nullptr, r.norm_sums, stage_sm, before_wait,
+      r.residual_early);
   // This block's share of each router dot product: Σ over its rows of router[e][row]·norm_w·x,
   // a piece of four rows per thread, summed over the q4 lanes of an expert (fixed order).
   __shared__ __align__(16) float gx[kStageMaxRows];
@@ -2675,10 +2717,13 @@ cudaError_t GemvRouter(const bf16_t* w, const float* bias, int64_t rows, int64_t
   segs.seg[0] = {w, x, bias, rows};
   segs.count = 1;
   segs.stage = true;
-  const cudaError_t e = cudaFuncSetAttribute(GemvRouterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  // EEP_CUDA_STAGE_FOLD=0: the staged rows' sums four rows at a time (StagedGemvBody's loop).
+  static const bool fold_env = EnvSwitchOn("EEP_CUDA_STAGE_FOLD");
+  auto* kernel = fold_env ? GemvRouterKernel<true> : GemvRouterKernel<false>;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(sh.stage_bytes));
   if (e != cudaSuccess) return e;
-  return Launch(GemvRouterKernel, dim3(static_cast<unsigned>(sh.blocks)), dim3(kStageThreads),
+  return Launch(kernel, dim3(static_cast<unsigned>(sh.blocks)), dim3(kStageThreads),
                 static_cast<size_t>(sh.stage_bytes), st, segs, in, static_cast<int>(sh.per_block), input, r);
 }
 
