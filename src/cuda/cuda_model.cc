@@ -861,15 +861,15 @@ Status CudaModel::Impl::FusedMoe(const Layer& ly, int64_t l, int64_t N, float* x
     EEP_CUDA_RETURN_IF_ERROR(MoeGateUpMma(hf, H, inter, k, table, plan, G, splits > 1, act, s()));
     EEP_CUDA_RETURN_IF_ERROR(MoeDownMma(act, H, inter, table, plan, G, splits > 1, y, s()));
   } else {
-    EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s(), N == 1 && gate_up_one));
+    const bool one_token = N == 1 && gate_up_one;  // the one-assignment-per-group kernels
+    EEP_CUDA_RETURN_IF_ERROR(MoeGateUp(hf, H, inter, k, table, plan, G, act, s(), one_token));
     // One token, no shared expert, no norm to produce: the down projection adds its results to x
     // itself (MoeDownCombine; one kernel boundary fewer a layer).
-    if (N == 1 && gate_up_one && ly.shared.inter == 0 && next_norm == nullptr &&
-        MoeDownCombineSupported(H, inter, k, G)) {
+    if (one_token && ly.shared.inter == 0 && next_norm == nullptr && MoeDownCombineSupported(H, inter, k, G)) {
       EEP_CUDA_RETURN_IF_ERROR(MoeDownCombine(act, H, inter, k, table, plan, G, w, x, next_sums, s()));
       return Status::Ok();
     }
-    EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s(), N == 1 && gate_up_one));
+    EEP_CUDA_RETURN_IF_ERROR(MoeDown(act, H, inter, table, plan, G, y, s(), one_token));
   }
   const float* shared = nullptr;
   if (ly.shared.inter > 0) {

@@ -2735,12 +2735,6 @@ bool DownOneOn(int64_t I) {
   static const bool env = EnvSwitchOn("EEP_CUDA_DOWN_ONE");
   return env && I % 8 == 0 && I <= kDownOneChunks * 256;
 }
-// Whether the one-token gate/up kernel stages the slot pointers before its wait
-// (EEP_CUDA_GATE_UP_PTRS=0: not).
-bool GateUpPtrsOn() {
-  static const bool on = EnvSwitchOn("EEP_CUDA_GATE_UP_PTRS");
-  return on;
-}
 }  // namespace
 
 cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const MoeSlotTable& table, const MoePlan& plan,
@@ -2749,10 +2743,12 @@ cudaError_t MoeGateUp(const float* x, int64_t H, int64_t I, int64_t k, const Moe
   if (H % 8 != 0) return cudaErrorInvalidValue;
   if (one_token) {
     const int64_t rows = kMoeWarps * kGateUpOneRows;
+    // EEP_CUDA_GATE_UP_PTRS=0: the kernel reads the slot pointers after its wait, not staged before.
+    static const bool stage_ptrs = EnvSwitchOn("EEP_CUDA_GATE_UP_PTRS");
     return Launch(MoeGateUpOneKernel,
                   dim3(static_cast<unsigned>((I + rows - 1) / rows), static_cast<unsigned>(max_groups)),
                   dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act, DownOneOn(I),
-                  GateUpPtrsOn());
+                  stage_ptrs);
   }
   const dim3 grid(static_cast<unsigned>((I + kMoeWarps - 1) / kMoeWarps), static_cast<unsigned>(max_groups));
   return Launch(MoeGateUpKernel, grid, dim3(kMoeWarps * kWarp), 0, st, x, H, I, static_cast<int>(k), table, plan, act);
